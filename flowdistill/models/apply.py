@@ -1,0 +1,25 @@
+"""Turn an NNX module into the pure `(apply_fn, params)` pair every other part uses."""
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+ApplyFn = Callable[..., jax.Array]
+
+
+def to_apply_fn(module: nnx.Module) -> tuple[ApplyFn, Any]:
+  """Splits `module` into a pure function and its parameters (a nested dict of arrays).
+
+  The returned `apply_fn(params, x, t, *, s=None, cond=None, train=False)` calls the module
+  rebuilt from `params`; it is jittable and differentiable in `params`, `x`, `t` and `s`.
+  Downstream code (losses, samplers, trainers) sees only this pair, so any model with the same
+  signature (Linen, Equinox, a hand-written function) plugs in the same way.
+  """
+  graphdef, state = nnx.split(module)
+  params = state.to_pure_dict()
+
+  def apply_fn(params, x, t, *, s=None, cond=None, train=False):
+    return nnx.merge(graphdef, params)(x, t, s=s, cond=cond, train=train)
+
+  return apply_fn, params

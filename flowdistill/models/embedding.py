@@ -1,0 +1,63 @@
+"""Time and label embeddings shared by every network."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+def sinusoidal_embedding(t, dim: int, max_period: float = 10_000.0):
+  """Fourier features of a time in [0, 1].
+
+  Args:
+    t: times, shape [B] (or scalar, broadcast to [1]).
+    dim: even embedding width.
+    max_period: longest period, in units of 1 / 1000 of the unit interval.
+
+  Returns:
+    [B, dim] array of sines and cosines of `1000 t` at geometric frequencies.
+  """
+  t = jnp.atleast_1d(jnp.asarray(t, jnp.float32))
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class TimeEmbedding(nnx.Module):
+  """Embeds `t` (one-time models) or `(s, t)` (two-time flow-map models) into a vector.
+
+  Two-time models embed `t` and the jump `t - s` separately and add them, so `s = t` is an
+  ordinary velocity model plus a learned constant — the `u(x, t, t) = v(x, t)` limit is easy to
+  represent.
+  """
+
+  def __init__(self, dim: int, *, two_time: bool = False, rngs: nnx.Rngs):
+    self.dim = dim
+    self.two_time = two_time
+    self.t_mlp = nnx.Sequential(
+        nnx.Linear(dim, dim, rngs=rngs), nnx.silu, nnx.Linear(dim, dim, rngs=rngs))
+    self.gap_mlp = (nnx.Sequential(
+        nnx.Linear(dim, dim, rngs=rngs), nnx.silu, nnx.Linear(dim, dim, rngs=rngs))
+                    if two_time else None)
+
+  def __call__(self, t, s=None):
+    """t, s: [B] -> [B, dim]."""
+    if self.two_time and s is None:
+      raise ValueError('This is a two-time (flow map) model: pass `s` as well as `t`.')
+    if not self.two_time and s is not None:
+      raise ValueError('This is a one-time model: build it with two_time=True to pass `s`.')
+    emb = self.t_mlp(sinusoidal_embedding(t, self.dim))
+    if self.two_time:
+      emb = emb + self.gap_mlp(sinusoidal_embedding(jnp.asarray(t) - jnp.asarray(s), self.dim))
+    return emb
+
+
+class LabelEmbedding(nnx.Module):
+  """Class labels -> vectors; index `num_classes` is the null label used for guidance."""
+
+  def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    self.table = nnx.Embed(num_classes + 1, dim, rngs=rngs)
+
+  def __call__(self, cond):
+    """cond: int [B] in [0, num_classes] -> [B, dim]."""
+    return self.table(cond)

@@ -1,0 +1,43 @@
+"""MLP velocity / flow-map network for 2-D and tabular data."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flowdistill.models.embedding import LabelEmbedding, TimeEmbedding
+
+
+class MLP(nnx.Module):
+  """`f(x, t[, s][, cond])` for flat data.
+
+  Args:
+    dim: data dimension D.
+    hidden: width of each hidden layer.
+    depth: number of hidden layers.
+    time_dim: width of the time embedding.
+    two_time: take `(s, t)` (flow maps) instead of `t`.
+    num_classes: if > 0, condition on labels in [0, num_classes] (num_classes = null label).
+  """
+
+  def __init__(self, dim: int, *, hidden: int = 256, depth: int = 3, time_dim: int = 64,
+               two_time: bool = False, num_classes: int = 0, rngs: nnx.Rngs):
+    self.dim = dim
+    self.time = TimeEmbedding(time_dim, two_time=two_time, rngs=rngs)
+    self.label = LabelEmbedding(num_classes, time_dim, rngs=rngs) if num_classes else None
+    widths = [dim + time_dim] + [hidden] * depth
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
+    self.out = nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def __call__(self, x, t, *, s=None, cond=None, train=False):
+    """x: [B, D]; t, s: [B] or scalar; cond: int [B] -> [B, D]."""
+    del train
+    t = jnp.broadcast_to(t, x.shape[:1])
+    s = None if s is None else jnp.broadcast_to(s, x.shape[:1])
+    emb = self.time(t, s)
+    if self.label is not None:
+      if cond is None:
+        raise ValueError('This model is class-conditional: pass `cond` (labels).')
+      emb = emb + self.label(cond)
+    h = jnp.concatenate([x, emb], axis=-1)
+    for layer in self.hidden:
+      h = nnx.silu(layer(h))
+    return self.out(h)
