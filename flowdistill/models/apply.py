@@ -17,7 +17,7 @@ def to_apply_fn(module: nnx.Module) -> tuple[ApplyFn, Any]:
   signature (Linen, Equinox, a hand-written function) plugs in the same way.
   """
   graphdef, state = nnx.split(module)
-  params = state.to_pure_dict()
+  params = nnx.to_pure_dict(state)
 
   def apply_fn(params, x, t, *, s=None, cond=None, train=False):
     return nnx.merge(graphdef, params)(x, t, s=s, cond=cond, train=train)

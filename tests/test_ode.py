@@ -1,0 +1,151 @@
+"""Samplers and likelihoods against the exact Gaussian flow and a reference solver."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flowdistill import closed_form as cf
+from flowdistill import ode, paths
+from flowdistill.models.apply import to_apply_fn
+from flowdistill.models.mlp import MLP
+
+MEAN, STD = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.5])
+PARAMS = {'mean': MEAN, 'std': STD}
+
+
+@pytest.fixture(scope='module', params=[paths.linear_path(), paths.trig_path()],
+                ids=lambda p: p.name)
+def path(request):
+  return request.param
+
+
+def test_adaptive_solve_reproduces_the_exact_flow(path):
+  apply_fn = cf.make_apply_fn(path)
+  x0 = ode.noise(jax.random.key(0), 256, (2,))
+  for solver in ode.ADAPTIVE_SOLVERS:
+    x1, info = ode.sample(apply_fn, PARAMS, jax.random.key(0), 256, (2,), solver=solver,
+                          rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x1, cf.flow_map(path, x0, 0.0, 1.0, MEAN, STD), atol=2e-4)
+    assert info['nfe'] > 6
+
+
+@pytest.mark.parametrize('solver,order', [('euler', 1), ('midpoint', 2), ('heun', 2)])
+def test_fixed_step_solvers_converge_to_diffrax_at_their_order(solver, order):
+  """A smooth nonlinear, time-dependent field (no closed form) against a tight Dopri5."""
+  a = jax.random.normal(jax.random.key(1), (3, 3))
+  v = lambda x, t: jnp.tanh(x @ a) * (1.0 + t) + jnp.sin(3.0 * t) - 0.5 * x
+  x = ode.noise(jax.random.key(2), 64, (3,))
+  ref, _ = ode.solve(v, x, solver='dopri5', rtol=1e-7, atol=1e-7)
+  errors = [float(jnp.abs(ode.solve(v, x, solver=solver, steps=n)[0] - ref).max())
+            for n in (4, 8, 16, 32)]
+  rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+  assert np.all(rates > order - 0.3), (errors, rates)
+
+
+def test_reported_nfe_equals_counted_evaluations():
+  count = []
+  v = ode.velocity_fn(cf.make_apply_fn(paths.linear_path()), PARAMS)
+
+  def counted(x, t):
+    jax.debug.callback(lambda: count.append(1))
+    return v(x, t)
+
+  x = ode.noise(jax.random.key(0), 16, (2,))
+  for solver, kwargs in [('dopri5', {}), ('tsit5', {'rtol': 1e-3, 'atol': 1e-3}),
+                         ('euler', {'steps': 7}), ('heun', {'steps': 5}),
+                         ('midpoint', {'steps': 3})]:
+    count.clear()
+    out, info = ode.solve(counted, x, solver=solver, **kwargs)
+    jax.block_until_ready(out)
+    assert len(count) == info['nfe'], solver
+
+
+def test_explicit_grid_and_trajectory_and_reverse_direction(path):
+  apply_fn = cf.make_apply_fn(path)
+  v = ode.velocity_fn(apply_fn, PARAMS)
+  x0 = ode.noise(jax.random.key(3), 32, (2,))
+  grid = jnp.array([0.0, 0.1, 0.3, 0.6, 1.0])
+  _, info = ode.solve(v, x0, solver='heun', grid=grid, return_trajectory=True)
+  traj = info['trajectory']
+  assert traj.shape == (5, 32, 2) and info['nfe'] == 8
+  x1, _ = ode.solve(v, x0, solver='midpoint', steps=200)
+  back, _ = ode.solve(v, x1, solver='midpoint', steps=200, t0=1.0, t1=0.0)
+  np.testing.assert_allclose(back, x0, atol=1e-3)
+
+
+def test_noise_depends_on_sample_index_only():
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(ode.noise(key, 8, (3,))[:5], ode.noise(key, 5, (3,)))
+
+
+@pytest.mark.parametrize('solver', ['dopri5', 'heun'])
+def test_exact_likelihood_matches_closed_form(path, solver):
+  apply_fn = cf.make_apply_fn(path)
+  x = MEAN + STD * jax.random.normal(jax.random.key(4), (64, 2))
+  logp, info = ode.log_likelihood(apply_fn, PARAMS, x, solver=solver, steps=400,
+                                  rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logp, cf.log_density(path, x, 1.0, MEAN, STD), atol=2e-3)
+  assert info['nfe'] > 0
+
+
+def test_hutchinson_agrees_with_exact_divergence_within_its_error():
+  """A random MLP has a dense Jacobian, so Rademacher probes have real variance."""
+  apply_fn, params = to_apply_fn(MLP(4, hidden=32, depth=2, rngs=nnx.Rngs(1)))
+  params = jax.tree.map(lambda p: p + 0.5 * jax.random.normal(jax.random.key(5), p.shape),
+                        params)
+  v = ode.velocity_fn(apply_fn, params)
+  x = jax.random.normal(jax.random.key(6), (8, 4))
+  exact = ode.exact_divergence(v, x, 0.4)
+  probes = ode.divergence_probes(jax.random.key(8), 500, x)
+  single = jax.vmap(lambda p: ode.hutchinson_divergence(v, x, 0.4, p[None])[1])(probes)
+  vel, est = ode.hutchinson_divergence(v, x, 0.4, probes)
+  stderr = single.std(0) / np.sqrt(probes.shape[0])
+  assert np.all(np.abs(est - exact) < 4 * stderr + 1e-5), (est, exact, stderr)
+  assert np.all(single.std(0) > 1e-3)  # the estimator is genuinely stochastic here
+  np.testing.assert_allclose(vel, v(x, 0.4), atol=1e-6)
+  logp_exact, _ = ode.log_likelihood(apply_fn, params, x, solver='heun', steps=10)
+  logp_h, _ = ode.log_likelihood(apply_fn, params, x, jax.random.key(9), solver='heun',
+                                 steps=10, divergence='hutchinson', num_probes=64)
+  np.testing.assert_allclose(logp_h, logp_exact, atol=0.5)
+
+
+def test_classifier_free_guidance_combines_velocities():
+  model = MLP(2, hidden=16, depth=1, num_classes=3, rngs=nnx.Rngs(2))
+  apply_fn, params = to_apply_fn(model)
+  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(3), p.shape),
+                        params)
+  x = jax.random.normal(jax.random.key(4), (5, 2))
+  cond = jnp.array([0, 1, 2, 0, 1])
+  v_c = ode.velocity_fn(apply_fn, params, cond=cond)(x, 0.3)
+  v_u = ode.velocity_fn(apply_fn, params, cond=jnp.full(5, 3))(x, 0.3)
+  for w in (0.0, 1.0, 2.5):
+    v_w = ode.velocity_fn(apply_fn, params, cond=cond, guidance=w, null_label=3)(x, 0.3)
+    np.testing.assert_allclose(v_w, v_u + w * (v_c - v_u), atol=1e-5)
+  _, info = ode.sample(apply_fn, params, jax.random.key(0), 5, (2,), cond=cond, guidance=2.0,
+                       null_label=3, solver='euler', steps=4)
+  assert info['nfe'] == 4
+
+
+def test_bits_per_dim_of_a_uniform_density_is_eight():
+  dims = 784
+  logp = jnp.full((3,), -dims * jnp.log(2.0))  # uniform on [-1, 1]^784
+  np.testing.assert_allclose(ode.bits_per_dim(logp, dims), 8.0, rtol=1e-6)
+
+
+def test_bad_inputs_name_the_argument():
+  v = ode.velocity_fn(cf.make_apply_fn(paths.linear_path()), PARAMS)
+  x = jnp.zeros((4, 2))
+  with pytest.raises(ValueError, match='Unknown solver'):
+    ode.solve(v, x, solver='rk45')
+  with pytest.raises(ValueError, match='needs `steps`'):
+    ode.solve(v, x, solver='euler')
+  with pytest.raises(ValueError, match='`grid` must lie in'):
+    ode.solve(v, x, solver='euler', grid=jnp.array([0.0, 2.0]))
+  with pytest.raises(ValueError, match='Unknown divergence'):
+    ode.log_likelihood(cf.make_apply_fn(paths.linear_path()), PARAMS, x, divergence='trace')
+  with pytest.raises(ValueError, match='`cond` has batch'):
+    ode.velocity_fn(lambda p, x, t, cond=None: x, None, cond=jnp.zeros(3, int))(x, 0.5)
+  with pytest.raises(ValueError, match='guidance needs'):
+    ode.velocity_fn(lambda p, x, t, cond=None: x, None, guidance=2.0)
