@@ -1,0 +1,140 @@
+"""The experiment configuration: its full set of keys, and `validate`.
+
+Every `configs/*.py` starts from `base_config()` and changes values, so a key missing here is a
+typo: `validate` rejects it (and any inconsistent value) with a message naming the key, before
+any work starts.
+"""
+
+import difflib
+
+import ml_collections
+
+from flowdistill import ode, paths, timesampling
+from flowdistill.couplings import METHODS as COUPLINGS
+from flowdistill.train import state as train_state
+
+TOY_SOURCES = ('toy',)
+IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
+MODELS = ('mlp', 'unet')
+DTYPES = ('float32', 'bfloat16')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with defaults (a 2-D flow-matching run)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = 'fm'
+  c.distributed = False  # jax.distributed.initialize() before anything else
+
+  c.data = dict(
+      source='toy',         # 'toy' | 'digits' | 'mnist' | 'fashion_mnist' | 'cifar10'
+      name='checkerboard',  # toy set name
+      path='',              # local files (idx folder, .npz, image folder); '' = built-in/tfds
+      path_env='',          # environment variable holding the path (used when path is '')
+      batch_size=1024,      # global batch
+      conditional=False,    # feed labels to the model
+  )
+  c.model = dict(
+      name='mlp', hidden=256, depth=3, time_dim=64,            # MLP
+      channels=(32, 64, 64), num_res_blocks=1, attention=True,  # U-Net
+      dtype='float32',
+  )
+  c.path = dict(name='linear', noise_scale=1.0)
+  c.fm = dict(time_distribution='uniform', coupling='independent', ot_block_size=0,
+              sinkhorn_epsilon=0.05, label_dropout=0.0)
+  c.optim = dict(name='adam', lr=1e-3, schedule='warmup', warmup_steps=100, b1=0.9, b2=0.999,
+                 weight_decay=0.0, grad_clip=1.0)
+  c.train = dict(steps=2000, steps_per_call=1, num_devices=0, log_every=100, ckpt_every=1000,
+                 keep=3, ema_rates=(0.999,), eval_ema=0.999)
+  c.eval = dict(
+      num_samples=2000,
+      euler_steps=(1, 2, 4, 8, 16, 100),
+      adaptive_solver='dopri5', rtol=1e-5, atol=1e-5,
+      nll_samples=1000, nll_divergence='exact', nll_probes=1,
+      guidance=1.0,               # classifier-free guidance weight for conditional sampling
+      classifier_steps=1500,      # feature network for the image Fréchet distance
+      plot=True,
+  )
+  return c
+
+
+def _flatten(cfg, prefix=''):
+  out = {}
+  for k, v in cfg.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flatten(v, name + '.'))
+    else:
+      out[name] = v
+  return out
+
+
+def _choice(flat, key, options):
+  if flat[key] not in options:
+    raise ValueError(f'config.{key}={flat[key]!r} is not one of {list(options)}.')
+
+
+def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """Raises ValueError naming the first unknown key or inconsistent value."""
+  known, flat = _flatten(base_config()), _flatten(config)
+  for key in flat:
+    if key not in known:
+      near = difflib.get_close_matches(key, known, n=1)
+      hint = f' Did you mean config.{near[0]}?' if near else ''
+      raise ValueError(f'Unknown config key config.{key}.{hint}')
+  for key, default in known.items():
+    if key not in flat:
+      raise ValueError(f'config.{key} is missing; start configs from flowdistill.config.'
+                       'base_config().')
+    value = flat[key]
+    if isinstance(default, bool) != isinstance(value, bool) or (
+        isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
+            isinstance(default, str) and not isinstance(value, str)):
+      raise ValueError(f'config.{key}={value!r} has the wrong type; expected a '
+                       f'{type(default).__name__} like {default!r}.')
+  _choice(flat, 'method', ('fm',))
+  _choice(flat, 'data.source', TOY_SOURCES + IMAGE_SOURCES)
+  _choice(flat, 'model.name', MODELS)
+  _choice(flat, 'model.dtype', DTYPES)
+  _choice(flat, 'path.name', tuple(paths._PATHS))
+  _choice(flat, 'fm.time_distribution', timesampling.TIME_DISTRIBUTIONS)
+  _choice(flat, 'fm.coupling', COUPLINGS)
+  _choice(flat, 'optim.name', train_state.OPTIMIZERS)
+  _choice(flat, 'optim.schedule', train_state.SCHEDULES)
+  _choice(flat, 'eval.adaptive_solver', ode.ADAPTIVE_SOLVERS)
+  _choice(flat, 'eval.nll_divergence', ('exact', 'hutchinson'))
+  for key in ('data.batch_size', 'train.steps', 'train.steps_per_call', 'train.log_every',
+              'train.ckpt_every', 'train.keep', 'eval.num_samples'):
+    if flat[key] < 1:
+      raise ValueError(f'config.{key}={flat[key]} must be >= 1.')
+  for key in ('optim.lr',):
+    if not flat[key] > 0:
+      raise ValueError(f'config.{key}={flat[key]} must be > 0.')
+  if not 0.0 <= flat['fm.label_dropout'] < 1.0:
+    raise ValueError(f'config.fm.label_dropout={flat["fm.label_dropout"]} must be in [0, 1).')
+  if flat['fm.label_dropout'] > 0 and not flat['data.conditional']:
+    raise ValueError('config.fm.label_dropout > 0 needs config.data.conditional=True.')
+  if any(not 0.0 < r < 1.0 for r in flat['train.ema_rates']):
+    raise ValueError(f'config.train.ema_rates={flat["train.ema_rates"]} must lie in (0, 1).')
+  if flat['train.eval_ema'] and flat['train.eval_ema'] not in flat['train.ema_rates']:
+    raise ValueError(f'config.train.eval_ema={flat["train.eval_ema"]} is not among '
+                     f'config.train.ema_rates={flat["train.ema_rates"]}; add it or set 0 to '
+                     'evaluate the raw params.')
+  if flat['data.source'] == 'toy' and flat['model.name'] != 'mlp':
+    raise ValueError('config.model.name must be "mlp" for config.data.source="toy".')
+  if flat['data.source'] in IMAGE_SOURCES and flat['model.name'] != 'unet':
+    raise ValueError(f'config.model.name must be "unet" for image data '
+                     f'(config.data.source={flat["data.source"]!r}).')
+  if flat['data.source'] == 'toy' and flat['data.conditional']:
+    raise ValueError('config.data.conditional needs labelled (image) data.')
+  devices = flat['train.num_devices'] or num_devices
+  if devices and flat['data.batch_size'] % devices:
+    raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
+                     f'the {devices} devices; change the batch or config.train.num_devices.')
+  if flat['data.batch_size'] % num_processes:
+    raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
+                     f'the {num_processes} processes.')
+  block = flat['fm.ot_block_size']
+  if block and (flat['data.batch_size'] // (devices or 1)) % block:
+    raise ValueError(f'config.fm.ot_block_size={block} must divide the per-device batch '
+                     f'{flat["data.batch_size"] // (devices or 1)}.')

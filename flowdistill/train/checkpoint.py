@@ -1,0 +1,105 @@
+"""Orbax checkpoints of the train state with a JSON sidecar, and safe resume."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a checkpoint of a different model or state layout."""
+
+
+def param_shapes(tree) -> dict[str, list[int]]:
+  """{'a/b/kernel': [shape], ...} for every array leaf of a pytree."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): list(np.shape(leaf))
+          for path, leaf in flat}
+
+
+class Checkpointer:
+  """Saves `TrainState`s every so often, keeps the last K, resumes from the newest good one.
+
+  Args:
+    directory: where checkpoints live (created; must be writable).
+    keep: how many to keep.
+    async_save: let saves run in the background (`wait()` before reading them).
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    directory = os.path.abspath(directory)
+    try:
+      os.makedirs(directory, exist_ok=True)
+      probe = os.path.join(directory, '.write_test')
+      with open(probe, 'w') as f:
+        f.write('ok')
+      os.remove(probe)
+    except OSError as e:
+      raise PermissionError(f'Cannot write checkpoints to {directory!r} ({e.strerror}); choose '
+                            'a writable --workdir.') from e
+    self.directory = directory
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """Saves `state` with `meta` (JSON) plus the state's array shapes at `step`."""
+    meta = dict(meta, step=int(step), shapes=param_shapes(state))
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, step: int, target):
+    """Restores step `step` onto `target`'s structure, shapes and shardings.
+
+    Raises CheckpointMismatchError, naming the differing arrays, when the checkpoint was made
+    by another model or configuration.
+    """
+    meta = self.read_meta(step)
+    expected, stored = param_shapes(target), meta.get('shapes', {})
+    if expected != stored:
+      diff = sorted((k for k in set(expected) | set(stored) if expected.get(k) != stored.get(k)),
+                    key=lambda k: (not k.startswith('params'), k))
+      details = ', '.join(f'{k}: checkpoint {stored.get(k)} vs config {expected.get(k)}'
+                          for k in diff[:4])
+      raise CheckpointMismatchError(
+          f'The checkpoint at step {step} in {self.directory} does not match this '
+          f'configuration ({len(diff)} arrays differ; {details}). Use a fresh --workdir, or '
+          'restore the config that made it.')
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        target)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def restore_latest(self, target):
+    """(state, meta) from the newest checkpoint that reads back, or None if there is none.
+
+    A checkpoint that fails to read (truncated, corrupted) is skipped with a warning and the
+    previous one is tried; a mismatched model raises at once.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, target)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 — any read failure means "try the older one".
+        logging.warning('Checkpoint at step %d in %s is unreadable (%s: %s); falling back to '
+                        'the previous one.', step, self.directory, type(e).__name__, e)
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

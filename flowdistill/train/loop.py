@@ -1,0 +1,107 @@
+"""The training loop: sharded jitted steps, logging, checkpoints, resume, NaN guard."""
+
+import logging
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+import tqdm
+
+from flowdistill.train import parallel
+from flowdistill.train.checkpoint import Checkpointer
+from flowdistill.train.state import TrainState
+from flowdistill.train.writer import MetricWriter
+
+BatchSource = Callable[[int], Iterator[dict]]  # start step -> iterator of local numpy batches
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss or parameters."""
+
+
+def _stack(batches):
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: str,
+          num_steps: int, steps_per_call: int = 1, log_every: int = 100,
+          ckpt_every: int = 1000, keep: int = 3, meta: dict | None = None,
+          progress: bool = True) -> TrainState:
+  """Trains `state` to `num_steps` updates, resuming from the newest checkpoint in `workdir`.
+
+  Args:
+    state: a freshly initialised state (its structure is the restore target).
+    step_fn: `step(state, batch) -> (state, metrics)` from `make_train_step` (not jitted).
+    batches: `batches(start_step)` -> iterator of this process's numpy batches from that step;
+      batch k must depend only on k so a resumed run sees the data of an uninterrupted one.
+    mesh: the ('data',) device mesh.
+    steps_per_call: updates per dispatch (the step function scans over stacked batches).
+    meta: JSON-able facts stored beside each checkpoint (e.g. the config).
+
+  Raises:
+    NonFiniteLossError: at the first non-finite loss or parameter norm, naming the step; the
+      checkpoints already written are left untouched.
+  """
+  ckpt = Checkpointer(f'{workdir}/checkpoints', keep=keep)
+  state = parallel.replicate(state, mesh)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored[0]
+    logging.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
+  start = int(state.step)
+  if start >= num_steps:
+    ckpt.close()
+    return state
+  if start % steps_per_call or num_steps % steps_per_call:
+    raise ValueError(f'config.train.steps ({num_steps}) and the resumed step ({start}) must be '
+                     f'multiples of config.train.steps_per_call ({steps_per_call}).')
+
+  rep = parallel.replicated(mesh)
+  leading = 1 if steps_per_call > 1 else 0
+  jitted = jax.jit(step_fn, donate_argnums=0,
+                   in_shardings=(rep, parallel.batch_sharding(mesh, leading)),
+                   out_shardings=(rep, rep))
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  data = batches(start)
+  bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress or jax.process_index(),
+                  dynamic_ncols=True, desc='train')
+  pending = None  # (step, metrics) of the previous dispatch: at most two steps in flight
+  last_time, last_step = time.perf_counter(), start
+
+  def settle(step, metrics):
+    nonlocal last_time, last_step
+    metrics = jax.device_get(metrics)
+    if not all(np.all(np.isfinite(m)) for m in jax.tree.leaves(metrics)):
+      saved = ckpt.all_steps()
+      raise NonFiniteLossError(
+          f'Non-finite loss or parameters at step {step} ({metrics}); last good checkpoint: '
+          f'{f"step {saved[-1]}" if saved else "none"} in {ckpt.directory}. Lower '
+          'config.optim.lr, enable config.optim.grad_clip, or check the data for NaNs.')
+    if step % log_every == 0 or step == num_steps:
+      now = time.perf_counter()
+      rate = (step - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, step
+      writer.write(step, dict(metrics, steps_per_s=rate))
+      bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', steps_per_s=f'{rate:.1f}')
+
+  try:
+    for step in range(start + steps_per_call, num_steps + 1, steps_per_call):
+      local = [next(data) for _ in range(steps_per_call)]
+      batch = parallel.global_batch(_stack(local) if leading else local[0], mesh, leading)
+      state, metrics = jitted(state, batch)
+      if pending is not None:
+        settle(*pending)
+      pending = (step, metrics)
+      bar.update(steps_per_call)
+      if step % ckpt_every == 0 or step == num_steps:
+        settle(*pending)
+        pending = None
+        ckpt.save(step, state, dict(meta or {}, data_step=step))
+    if pending is not None:
+      settle(*pending)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return state

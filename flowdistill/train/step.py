@@ -1,0 +1,42 @@
+"""One jitted optimisation step (or k of them per dispatch)."""
+
+import jax
+import optax
+
+from flowdistill.train.state import TrainState
+
+
+def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
+                    steps_per_call: int = 1):
+  """Builds `step(state, batch) -> (state, metrics)`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch, key) -> (loss, metrics)`.
+    optimizer: the optax transformation the state was initialised with.
+    steps_per_call: k > 1 runs k updates in one `lax.scan`; the batch then has a leading axis
+      of size k and the metrics are those of the last update.
+
+  The key of update n is `fold_in(state.key, n)`, so a resumed run draws the same randomness
+  as an uninterrupted one.
+  """
+
+  def one_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = {name: jax.tree.map(lambda e, p, r=float(name): r * e + (1 - r) * p, avg, params)
+           for name, avg in state.ema.items()}
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema=ema), metrics
+
+  if steps_per_call == 1:
+    return one_step
+
+  def multi_step(state, batches):
+    state, metrics = jax.lax.scan(one_step, state, batches)
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+
+  return multi_step
