@@ -27,8 +27,8 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     ema = {name: jax.tree.map(lambda e, p, r=float(name): r * e + (1 - r) * p, avg, params)
            for name, avg in state.ema.items()}
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema=ema), metrics
 

@@ -1,0 +1,22 @@
+"""Quickstart: flow matching on a 2-D toy set (default checkerboard), ~2-3 min on 2 CPU cores.
+
+python -m flowdistill.main --config=configs/quickstart.py --workdir=/tmp/fd-quickstart
+python -m flowdistill.main --config=configs/quickstart.py:moons --workdir=/tmp/fd-moons
+"""
+
+from flowdistill.config import base_config
+
+
+def get_config(arg: str = 'checkerboard'):
+  config = base_config()
+  config.data.name = arg or 'checkerboard'
+  config.data.batch_size = 1024
+  config.train.steps = 4000
+  config.train.ckpt_every = 1000
+  config.train.log_every = 200
+  config.optim.lr = 2e-3
+  config.optim.schedule = 'cosine'
+  config.optim.warmup_steps = 200
+  config.eval.num_samples = 2000
+  config.eval.nll_samples = 1000
+  return config

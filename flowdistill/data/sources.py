@@ -1,0 +1,89 @@
+"""The configured data: train batches per process, and held-out data for evaluation."""
+
+import dataclasses
+import functools
+import os
+
+import jax
+import numpy as np
+
+from flowdistill.data import images, toy
+from flowdistill.data.pipeline import BatchIterator
+
+
+@dataclasses.dataclass
+class Dataset:
+  """What an experiment needs to know about its data.
+
+  Attributes:
+    shape: one sample's shape ([2] for toys, [H, W, C] for images).
+    num_classes: number of labels (0 for toys).
+    train: {'x': float32 [N, ...], 'label': int32 [N]} for images; None for toys (generated).
+    test: the same for the test split; None for toys.
+    toy: the toy set's name, or '' for images.
+  """
+  shape: tuple[int, ...]
+  num_classes: int = 0
+  train: dict | None = None
+  test: dict | None = None
+  toy: str = ''
+
+  def reference(self, key, num: int) -> np.ndarray:
+    """`num` held-out data points to compare samples with ([num, ...] float32)."""
+    if self.toy:
+      return np.asarray(toy.sample(self.toy, key, num))
+    return self.test['x'][:num]
+
+
+def data_path(data_config) -> str | None:
+  """The local data path from config.data.path, else from config.data.path_env (if set)."""
+  if data_config.path:
+    return data_config.path
+  if data_config.path_env:
+    value = os.environ.get(data_config.path_env)
+    if not value:
+      raise FileNotFoundError(
+          f'config.data.path is empty and the environment variable {data_config.path_env} is '
+          f'not set; set one of them to the folder holding the {data_config.source} files.')
+    return value
+  return None
+
+
+def load(data_config) -> Dataset:
+  """Loads (or describes, for generated toys) the configured data set."""
+  if data_config.source == 'toy':
+    if data_config.name not in toy.NAMES:
+      raise ValueError(f'config.data.name={data_config.name!r} is not a toy set; choose one of '
+                       f'{list(toy.NAMES)}.')
+    return Dataset(shape=(2,), toy=data_config.name)
+  path = data_path(data_config)
+  splits = {}
+  for split in ('train', 'test'):
+    x, y = images.load(data_config.source, split, path)
+    splits[split] = {'x': images.to_float(x), 'label': y.astype(np.int32)}
+  num_classes = int(splits['train']['label'].max()) + 1
+  return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes, **splits)
+
+
+@functools.partial(jax.jit, static_argnames=('name', 'num'))
+def _toy_batch(name, key, step, num):
+  return toy.sample(name, jax.random.fold_in(key, step), num)
+
+
+def batch_source(dataset: Dataset, global_batch: int, *, seed: int, conditional: bool):
+  """`start_step -> iterator` of this process's numpy batches; step k depends only on k."""
+  process, count = jax.process_index(), jax.process_count()
+  local = global_batch // count
+
+  def toy_batches(start):
+    key = jax.random.key(seed)
+    for step in range(start, 2**62):
+      rows = np.asarray(_toy_batch(dataset.toy, key, step, global_batch))
+      yield {'x': rows[process * local:(process + 1) * local]}
+
+  def image_batches(start):
+    arrays = dataset.train if conditional else {'x': dataset.train['x']}
+    return BatchIterator(arrays, global_batch, seed=seed, start_step=start,
+                         process_index=process, process_count=count)
+
+  return toy_batches if dataset.toy else image_batches

@@ -1,0 +1,33 @@
+"""Command line: `python -m flowdistill.main --config=configs/x.py[:arg] --workdir=DIR`.
+
+Overrides: `--config.train.steps=500`. Trains (resuming from DIR), then evaluates as the config
+says; checkpoints, metrics (JSON lines, TensorBoard), figures and a results table go to DIR.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flowdistill.train import parallel
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  parallel.maybe_initialize_distributed(config.distributed)
+  import jax  # noqa: PLC0415  (device queries only after the optional distributed start-up)
+
+  from flowdistill.config import validate  # noqa: PLC0415
+  from flowdistill.experiments import flow_matching  # noqa: PLC0415
+
+  validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  logging.info('Config:\n%s', config)
+  flow_matching.run(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Config validation: every bad key or value gets one message naming it."""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+
+from flowdistill.config import base_config, validate
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  validate(module.get_config(''), num_devices=8)
+
+
+@pytest.mark.parametrize('mutate,message', [
+    (lambda c: c.data.__setattr__('batchsize', 3), r'config.data.batchsize.*data.batch_size'),
+    (lambda c: c.optim.__setattr__('name', 'sgdd'), r'config.optim.name=.sgdd'),
+    (lambda c: c.train.__setattr__('steps', 0), r'config.train.steps=0 must be >= 1'),
+    (lambda c: c.data.__setattr__('batch_size', 100), r'not divisible by the 8 devices'),
+    (lambda c: c.path.__setattr__('name', 'curvy'), r'config.path.name=.curvy'),
+    (lambda c: c.eval.__setattr__('adaptive_solver', 'rk4'), r'config.eval.adaptive_solver'),
+    (lambda c: c.fm.__setattr__('coupling', 'greedy'), r'config.fm.coupling'),
+    (lambda c: c.fm.__setattr__('label_dropout', 0.1), r'needs config.data.conditional'),
+    (lambda c: c.model.__setattr__('name', 'unet'), r'must be "mlp"'),
+    (lambda c: c.train.__setattr__('eval_ema', 0.5), r'eval_ema=0.5 is not among'),
+    (lambda c: c.fm.__setattr__('ot_block_size', 48), r'ot_block_size=48 must divide'),
+    (lambda c: c.optim.__setattr__('lr', -1.0), r'config.optim.lr=-1.0 must be > 0'),
+])
+def test_bad_values_are_named(mutate, message):
+  config = base_config()
+  with config.unlocked():
+    mutate(config)
+  with pytest.raises(ValueError, match=message):
+    validate(config, num_devices=8)
+
+
+def test_wrong_type_is_named():
+  config = base_config()
+  config.data = ml_collections.ConfigDict(dict(config.data.to_dict(), name=3))
+  with pytest.raises(ValueError, match=r'config.data.name=3 has the wrong type'):
+    validate(config)

@@ -1,0 +1,117 @@
+"""Training system: exact resume, sharding invariance, checkpoint safety, NaN guard."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowdistill.config import base_config
+from flowdistill.data import sources
+from flowdistill.experiments import flow_matching
+from flowdistill.train import loop, parallel
+from flowdistill.train.checkpoint import CheckpointMismatchError, Checkpointer
+from flowdistill.train.step import make_train_step
+
+
+def _config(**train):
+  config = base_config()
+  config.data.name = 'moons'
+  config.data.batch_size = 64
+  config.model.hidden, config.model.depth, config.model.time_dim = 32, 2, 16
+  config.train.update({**dict(steps=12, log_every=4, ckpt_every=6), **train})
+  return config
+
+
+def _train(config, workdir, num_steps=None, num_devices=None, batches=None):
+  dataset = sources.load(config.data)
+  _, loss_fn, optimizer, state = flow_matching.build(config, dataset)
+  batches = batches or sources.batch_source(dataset, config.data.batch_size, seed=0,
+                                            conditional=False)
+  mesh = parallel.make_mesh(num_devices or config.train.num_devices)
+  return loop.train(state, make_train_step(loss_fn, optimizer, config.train.steps_per_call),
+                    batches, mesh=mesh, workdir=str(workdir),
+                    num_steps=num_steps or config.train.steps,
+                    steps_per_call=config.train.steps_per_call,
+                    log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
+                    progress=False)
+
+
+def _same(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_params(tmp_path):
+  config = _config()
+  full = _train(config, tmp_path / 'full')
+  _train(config, tmp_path / 'split', num_steps=6)  # "killed" after the step-6 checkpoint
+  resumed = _train(config, tmp_path / 'split')
+  assert int(resumed.step) == 12
+  assert _same(full.params, resumed.params) and _same(full.opt_state, resumed.opt_state)
+  assert _same(full.ema, resumed.ema)
+  lines = (tmp_path / 'full' / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) == 3 and '"loss"' in lines[0]
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  config = _config()
+  one = _train(config, tmp_path / 'one', num_devices=1)
+  eight = _train(config, tmp_path / 'eight', num_devices=8)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scanned_steps_match_single_steps(tmp_path):
+  single = _train(_config(), tmp_path / 'single')
+  scanned = _train(_config(steps_per_call=3), tmp_path / 'scanned')
+  for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(scanned.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+  _train(_config(), tmp_path)
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  other = _config()
+  other.model.hidden = 48
+  with pytest.raises(CheckpointMismatchError, match='fresh --workdir'):
+    _train(other, tmp_path)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
+
+
+def test_nan_stops_the_run_with_the_step_and_keeps_good_checkpoints(tmp_path):
+  config = _config(steps=20, ckpt_every=5)
+  dataset = sources.load(config.data)
+  clean = sources.batch_source(dataset, 64, seed=0, conditional=False)
+
+  def poisoned(start):
+    for step, batch in enumerate(clean(start), start=start + 1):
+      if step == 8:
+        batch = {'x': np.full_like(batch['x'], np.nan)}
+      yield batch
+
+  with pytest.raises(loop.NonFiniteLossError, match='step 8.*last good checkpoint: step 5'):
+    _train(config, tmp_path, batches=poisoned)
+  ckpt = Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.all_steps() == [5]
+  ckpt.close()
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  config = _config()
+  _train(config, tmp_path)
+  latest = tmp_path / 'checkpoints' / '12' / 'state'
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  state = _train(config, tmp_path, num_steps=6)
+  assert int(state.step) == 6
+  assert 'falling back' in caplog.text
+
+
+def test_unwritable_workdir_fails_at_start(tmp_path):
+  blocked = tmp_path / 'ro'
+  blocked.write_text('a file where a folder should be')
+  with pytest.raises(PermissionError, match='writable --workdir'):
+    Checkpointer(str(blocked / 'checkpoints'))
