@@ -43,7 +43,8 @@ def make_loss(apply_fn, path: AffinePath, *, time_distribution: str = 'uniform',
     raise ValueError('`label_dropout` > 0 needs the model `null_label`.')
 
   def loss_fn(params, batch, key):
-    x1, labels = batch['x'], batch.get('label')
+    x1 = batch['x']
+    labels = batch.get('label') if null_label is not None else None
     k_noise, k_couple, k_time, k_z, k_drop = jax.random.split(key, 5)
     x0 = batch['x0'] if 'x0' in batch else jax.random.normal(k_noise, x1.shape, x1.dtype)
     x0, x1, labels = couple(x0, x1, k_couple, method=coupling, labels=labels, **coupling_kwargs)
