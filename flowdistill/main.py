@@ -4,6 +4,8 @@ Overrides: `--config.train.steps=500`. Trains (resuming from DIR), then evaluate
 says; checkpoints, metrics (JSON lines, TensorBoard), figures and a results table go to DIR.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,8 +17,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and r
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record) -> bool:
+  return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   config = _CONFIG.value
   parallel.maybe_initialize_distributed(config.distributed)
   import jax  # noqa: PLC0415  (device queries only after the optional distributed start-up)

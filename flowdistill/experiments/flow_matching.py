@@ -1,7 +1,5 @@
 """Experiment: train a flow-matching model, then report quality and NLL versus NFE."""
 
-import logging
-
 import jax
 
 from flowdistill import fm, paths
@@ -65,9 +63,12 @@ def run(config, workdir: str) -> dict:
               + (f'; exact data entropy (best possible): {target:.4f}' if target else ''))
   else:
     result = report.image_report(apply_fn, params, dataset, config, key, workdir)
-    table = report.markdown_table(result['rows'], ['sampler', 'nfe', 'fd', 's_per_sample'])
-    table += f'\n\nNLL: {result["bpd"]:.4f} bits/dim ({config.eval.nll_divergence} divergence)'
+    columns = ['sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample']
+    table = report.markdown_table(result['rows'], columns)
+    table += (f'\n\nNLL: {result["bpd"]:.4f} bits/dim ({config.eval.nll_divergence} '
+              f'divergence, {config.eval.nll_samples} test images). Fréchet distance in the '
+              'features of a classifier with test accuracy '
+              f'{result["classifier_test_accuracy"]:.4f}.')
   report.save_results(workdir, result, table)
-  logging.info('Results (%s/results.md):\n%s', workdir, table)
-  print(table)
+  print(f'Results ({workdir}/results.md):\n{table}')
   return result
