@@ -16,6 +16,8 @@ from flowdistill.train import state as train_state
 TOY_SOURCES = ('toy',)
 IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
 MODELS = ('mlp', 'unet')
+METHODS = ('fm', 'flow_map')
+FLOW_MAP_LOSSES = ('lmd', 'emd', 'fmm', 'pfmm')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -42,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.path = dict(name='linear', noise_scale=1.0)
   c.fm = dict(time_distribution='uniform', coupling='independent', ot_block_size=0,
               sinkhorn_epsilon=0.05, label_dropout=0.0)
+  c.teacher = dict(workdir='', ema=-1.0)  # a trained run to distil; ema -1: its eval_ema
+  c.flow_map = dict(loss='lmd', scheme='ordered', band=1.0, teacher_jumps=2,
+                    invertibility_weight=1.0, warm_start=True)
   c.optim = dict(name='adam', lr=1e-3, schedule='warmup', warmup_steps=100, b1=0.9, b2=0.999,
                  weight_decay=0.0, grad_clip=1.0)
   c.train = dict(steps=2000, steps_per_call=1, num_devices=0, log_every=100, ckpt_every=1000,
@@ -53,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       nll_samples=1000, nll_divergence='exact', nll_probes=1,
       guidance=1.0,               # classifier-free guidance weight for conditional sampling
       classifier_steps=1500,      # feature network for the image Fréchet distance
+      map_steps=(1, 2, 4, 8),    # flow-map jumps to evaluate
       plot=True,
   )
   return c
@@ -92,7 +98,13 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
             isinstance(default, str) and not isinstance(value, str)):
       raise ValueError(f'config.{key}={value!r} has the wrong type; expected a '
                        f'{type(default).__name__} like {default!r}.')
-  _choice(flat, 'method', ('fm',))
+  _choice(flat, 'method', METHODS)
+  _choice(flat, 'flow_map.loss', FLOW_MAP_LOSSES)
+  _choice(flat, 'flow_map.scheme', ('uniform', 'ordered', 'band'))
+  if flat['method'] == 'flow_map' and flat['flow_map.loss'] != 'fmm' and not flat[
+      'teacher.workdir']:
+    raise ValueError(f'config.flow_map.loss={flat["flow_map.loss"]!r} distils a teacher: set '
+                     'config.teacher.workdir to a trained run (fmm needs none).')
   _choice(flat, 'data.source', TOY_SOURCES + IMAGE_SOURCES)
   _choice(flat, 'model.name', MODELS)
   _choice(flat, 'model.dtype', DTYPES)

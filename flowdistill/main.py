@@ -29,11 +29,12 @@ def main(argv):
   import jax  # noqa: PLC0415  (device queries only after the optional distributed start-up)
 
   from flowdistill.config import validate  # noqa: PLC0415
-  from flowdistill.experiments import flow_matching  # noqa: PLC0415
+  from flowdistill.experiments import flow_map, flow_matching  # noqa: PLC0415
 
   validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   logging.info('Config:\n%s', config)
-  flow_matching.run(config, _WORKDIR.value)
+  experiment = {'fm': flow_matching, 'flow_map': flow_map}[config.method]
+  experiment.run(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -40,16 +40,30 @@ def sample_in_chunks(sampler, params, x0, cond=None, chunk: int = 500):
   return np.concatenate(outs), float(np.mean(nfes)), elapsed / x0.shape[0]
 
 
-def solver_settings(eval_config):
-  """[(label, solver kwargs)]: Euler at each configured step count, then the adaptive solve."""
+def velocity_samplers(apply_fn, params, eval_config, *, prefix: str = '',
+                      guidance: float | None = None, null_label: int | None = None):
+  """[(label, sampler, params)]: Euler at each `eval_config.euler_steps`, then the adaptive
+  solver; `sampler(params, x0, cond) -> (x1, nfe)` is jitted."""
   settings = [(f'euler-{n}', dict(solver='euler', steps=n)) for n in eval_config.euler_steps]
   settings.append((eval_config.adaptive_solver, dict(
       solver=eval_config.adaptive_solver, rtol=eval_config.rtol, atol=eval_config.atol)))
-  return settings
+  return [(prefix + label, make_sampler(apply_fn, guidance=guidance, null_label=null_label,
+                                        **kwargs), params) for label, kwargs in settings]
 
 
-def toy_report(apply_fn, params, dataset, eval_config, key, workdir: str | None = None):
-  """W2 vs NFE and exact-trace NLL for a 2-D model; figures into `workdir` if given.
+def _run_all(samplers, x0, cond, chunk):
+  for label, sampler, params in samplers:
+    sampler(params, x0[:2], None if cond is None else cond[:2])  # compile outside the timing
+    yield (label, *sample_in_chunks(sampler, params, x0, cond, chunk=chunk))
+
+
+def toy_report(samplers, dataset, eval_config, key, *, velocity_model, workdir=None):
+  """W2 vs NFE for each sampler and the exact-trace NLL of a 2-D velocity model.
+
+  Args:
+    samplers: [(label, sampler, params)], see `velocity_samplers`.
+    velocity_model: (apply_fn, params) whose likelihood and trajectories are reported.
+    workdir: where `samples.png` and `trajectories.png` go (if `eval_config.plot`).
 
   Returns:
     {'rows': [{'sampler', 'nfe', 'w2', 'sliced_w2', 's_per_sample'}], 'nll': float,
@@ -59,15 +73,17 @@ def toy_report(apply_fn, params, dataset, eval_config, key, workdir: str | None 
   k_ref, k_noise, k_nll, k_sw = jax.random.split(key, 4)
   reference = dataset.reference(k_ref, n)
   x0 = np.asarray(ode.noise(k_noise, n, dataset.shape))
-  rows, panels = [], {'data': reference}
-  for label, kwargs in solver_settings(eval_config):
-    sampler = make_sampler(apply_fn, **kwargs)
-    sampler(params, x0[:8], None)  # compile outside the timing
-    samples, nfe, per_sample = sample_in_chunks(sampler, params, x0, chunk=n)
+  fresh = dataset.reference(jax.random.fold_in(k_ref, 1), n)
+  rows = [{'sampler': 'data (a second sample: the finite-sample floor)', 'nfe': 0.0,
+           'w2': metrics.w2(fresh, reference),
+           'sliced_w2': float(metrics.sliced_w2(fresh, reference, k_sw)), 's_per_sample': 0.0}]
+  panels = {'data': reference}
+  for label, samples, nfe, per_sample in _run_all(samplers, x0, None, n):
     rows.append({'sampler': label, 'nfe': nfe, 'w2': metrics.w2(samples, reference),
                  'sliced_w2': float(metrics.sliced_w2(samples, reference, k_sw)),
                  's_per_sample': per_sample})
     panels[f'{label} (NFE {nfe:.0f})'] = samples
+  apply_fn, params = velocity_model
   nll_points = dataset.reference(k_nll, eval_config.nll_samples)
   logp, _ = jax.jit(lambda p, x: ode.log_likelihood(
       apply_fn, p, x, solver=eval_config.adaptive_solver, rtol=eval_config.rtol,
@@ -84,8 +100,12 @@ def toy_report(apply_fn, params, dataset, eval_config, key, workdir: str | None 
   return result
 
 
-def image_report(apply_fn, params, dataset, config, key, workdir: str | None = None):
+def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None):
   """Fréchet distance (classifier features) vs NFE, label accuracy and bits/dim for images.
+
+  Args:
+    samplers: [(label, sampler, params)], see `velocity_samplers`.
+    velocity_model: (apply_fn, params) whose bits/dim are reported.
 
   Returns:
     {'rows': [{'sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample'}], 'bpd': float,
@@ -100,30 +120,46 @@ def image_report(apply_fn, params, dataset, config, key, workdir: str | None = N
   x0 = np.asarray(ode.noise(k_noise, n, dataset.shape))
   conditional = config.data.conditional
   cond = np.arange(n) % dataset.num_classes if conditional else None
-  guided = conditional and ev.guidance != 1.0
   rows = []
-  for label, kwargs in solver_settings(ev):
-    sampler = make_sampler(apply_fn, guidance=ev.guidance if guided else None,
-                           null_label=dataset.num_classes if guided else None, **kwargs)
-    sampler(params, x0[:2], None if cond is None else cond[:2])  # compile outside the timing
-    samples, nfe, per_sample = sample_in_chunks(sampler, params, x0, cond, chunk=250)
+  for label, samples, nfe, per_sample in _run_all(samplers, x0, cond, 250):
     row = {'sampler': label, 'nfe': nfe,
            'fd': metrics.frechet_distance(judge.features(samples), real_features),
            's_per_sample': per_sample}
     if conditional:
       row['label_accuracy'] = float(np.mean(judge.predict(samples) == cond))
     rows.append(row)
-  if workdir and ev.plot:
-    order = np.argsort(cond[:100], kind='stable') if conditional else np.arange(100)
-    plots.image_grid(os.path.join(workdir, 'samples.png'), samples[:100][order])
-  test = dataset.test
-  nll_x = test['x'][:ev.nll_samples]
-  nll_cond = test['label'][:ev.nll_samples] if conditional else None
+    if workdir and ev.plot:
+      order = np.argsort(cond[:100], kind='stable') if conditional else np.arange(100)
+      name = label.replace(' ', '_')
+      plots.image_grid(os.path.join(workdir, f'samples_{name}.png'), samples[:100][order])
+  apply_fn, params = velocity_model
+  nll_x = dataset.test['x'][:ev.nll_samples]
+  nll_cond = dataset.test['label'][:ev.nll_samples] if conditional else None
   logp, _ = jax.jit(lambda p, x, c: ode.log_likelihood(
       apply_fn, p, x, k_nll, cond=c, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
       solver=ev.adaptive_solver, rtol=ev.rtol, atol=ev.atol))(params, nll_x, nll_cond)
   bpd = float(jnp.mean(ode.bits_per_dim(logp, int(np.prod(dataset.shape)))))
   return {'rows': rows, 'bpd': bpd, 'classifier_test_accuracy': judge.test_accuracy}
+
+
+def write_report(workdir: str, result: dict, dataset, config) -> str:
+  """Formats `result` as markdown, writes results.json / results.md, returns the table."""
+  if dataset.toy:
+    table = markdown_table(result['rows'], ['sampler', 'nfe', 'w2', 'sliced_w2',
+                                            's_per_sample'])
+    target = result['nll_target']
+    table += (f'\n\nNLL (nats, exact trace, {config.eval.adaptive_solver}): '
+              f'{result["nll"]:.4f}'
+              + (f'; exact data entropy (best possible): {target:.4f}' if target else ''))
+  else:
+    columns = ['sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample']
+    table = markdown_table(result['rows'], columns)
+    table += (f'\n\nNLL: {result["bpd"]:.4f} bits/dim ({config.eval.nll_divergence} '
+              f'divergence, {config.eval.nll_samples} test images). Fréchet distance in the '
+              'features of a classifier with test accuracy '
+              f'{result["classifier_test_accuracy"]:.4f}.')
+  save_results(workdir, result, table)
+  return table
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -37,6 +37,33 @@ def eval_params(config, state):
   return state.ema[ema_key(config.train.eval_ema)] if config.train.eval_ema else state.params
 
 
+def evaluate(config, dataset, samplers, velocity_model, workdir: str) -> dict:
+  """Runs the toy or image report on process 0, writes and prints the results table."""
+  if jax.process_index() != 0:
+    return {}
+  key = jax.random.key(config.seed + 1)
+  report_fn = report.toy_report if dataset.toy else report.image_report
+  result = report_fn(samplers, dataset, config.eval if dataset.toy else config, key,
+                     velocity_model=velocity_model, workdir=workdir)
+  table = report.write_report(workdir, result, dataset, config)
+  print(f'Results ({workdir}/results.md):\n{table}')
+  return result
+
+
+def checkpoint_meta(config, dataset, *, two_time: bool) -> dict:
+  """What a later run needs to rebuild this model from its checkpoints (e.g. as a teacher)."""
+  return {'config': config.to_json(), 'data_shape': list(dataset.shape),
+          'num_classes': dataset.num_classes if config.data.conditional else 0,
+          'two_time': two_time}
+
+
+def guidance_kwargs(config, dataset) -> dict:
+  """Classifier-free guidance settings for sampling (none when w = 1 or unconditional)."""
+  if not config.data.conditional or config.eval.guidance == 1.0:
+    return {}
+  return {'guidance': config.eval.guidance, 'null_label': dataset.num_classes}
+
+
 def run(config, workdir: str) -> dict:
   """Trains (resuming from `workdir`), evaluates, writes results; returns the results dict."""
   dataset = sources.load(config.data)
@@ -49,26 +76,8 @@ def run(config, workdir: str) -> dict:
       mesh=mesh, workdir=workdir, num_steps=config.train.steps,
       steps_per_call=config.train.steps_per_call, log_every=config.train.log_every,
       ckpt_every=config.train.ckpt_every, keep=config.train.keep,
-      meta={'config': config.to_json()})
-  if jax.process_index() != 0:
-    return {}
+      meta=checkpoint_meta(config, dataset, two_time=False))
   params = eval_params(config, state)
-  key = jax.random.key(config.seed + 1)
-  if dataset.toy:
-    result = report.toy_report(apply_fn, params, dataset, config.eval, key, workdir)
-    table = report.markdown_table(result['rows'], ['sampler', 'nfe', 'w2', 'sliced_w2',
-                                                   's_per_sample'])
-    target = result['nll_target']
-    table += (f'\n\nNLL (nats, exact trace, {config.eval.adaptive_solver}): {result["nll"]:.4f}'
-              + (f'; exact data entropy (best possible): {target:.4f}' if target else ''))
-  else:
-    result = report.image_report(apply_fn, params, dataset, config, key, workdir)
-    columns = ['sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample']
-    table = report.markdown_table(result['rows'], columns)
-    table += (f'\n\nNLL: {result["bpd"]:.4f} bits/dim ({config.eval.nll_divergence} '
-              f'divergence, {config.eval.nll_samples} test images). Fréchet distance in the '
-              'features of a classifier with test accuracy '
-              f'{result["classifier_test_accuracy"]:.4f}.')
-  report.save_results(workdir, result, table)
-  print(f'Results ({workdir}/results.md):\n{table}')
-  return result
+  samplers = report.velocity_samplers(apply_fn, params, config.eval,
+                                      **guidance_kwargs(config, dataset))
+  return evaluate(config, dataset, samplers, (apply_fn, params), workdir)

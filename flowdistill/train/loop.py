@@ -5,6 +5,7 @@ import time
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -27,7 +28,7 @@ def _stack(batches):
 def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: str,
           num_steps: int, steps_per_call: int = 1, log_every: int = 100,
           ckpt_every: int = 1000, keep: int = 3, meta: dict | None = None,
-          progress: bool = True) -> TrainState:
+          extras: dict | None = None, progress: bool = True) -> TrainState:
   """Trains `state` to `num_steps` updates, resuming from the newest checkpoint in `workdir`.
 
   Args:
@@ -38,13 +39,17 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
     mesh: the ('data',) device mesh.
     steps_per_call: updates per dispatch (the step function scans over stacked batches).
     meta: JSON-able facts stored beside each checkpoint (e.g. the config).
+    extras: frozen inputs of the loss (e.g. {'teacher_params': ...}), replicated, not saved.
 
   Raises:
     NonFiniteLossError: at the first non-finite loss or parameter norm, naming the step; the
       checkpoints already written are left untouched.
   """
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=keep)
-  state = parallel.replicate(state, mesh)
+  # The step donates the state, so it must own every buffer: a buffer shared between leaves
+  # (EMA = params at init) or with the caller (a warm start from teacher params, which are
+  # also `extras`) would be freed while still in use.
+  state = parallel.replicate(jax.tree.map(jnp.copy, state), mesh)
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored[0]
@@ -60,8 +65,9 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   rep = parallel.replicated(mesh)
   leading = 1 if steps_per_call > 1 else 0
   jitted = jax.jit(step_fn, donate_argnums=0,
-                   in_shardings=(rep, parallel.batch_sharding(mesh, leading)),
+                   in_shardings=(rep, parallel.batch_sharding(mesh, leading), rep),
                    out_shardings=(rep, rep))
+  extras = parallel.replicate(extras or {}, mesh)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   data = batches(start)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress or jax.process_index(),
@@ -89,7 +95,7 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
     for step in range(start + steps_per_call, num_steps + 1, steps_per_call):
       local = [next(data) for _ in range(steps_per_call)]
       batch = parallel.global_batch(_stack(local) if leading else local[0], mesh, leading)
-      state, metrics = jitted(state, batch)
+      state, metrics = jitted(state, batch, extras)
       if pending is not None:
         settle(*pending)
       pending = (step, metrics)

@@ -8,10 +8,11 @@ from flowdistill.train.state import TrainState
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
                     steps_per_call: int = 1):
-  """Builds `step(state, batch) -> (state, metrics)`.
+  """Builds `step(state, batch, extras=None) -> (state, metrics)`.
 
   Args:
-    loss_fn: `loss_fn(params, batch, key) -> (loss, metrics)`.
+    loss_fn: `loss_fn(params, batch, key, **extras) -> (loss, metrics)`; `extras` holds frozen
+      inputs such as `teacher_params`, passed explicitly at every call (never closed over).
     optimizer: the optax transformation the state was initialised with.
     steps_per_call: k > 1 runs k updates in one `lax.scan`; the batch then has a leading axis
       of size k and the metrics are those of the last update.
@@ -20,9 +21,10 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
   as an uninterrupted one.
   """
 
-  def one_step(state: TrainState, batch):
+  def one_step(state: TrainState, batch, extras=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, key, **(extras or {}))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = {name: jax.tree.map(lambda e, p, r=float(name): r * e + (1 - r) * p, avg, params)
@@ -35,8 +37,8 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
   if steps_per_call == 1:
     return one_step
 
-  def multi_step(state, batches):
-    state, metrics = jax.lax.scan(one_step, state, batches)
+  def multi_step(state, batches, extras=None):
+    state, metrics = jax.lax.scan(lambda st, b: one_step(st, b, extras), state, batches)
     return state, jax.tree.map(lambda m: m[-1], metrics)
 
   return multi_step

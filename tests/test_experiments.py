@@ -1,0 +1,86 @@
+"""End to end: the CLI trains and reports; a flow map distils a teacher from its workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flowdistill.config import base_config, validate
+from flowdistill.experiments import flow_map, flow_matching
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config.train.steps=30', '--config.train.ckpt_every=15', '--config.data.batch_size=64',
+        '--config.model.hidden=32', '--config.eval.num_samples=200',
+        '--config.eval.nll_samples=20', '--config.eval.euler_steps=(1,2)']
+
+
+def _tiny(config):
+  config.data.batch_size = 64
+  config.model.hidden = 32
+  config.train.update(steps=30, ckpt_every=15, log_every=10)
+  config.eval.update(num_samples=200, nll_samples=20, euler_steps=(1, 2), map_steps=(1, 2),
+                     plot=False)
+  return config
+
+
+def test_cli_trains_evaluates_and_writes_everything(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'flowdistill.main', '--config=configs/quickstart.py:moons',
+       f'--workdir={workdir}', *TINY], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'euler-2' in result.stdout and 'NLL' in result.stdout
+  for name in ('results.md', 'results.json', 'metrics.jsonl', 'samples.png',
+               'trajectories.png', 'tensorboard', 'checkpoints'):
+    assert (workdir / name).exists(), name
+  rows = json.loads((workdir / 'results.json').read_text())['rows']
+  assert [r['sampler'] for r in rows][1:] == ['euler-1', 'euler-2', 'dopri5']
+
+
+def test_cli_rejects_an_unknown_override_before_any_work(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'flowdistill.main', '--config=configs/quickstart.py',
+       f'--workdir={tmp_path / "run"}', '--config.train.stepz=3'], cwd=ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and 'stepz' in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
+  teacher = _tiny(base_config())
+  teacher.data.name = 'moons'
+  flow_matching.run(teacher, str(tmp_path / 'teacher'))
+  for loss in ('lmd', 'emd'):
+    student = _tiny(base_config())
+    student.data.name = 'moons'
+    student.method = 'flow_map'
+    student.flow_map.loss = loss
+    student.teacher.workdir = str(tmp_path / 'teacher')
+    validate(student)
+    result = flow_map.run(student, str(tmp_path / loss))
+    labels = [r['sampler'] for r in result['rows']]
+    assert {'student 1-jump', 'student 2-jump', 'teacher euler-1', 'teacher dopri5'} <= set(
+        labels)
+  pfmm = _tiny(base_config())
+  pfmm.data.name = 'moons'
+  pfmm.method = 'flow_map'
+  pfmm.flow_map.loss = 'pfmm'
+  pfmm.teacher.workdir = str(tmp_path / 'teacher')
+  with pytest.raises(ValueError, match='needs a flow-map teacher'):
+    flow_map.run(pfmm, str(tmp_path / 'pfmm'))
+  pfmm.teacher.workdir = str(tmp_path / 'lmd')
+  result = flow_map.run(pfmm, str(tmp_path / 'pfmm'))
+  assert 'teacher 2-jump' in [r['sampler'] for r in result['rows']]
+
+
+def test_missing_teacher_is_refused_with_the_fix(tmp_path):
+  student = _tiny(base_config())
+  student.method = 'flow_map'
+  student.teacher.workdir = str(tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match='config.teacher.workdir'):
+    flow_map.run(student, str(tmp_path / 'student'))
+  student.teacher.workdir = ''
+  with pytest.raises(ValueError, match='distils a teacher'):
+    validate(student)
