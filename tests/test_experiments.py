@@ -63,6 +63,7 @@ def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
     labels = [r['sampler'] for r in result['rows']]
     assert {'student 1-jump', 'student 2-jump', 'teacher euler-1', 'teacher dopri5'} <= set(
         labels)
+    assert all(v['nll'] > 0 and v['inverse_error'] < 10 for v in result['nll_jumps'].values())
   pfmm = _tiny(base_config())
   pfmm.data.name = 'moons'
   pfmm.method = 'flow_map'
@@ -84,3 +85,22 @@ def test_missing_teacher_is_refused_with_the_fix(tmp_path):
   student.teacher.workdir = ''
   with pytest.raises(ValueError, match='distils a teacher'):
     validate(student)
+
+
+def test_image_pipeline_on_builtin_digits(tmp_path, monkeypatch):
+  """Class-conditional U-Net, guidance, feature-net Fréchet distance, bits/dim, sample grid."""
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  config = base_config()
+  config.data.update(source='digits', batch_size=32, conditional=True)
+  config.model.update(name='unet', channels=(16, 16, 16), attention=False, time_dim=16)
+  config.fm.label_dropout = 0.2
+  config.train.update(steps=4, ckpt_every=4, log_every=2)
+  config.eval.update(num_samples=40, euler_steps=(2,), guidance=2.0, nll_samples=4,
+                     nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=30)
+  validate(config)
+  result = flow_matching.run(config, str(tmp_path / 'digits'))
+  assert [r['sampler'] for r in result['rows']] == ['euler-2', 'dopri5']
+  assert all(r['fd'] >= 0 and 0 <= r['label_accuracy'] <= 1 for r in result['rows'])
+  assert result['bpd'] > 0 and result['classifier_test_accuracy'] > 0.2
+  assert (tmp_path / 'digits' / 'samples_euler-2.png').exists()
+  assert len(os.listdir(tmp_path / 'cache' / 'feature_nets')) == 1  # trained once, cached

@@ -52,8 +52,10 @@ def velocity_samplers(apply_fn, params, eval_config, *, prefix: str = '',
 
 
 def _run_all(samplers, x0, cond, chunk):
+  sizes = {min(chunk, len(x0)), len(x0) % chunk} - {0}  # the chunk shapes sample_in_chunks uses
   for label, sampler, params in samplers:
-    sampler(params, x0[:2], None if cond is None else cond[:2])  # compile outside the timing
+    for size in sizes:  # compile outside the timing
+      jax.block_until_ready(sampler(params, x0[:size], None if cond is None else cond[:size]))
     yield (label, *sample_in_chunks(sampler, params, x0, cond, chunk=chunk))
 
 

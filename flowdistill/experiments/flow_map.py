@@ -107,4 +107,25 @@ def run(config, workdir: str) -> dict:
     samplers += map_samplers(teacher.apply_fn, teacher.params, config.eval.map_steps,
                              'teacher ')
   velocity = (fmap.tangent_velocity(apply_fn), params)
-  return evaluate(config, dataset, samplers, velocity, workdir)
+  result = evaluate(config, dataset, samplers, velocity, workdir)
+  if dataset.toy and result:
+    result['nll_jumps'] = jump_nll(apply_fn, params, dataset, config)
+    table = report.write_report(workdir, result, dataset, config)
+    table += '\n\nNLL of the k-jump sampler (nats, exact log-det): ' + ', '.join(
+        f'{k} jumps: {v["nll"]:.4f} (inverse error {v["inverse_error"]:.1e})'
+        for k, v in result['nll_jumps'].items())
+    report.save_results(workdir, result, table)
+    print(table.splitlines()[-1])
+  return result
+
+
+def jump_nll(apply_fn, params, dataset, config) -> dict:
+  """{k: {'nll', 'inverse_error'}} by the change of variables through k jumps (2-D data)."""
+  x = jnp.asarray(dataset.reference(jax.random.key(config.seed + 2), config.eval.nll_samples))
+  out = {}
+  for k in config.eval.map_steps:
+    logp, info = jax.jit(fmap.log_likelihood_jumps, static_argnums=0)(
+        apply_fn, params, x, jnp.linspace(0.0, 1.0, k + 1))
+    out[str(k)] = {'nll': float(-jnp.mean(logp)),
+                   'inverse_error': float(info['inverse_error'])}
+  return out
