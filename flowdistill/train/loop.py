@@ -46,9 +46,8 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
       checkpoints already written are left untouched.
   """
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=keep)
-  # The step donates the state, so it must own every buffer: a buffer shared between leaves
-  # (EMA = params at init) or with the caller (a warm start from teacher params, which are
-  # also `extras`) would be freed while still in use.
+  # The step donates the state, so it must own every buffer: one shared with the caller (e.g.
+  # a warm start from teacher params, which are also `extras`) would be freed while in use.
   state = parallel.replicate(jax.tree.map(jnp.copy, state), mesh)
   restored = ckpt.restore_latest(state)
   if restored is not None:

@@ -56,10 +56,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_state(params, optimizer, key, ema_rates=()) -> TrainState:
-  """Fresh state at step 0; EMA copies start equal to `params`."""
+  """Fresh state at step 0; EMA copies start equal to `params`.
+
+  The EMAs are real copies, so the state can be donated to a jitted step as it is.
+  """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
-                    ema={ema_key(r): params for r in ema_rates},
+                    ema={ema_key(r): jax.tree.map(jnp.copy, params) for r in ema_rates},
                     key=jax.random.key_data(key))
 
 
