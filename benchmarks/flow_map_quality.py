@@ -11,7 +11,6 @@ python benchmarks/flow_map_quality.py [--sets checkerboard,8gaussians,moons] [--
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -19,14 +18,8 @@ import pathlib
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / 'configs'
 LOSSES = ('lmd', 'emd', 'pfmm', 'fmm')
-
-
-def config_from(file: str, arg: str):
-  spec = importlib.util.spec_from_file_location('cfg', ROOT / 'configs' / file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def loss_stability(workdir: str) -> dict:
@@ -44,15 +37,16 @@ def main():
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'flow_map'))
   args = parser.parse_args()
 
+  from flowdistill.config import load_config_file  # noqa: PLC0415
   from flowdistill.experiments import flow_map, flow_matching  # noqa: PLC0415
 
   summary = {}
   for name in args.sets.split(','):
     teacher_dir = str(ROOT / 'benchmarks' / 'out' / 'teacher' / name)
-    teacher_result = flow_matching.run(config_from('quickstart.py', name), teacher_dir)
+    teacher_result = flow_matching.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
     results = {}
     for loss in LOSSES:
-      config = config_from('flow_map.py', f'{loss},{name}')
+      config = load_config_file(CONFIGS / 'flow_map.py', f'{loss},{name}')
       config.train.steps = args.steps
       config.teacher.workdir = {'lmd': teacher_dir, 'emd': teacher_dir, 'fmm': '',
                                 'pfmm': os.path.join(args.out, name, 'lmd')}[loss]

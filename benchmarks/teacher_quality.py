@@ -8,7 +8,6 @@ python benchmarks/teacher_quality.py [--sets checkerboard,8gaussians,moons] [--o
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,13 +15,6 @@ import shutil
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def quickstart_config(name: str):
-  spec = importlib.util.spec_from_file_location('quickstart', ROOT / 'configs' / 'quickstart.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(name)
 
 
 def main():
@@ -33,14 +25,14 @@ def main():
 
   import jax  # noqa: PLC0415
 
-  from flowdistill.config import validate  # noqa: PLC0415
+  from flowdistill.config import load_config_file, validate  # noqa: PLC0415
   from flowdistill.experiments import flow_matching  # noqa: PLC0415
 
   summary = {}
   for name in args.sets.split(','):
     workdir = os.path.join(args.out, name)
     shutil.rmtree(workdir, ignore_errors=True)
-    config = quickstart_config(name)
+    config = load_config_file(ROOT / 'configs' / 'quickstart.py', name)
     validate(config, num_devices=jax.device_count())
     start = time.perf_counter()
     result = flow_matching.run(config, workdir)

@@ -8,7 +8,6 @@ python benchmarks/train_step.py [--devices 1,8] [--out benchmarks/out/train_step
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,28 +20,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MEASURE_SECONDS = {'2d': 5.0, 'mnist': 20.0}
 
 
-def load_config(file: str, arg: str):
-  spec = importlib.util.spec_from_file_location('cfg', ROOT / 'configs' / file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def measure(kind: str) -> dict:
   """Runs in the child process: builds the configured step and times it."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
+  from flowdistill.config import load_config_file  # noqa: PLC0415
   from flowdistill.data.sources import Dataset  # noqa: PLC0415
   from flowdistill.experiments import flow_matching  # noqa: PLC0415
   from flowdistill.train import parallel  # noqa: PLC0415
   from flowdistill.train.step import make_train_step  # noqa: PLC0415
 
   if kind == '2d':
-    config, dataset = load_config('quickstart.py', ''), Dataset(shape=(2,), toy='checkerboard')
+    config, dataset = load_config_file(ROOT / 'configs' / 'quickstart.py'), Dataset(shape=(2,), toy='checkerboard')
     batch = {'x': np.random.default_rng(0).normal(size=(1024, 2)).astype(np.float32)}
   else:
-    config = load_config('mnist.py', 'mnist')
+    config = load_config_file(ROOT / 'configs' / 'mnist.py', 'mnist')
     dataset = Dataset(shape=(28, 28, 1), num_classes=10)
     batch = {'x': np.zeros((128, 28, 28, 1), np.float32), 'label': np.zeros(128, np.int32)}
   _, loss_fn, optimizer, state = flow_matching.build(config, dataset)

@@ -6,6 +6,8 @@ any work starts.
 """
 
 import difflib
+import importlib.util
+import os
 
 import ml_collections
 
@@ -62,6 +64,15 @@ def base_config() -> ml_collections.ConfigDict:
       plot=True,
   )
   return c
+
+
+def load_config_file(path: str | os.PathLike, arg: str = ''):
+  """`get_config(arg)` of a config file, as `--config=path:arg` would load it."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0],
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _flatten(cfg, prefix=''):

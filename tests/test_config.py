@@ -1,22 +1,18 @@
 """Config validation: every bad key or value gets one message naming it."""
 
-import importlib.util
 import pathlib
 
 import ml_collections
 import pytest
 
-from flowdistill.config import base_config, validate
+from flowdistill.config import base_config, load_config_file, validate
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('')
+  config = load_config_file(path)
   if config.method == 'flow_map' and config.flow_map.loss != 'fmm':
     config.teacher.workdir = 'runs/teacher'  # set on the command line in real use
   validate(config, num_devices=8)

@@ -68,8 +68,12 @@ def _time_kwargs(scheme, band):
   return dict(scheme=scheme, band=band)
 
 
-def _cond(batch):
-  return batch.get('label')
+def _distillation_points(path, batch, key, times):
+  """`(s, t, I_s, labels)` for a batch: time pairs and the interpolant at `s`."""
+  k_time, k_path = jax.random.split(key)
+  s, t = sample_time_pairs(k_time, batch['x'].shape[0], **times)
+  xs, _ = _interpolant(path, batch, k_path, s)
+  return s, t, xs, batch.get('label')
 
 
 def lmd_loss(apply_fn, teacher_apply_fn, path: AffinePath, *, scheme: str = 'ordered',
@@ -82,10 +86,7 @@ def lmd_loss(apply_fn, teacher_apply_fn, path: AffinePath, *, scheme: str = 'ord
   times = _time_kwargs(scheme, band)
 
   def loss_fn(params, batch, key, teacher_params):
-    k_time, k_path = jax.random.split(key)
-    s, t = sample_time_pairs(k_time, batch['x'].shape[0], **times)
-    xs, _ = _interpolant(path, batch, k_path, s)
-    cond = _cond(batch)
+    s, t, xs, cond = _distillation_points(path, batch, key, times)
     x_t, dx_dt = jax.jvp(lambda tt: flow_map(apply_fn, params, xs, s, tt, cond), (t,),
                          (jnp.ones_like(t),))
     target = teacher_apply_fn(teacher_params, jax.lax.stop_gradient(x_t), t, cond=cond)
@@ -105,10 +106,7 @@ def emd_loss(apply_fn, teacher_apply_fn, path: AffinePath, *, scheme: str = 'ord
   times = _time_kwargs(scheme, band)
 
   def loss_fn(params, batch, key, teacher_params):
-    k_time, k_path = jax.random.split(key)
-    s, t = sample_time_pairs(k_time, batch['x'].shape[0], **times)
-    xs, _ = _interpolant(path, batch, k_path, s)
-    cond = _cond(batch)
+    s, t, xs, cond = _distillation_points(path, batch, key, times)
     b = jax.lax.stop_gradient(teacher_apply_fn(teacher_params, xs, s, cond=cond))
     _, residual = jax.jvp(lambda x, ss: flow_map(apply_fn, params, x, ss, t, cond), (xs, s),
                           (b, jnp.ones_like(s)))
@@ -130,7 +128,7 @@ def fmm_loss(apply_fn, path: AffinePath, *, invertibility_weight: float = 1.0):
     k_time, k_path = jax.random.split(key)
     s, t = sample_time_pairs(k_time, batch['x'].shape[0], 'uniform')
     xt, dxt = _interpolant(path, batch, k_path, t)
-    cond = _cond(batch)
+    cond = batch.get('label')
     y = flow_map(apply_fn, params, xt, t, s, cond)
     x_back, dx_dt = jax.jvp(lambda tt: flow_map(apply_fn, params, y, s, tt, cond), (t,),
                             (jnp.ones_like(t),))
@@ -152,10 +150,7 @@ def pfmm_loss(apply_fn, teacher_apply_fn, path: AffinePath, *, teacher_jumps: in
   times = _time_kwargs(scheme, band)
 
   def loss_fn(params, batch, key, teacher_params):
-    k_time, k_path = jax.random.split(key)
-    s, t = sample_time_pairs(k_time, batch['x'].shape[0], **times)
-    xs, _ = _interpolant(path, batch, k_path, s)
-    cond = _cond(batch)
+    s, t, xs, cond = _distillation_points(path, batch, key, times)
     fractions = jnp.linspace(0.0, 1.0, teacher_jumps + 1)
     grid = s[None] + fractions[:, None] * (t - s)[None]  # [K + 1, B]
     target, _ = jax.lax.scan(

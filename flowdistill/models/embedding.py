@@ -69,3 +69,25 @@ class LabelEmbedding(nnx.Module):
   def __call__(self, cond):
     """cond: int [B] in [0, num_classes] -> [B, dim]."""
     return self.table(cond)
+
+
+def embed_conditions(time: TimeEmbedding, label: LabelEmbedding | None, batch: int, t, s=None,
+                     cond=None):
+  """The conditioning vector of a network: time (and jump) embedding plus label embedding.
+
+  Args:
+    time, label: the network's embeddings (`label` None for an unconditional model).
+    batch: batch size B; `t` and `s` ([B] or scalars) are broadcast to [B].
+    cond: int labels [B], required iff `label` is given.
+
+  Returns:
+    [B, dim].
+  """
+  t = jnp.broadcast_to(t, (batch,))
+  s = None if s is None else jnp.broadcast_to(s, (batch,))
+  emb = time(t, s)
+  if label is not None:
+    if cond is None:
+      raise ValueError('This model is class-conditional: pass `cond` (labels).')
+    emb = emb + label(cond)
+  return emb

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from flowdistill.models.embedding import LabelEmbedding, TimeEmbedding
+from flowdistill.models.embedding import LabelEmbedding, TimeEmbedding, embed_conditions
 
 
 class MLP(nnx.Module):
@@ -30,13 +30,7 @@ class MLP(nnx.Module):
   def __call__(self, x, t, *, s=None, cond=None, train=False):
     """x: [B, D]; t, s: [B] or scalar; cond: int [B] -> [B, D]."""
     del train
-    t = jnp.broadcast_to(t, x.shape[:1])
-    s = None if s is None else jnp.broadcast_to(s, x.shape[:1])
-    emb = self.time(t, s)
-    if self.label is not None:
-      if cond is None:
-        raise ValueError('This model is class-conditional: pass `cond` (labels).')
-      emb = emb + self.label(cond)
+    emb = embed_conditions(self.time, self.label, x.shape[0], t, s, cond)
     h = jnp.concatenate([x, emb], axis=-1)
     for layer in self.hidden:
       h = nnx.silu(layer(h))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowdistill.models.embedding import LabelEmbedding, TimeEmbedding
+from flowdistill.models.embedding import LabelEmbedding, TimeEmbedding, embed_conditions
 
 
 class ResBlock(nnx.Module):
@@ -154,13 +154,7 @@ class UNet(nnx.Module):
     if x.shape[1:] != self.image_shape:
       raise ValueError(f'UNet was built for images of shape {self.image_shape} (H, W, C); got '
                        f'input of shape {x.shape} (expected [B, H, W, C]).')
-    t = jnp.broadcast_to(t, x.shape[:1])
-    s = None if s is None else jnp.broadcast_to(s, x.shape[:1])
-    emb = self.time(t, s)
-    if self.label is not None:
-      if cond is None:
-        raise ValueError('This model is class-conditional: pass `cond` (labels).')
-      emb = emb + self.label(cond)
+    emb = embed_conditions(self.time, self.label, x.shape[0], t, s, cond)
 
     h = self.conv_in(x.astype(self.dtype))
     hs = [h]
