@@ -11,13 +11,13 @@ data generation is not timed). Variants: the couplings of `flowdistill.couplings
 `steps_per_call=10` (a `lax.scan` over 10 batches per dispatch) for 'independent'.
 
 The PyTorch step (CPU, eager, 2 threads) is the same computation written by hand: sinusoidal
-embedding of `t` (width 64, highest frequency 10, max period 10000, as the library's) -> Linear-SiLU-Linear, concatenated with x,
-3 x (Linear(., 256) + SiLU), Linear(256, 2); MSE to `x1 - x0` at `x_t = (1 - t) x0 + t x1`,
-`t ~ U[0, 1]`; Adam lr 1e-3; the initial parameters are copied from the JAX model, and the
-script checks that both models give the same loss and output-layer gradient on one batch. It
-also tries `torch.compile` on the model (eager Adam) and reports it as a separate row if it
-works. PyTorch is optional (install the CPU wheel with `pip install torch==2.13.0`); without
-it the script measures JAX only and says so.
+embedding of `t` (width 64, highest frequency 10, max period 10000, as the library's) ->
+Linear-SiLU-Linear, concatenated with x, 3 x (Linear(., 256) + SiLU), Linear(256, 2); MSE to
+`x1 - x0` at `x_t = (1 - t) x0 + t x1`, `t ~ U[0, 1]`; Adam lr 1e-3; the initial parameters
+are copied from the JAX model, and the script checks that both models give the same loss and
+output-layer gradient on one batch. It also tries `torch.compile` on the model (eager Adam)
+and reports it as a separate row if it works. PyTorch is optional (install the CPU wheel with
+`pip install torch==2.13.0`); without it the script measures JAX only and says so.
 
 Timing: the first call (trace + compile + one step) is reported as the compile time; after a
 short warm-up, steps run back to back until at least `--seconds` have passed (or exactly
