@@ -153,6 +153,10 @@ def write_report(workdir: str, result: dict, dataset, config) -> str:
     table += (f'\n\nNLL (nats, exact trace, {config.eval.adaptive_solver}): '
               f'{result["nll"]:.4f}'
               + (f'; exact data entropy (best possible): {target:.4f}' if target else ''))
+    if 'nll_jumps' in result:
+      table += '\n\nNLL of the k-jump sampler (nats, exact log-det): ' + ', '.join(
+          f'{k} jumps: {v["nll"]:.4f} (inverse error {v["inverse_error"]:.1e})'
+          for k, v in result['nll_jumps'].items())
   else:
     columns = ['sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample']
     table = markdown_table(result['rows'], columns)

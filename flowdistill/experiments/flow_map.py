@@ -107,16 +107,10 @@ def run(config, workdir: str) -> dict:
     samplers += map_samplers(teacher.apply_fn, teacher.params, config.eval.map_steps,
                              'teacher ')
   velocity = (fmap.tangent_velocity(apply_fn), params)
-  result = evaluate(config, dataset, samplers, velocity, workdir)
-  if dataset.toy and result:
-    result['nll_jumps'] = jump_nll(apply_fn, params, dataset, config)
-    table = report.write_report(workdir, result, dataset, config)
-    table += '\n\nNLL of the k-jump sampler (nats, exact log-det): ' + ', '.join(
-        f'{k} jumps: {v["nll"]:.4f} (inverse error {v["inverse_error"]:.1e})'
-        for k, v in result['nll_jumps'].items())
-    report.save_results(workdir, result, table)
-    print(table.splitlines()[-1])
-  return result
+  extra = {}
+  if dataset.toy and jax.process_index() == 0:
+    extra['nll_jumps'] = jump_nll(apply_fn, params, dataset, config)
+  return evaluate(config, dataset, samplers, velocity, workdir, extra=extra)
 
 
 def jump_nll(apply_fn, params, dataset, config) -> dict:

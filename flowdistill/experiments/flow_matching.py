@@ -37,14 +37,17 @@ def eval_params(config, state):
   return state.ema[ema_key(config.train.eval_ema)] if config.train.eval_ema else state.params
 
 
-def evaluate(config, dataset, samplers, velocity_model, workdir: str) -> dict:
-  """Runs the toy or image report on process 0, writes and prints the results table."""
+def evaluate(config, dataset, samplers, velocity_model, workdir: str,
+             extra: dict | None = None) -> dict:
+  """Runs the toy or image report on process 0, adds `extra` results, writes and prints the
+  results table."""
   if jax.process_index() != 0:
     return {}
   key = jax.random.key(config.seed + 1)
   report_fn = report.toy_report if dataset.toy else report.image_report
   result = report_fn(samplers, dataset, config.eval if dataset.toy else config, key,
                      velocity_model=velocity_model, workdir=workdir)
+  result.update(extra or {})
   table = report.write_report(workdir, result, dataset, config)
   print(f'Results ({workdir}/results.md):\n{table}')
   return result
