@@ -7,7 +7,7 @@ from flowdistill.train.state import TrainState
 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
-                    steps_per_call: int = 1):
+                    steps_per_call: int = 1, *, pass_step: bool = False):
   """Builds `step(state, batch, extras=None) -> (state, metrics)`.
 
   Args:
@@ -16,6 +16,8 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
     optimizer: the optax transformation the state was initialised with.
     steps_per_call: k > 1 runs k updates in one `lax.scan`; the batch then has a leading axis
       of size k and the metrics are those of the last update.
+    pass_step: also call the loss with `step=state.step` (int32 scalar, updates done so far),
+      for losses with a schedule (e.g. a regulariser weight that warms up).
 
   The key of update n is `fold_in(state.key, n)`, so a resumed run draws the same randomness
   as an uninterrupted one.
@@ -23,8 +25,9 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
 
   def one_step(state: TrainState, batch, extras=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    step_kwargs = {'step': state.step} if pass_step else {}
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, **(extras or {}))
+        state.params, batch, key, **step_kwargs, **(extras or {}))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = {name: jax.tree.map(lambda e, p, r=float(name): r * e + (1 - r) * p, avg, params)
