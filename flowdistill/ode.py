@@ -194,28 +194,30 @@ def divergence_probes(key, num: int, x, kind: str = 'rademacher'):
   raise ValueError(f'Unknown probe kind {kind!r}; choose "rademacher" or "gaussian".')
 
 
-def log_likelihood(apply_fn, params, x, key=None, *, cond=None, divergence: str = 'exact',
-                   num_probes: int = 1, probe: str = 'rademacher', solver: str = 'dopri5',
-                   steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
-                   max_steps: int = 4096, t_data: float = 1.0):
-  """`log p(x)` of the model's time-`t_data` marginal by the instantaneous change of variables.
+def integrate_with_divergence(v: VelocityFn, x, key=None, *, t0: float = 1.0, t1: float = 0.0,
+                              divergence: str = 'exact', num_probes: int = 1,
+                              probe: str = 'rademacher', solver: str = 'dopri5',
+                              steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
+                              max_steps: int = 4096):
+  """Solves `dx/dt = v(x, t)` from t0 to t1 together with `delta = int_{t0}^{t1} div v dt`.
 
-  Integrates `(x, delta)` from `t_data` back to 0 with `d delta / dt = div v`, then
-  `log p(x) = log N(x(0); 0, I) + delta(0)`.
+  The building block of likelihoods: for a flow whose time-t1 marginal has density q,
+  `log p_{t0}(x) = log q(x(t1)) + delta` (`log_likelihood` takes q = N(0, I), t1 = 0; a chain of
+  flows sums the deltas of its pieces).
 
   Args:
-    x: data [B, ...]; key: needed for the Hutchinson estimator.
+    v: velocity `v(x [B, ...], t []) -> [B, ...]`.
+    x: state [B, ...] at t0; key: needed for the Hutchinson estimator.
+    t0, t1: start and end times (either direction).
     divergence: 'exact' (Jacobian trace; low dimension) or 'hutchinson' (jvp probes; images).
     num_probes, probe: Hutchinson probes per sample, 'rademacher' or 'gaussian'.
-    solver: any of SOLVERS; fixed-step ones use `steps`.
-    t_data: end time of the model path (below 1 to avoid a singular end).
+    solver: any of SOLVERS; fixed-step ones take `steps` uniform steps.
 
   Returns:
-    (log p [B], info with 'nfe' and 'prior_logp' [B], 'x0' [B, ...]).
+    (x(t1) [B, ...], delta [B], info with 'nfe').
   """
   _check_solver(solver)
-  check_times(t_data, 't_data')
-  v = velocity_fn(apply_fn, params, cond=cond)
+  check_times(jnp.array([t0, t1]), 't0/t1')
   if divergence == 'exact':
     field = lambda t, state, args: (v(state[0], t), exact_divergence(v, state[0], t))
   elif divergence == 'hutchinson':
@@ -232,14 +234,40 @@ def log_likelihood(apply_fn, params, x, key=None, *, cond=None, divergence: str 
                   stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol))
   else:
     kwargs = dict(solver={'euler': diffrax.Euler, 'midpoint': diffrax.Midpoint,
-                          'heun': diffrax.Heun}[solver](), dt0=-t_data / steps)
-  sol = diffrax.diffeqsolve(diffrax.ODETerm(field), t0=t_data, t1=0.0, y0=state,
+                          'heun': diffrax.Heun}[solver](), dt0=(t1 - t0) / steps)
+  sol = diffrax.diffeqsolve(diffrax.ODETerm(field), t0=t0, t1=t1, y0=state,
                             max_steps=max(max_steps, steps), **kwargs)
-  x0, delta = sol.ys[0][-1], sol.ys[1][-1]
-  prior = standard_normal_logpdf(x0)
   nfe = (_diffrax_nfe(solver, sol.stats) if solver in ADAPTIVE_SOLVERS
          else _STAGES[solver] * steps)
-  return prior + delta, {'nfe': nfe, 'prior_logp': prior, 'x0': x0}
+  return sol.ys[0][-1], sol.ys[1][-1], {'nfe': nfe}
+
+
+def log_likelihood(apply_fn, params, x, key=None, *, cond=None, divergence: str = 'exact',
+                   num_probes: int = 1, probe: str = 'rademacher', solver: str = 'dopri5',
+                   steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
+                   max_steps: int = 4096, t_data: float = 1.0):
+  """`log p(x)` of the model's time-`t_data` marginal by the instantaneous change of variables.
+
+  Integrates `(x, delta)` from `t_data` back to 0 with `d delta / dt = div v`, then
+  `log p(x) = log N(x(0); 0, I) + delta(0)` (see `integrate_with_divergence`).
+
+  Args:
+    x: data [B, ...]; key: needed for the Hutchinson estimator.
+    divergence: 'exact' (Jacobian trace; low dimension) or 'hutchinson' (jvp probes; images).
+    num_probes, probe: Hutchinson probes per sample, 'rademacher' or 'gaussian'.
+    solver: any of SOLVERS; fixed-step ones use `steps`.
+    t_data: end time of the model path (below 1 to avoid a singular end).
+
+  Returns:
+    (log p [B], info with 'nfe' and 'prior_logp' [B], 'x0' [B, ...]).
+  """
+  check_times(t_data, 't_data')
+  v = velocity_fn(apply_fn, params, cond=cond)
+  x0, delta, info = integrate_with_divergence(
+      v, x, key, t0=t_data, t1=0.0, divergence=divergence, num_probes=num_probes, probe=probe,
+      solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
+  prior = standard_normal_logpdf(x0)
+  return prior + delta, {'nfe': info['nfe'], 'prior_logp': prior, 'x0': x0}
 
 
 def bits_per_dim(logp, num_dims: int, data_range: float = 2.0, levels: int = 256):
