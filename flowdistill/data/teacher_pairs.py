@@ -1,0 +1,109 @@
+"""Teacher trajectories on disk: noise and the teacher's ODE states at fixed times (reflow).
+
+A pairs folder holds `manifest.json` (the teacher's identity, the solver settings, the times,
+the seed) and `chunk_00000.npz`, ... each with `'states'` float32 [chunk, T, ...] and, for a
+class-conditional teacher, `'label'` int32 [chunk]. Row `i` starts from the noise of
+`fold_in(key(seed), i)`, so the folder is the same whoever writes it: generation resumes
+after an interruption (each chunk is written to a temporary file, then renamed), more rows
+can be added later, and any run with the same teacher and settings reuses it.
+"""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+MANIFEST = 'manifest.json'
+
+
+def fingerprint(params) -> str:
+  """sha256 of a parameter pytree's paths, shapes and values (identifies a teacher)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    value = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}{value.shape}{value.dtype}'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def row_inputs(seed: int, start: int, num: int, shape: tuple[int, ...], num_classes: int = 0):
+  """Noise [num, *shape] (and labels [num], or None) of rows `start .. start + num - 1`."""
+  key = jax.random.key(seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(num))
+  x0 = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+  if not num_classes:
+    return x0, None
+  labels = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
+                                                 num_classes))(keys)
+  return x0, labels
+
+
+def _chunk_path(directory, index):
+  return os.path.join(directory, f'chunk_{index:05d}.npz')
+
+
+def _check_manifest(directory: str, manifest: dict) -> None:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    with open(path + '.tmp', 'w') as f:
+      json.dump(manifest, f, indent=2)
+    os.replace(path + '.tmp', path)
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  differ = sorted(k for k in set(stored) | set(manifest) if stored.get(k) != manifest.get(k))
+  if differ:
+    details = '; '.join(f'{k}: stored {stored.get(k)!r}, now {manifest.get(k)!r}'
+                        for k in differ)
+    raise ValueError(f'The teacher pairs in {directory!r} were made differently ({details}). '
+                     'Point config.reflow.pairs_dir to a new folder, or delete that one.')
+
+
+def generate(directory: str, trajectory_fn, *, num: int, chunk: int, shape: tuple[int, ...],
+             seed: int, identity: dict, num_classes: int = 0) -> None:
+  """Writes the chunks of rows `0 .. num - 1` that are missing (round-robin over processes).
+
+  Args:
+    trajectory_fn: `(x0 [chunk, ...], labels [chunk] or None) -> states [T, chunk, ...]`
+      (e.g. a jitted `reflow.teacher_trajectory`).
+    num, chunk: rows wanted (rounded up to whole chunks) and rows per file.
+    identity: JSON-able facts that must match for reuse (teacher, solver, times, ...).
+  """
+  os.makedirs(directory, exist_ok=True)
+  manifest = dict(identity, seed=seed, chunk=chunk, shape=list(shape), num_classes=num_classes)
+  if jax.process_index() == 0:
+    _check_manifest(directory, manifest)
+  for index in range(jax.process_index(), -(-num // chunk), jax.process_count()):
+    path = _chunk_path(directory, index)
+    if os.path.exists(path):
+      continue
+    x0, labels = row_inputs(seed, index * chunk, chunk, shape, num_classes)
+    states = np.asarray(jnp.moveaxis(trajectory_fn(x0, labels), 0, 1), np.float32)
+    arrays = {'states': states}
+    if labels is not None:
+      arrays['label'] = np.asarray(labels, np.int32)
+    with open(path + '.tmp', 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(path + '.tmp', path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'teacher_pairs:{directory}')
+  if jax.process_index() != 0:
+    _check_manifest(directory, manifest)
+
+
+def load(directory: str, num: int) -> dict[str, np.ndarray]:
+  """The first `num` rows: {'states': [num, T, ...], 'label': [num] if conditional}."""
+  with open(os.path.join(directory, MANIFEST)) as f:
+    chunk = json.load(f)['chunk']
+  parts = []
+  for index in range(-(-num // chunk)):
+    path = _chunk_path(directory, index)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} is missing: run teacher_pairs.generate for {num} rows.')
+    with np.load(path) as data:
+      parts.append({k: data[k] for k in data.files})
+  return {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
