@@ -7,9 +7,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+_log = logging.getLogger(__name__)
+
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of a different model or state layout."""
+
+
+class UnreadableCheckpointsError(OSError):
+  """The workdir holds checkpoints, and every one of them fails to read."""
 
 
 def param_shapes(tree) -> dict[str, list[int]]:
@@ -32,7 +38,7 @@ class Checkpointer:
     directory = os.path.abspath(directory)
     try:
       os.makedirs(directory, exist_ok=True)
-      probe = os.path.join(directory, '.write_test')
+      probe = os.path.join(directory, f'.write_test.{jax.process_index()}')
       with open(probe, 'w') as f:
         f.write('ok')
       os.remove(probe)
@@ -86,15 +92,25 @@ class Checkpointer:
 
     A checkpoint that fails to read (truncated, corrupted) is skipped with a warning and the
     previous one is tried; a mismatched model raises at once.
+
+    Raises:
+      CheckpointMismatchError: the newest readable checkpoint is of another model.
+      UnreadableCheckpointsError: checkpoints exist but none reads back (they are left as they
+        are rather than overwritten by a fresh run).
     """
-    for step in reversed(self.all_steps()):
+    steps = self.all_steps()
+    for step in reversed(steps):
       try:
         return self.restore(step, target)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 — any read failure means "try the older one".
-        logging.warning('Checkpoint at step %d in %s is unreadable (%s: %s); falling back to '
+        _log.warning('Checkpoint at step %d in %s is unreadable (%s: %s); falling back to '
                         'the previous one.', step, self.directory, type(e).__name__, e)
+    if steps:
+      raise UnreadableCheckpointsError(
+          f'None of the checkpoints in {self.directory} (steps {steps}) reads back; they are '
+          'left untouched. Move them away to start afresh, or use a fresh --workdir.')
     return None
 
   def wait(self) -> None:

@@ -2,7 +2,7 @@
 
 import logging
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,22 @@ from flowdistill.train.writer import MetricWriter
 
 BatchSource = Callable[[int], Iterator[dict]]  # start step -> iterator of local numpy batches
 
+_log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss or parameters."""
+
+
+class Preempted(SystemExit):
+  """The run got SIGTERM and saved a checkpoint at `step`; rerunning the command resumes.
+
+  A `SystemExit` with status 0, so an uncaught one ends the program cleanly.
+  """
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(0)
+    self.step, self.directory = step, directory
 
 
 def _stack(batches):
@@ -44,6 +57,11 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   Raises:
     NonFiniteLossError: at the first non-finite loss or parameter norm, naming the step; the
       checkpoints already written are left untouched.
+    Preempted: after SIGTERM (on any process), once a checkpoint of the step that all
+      processes agreed on is written.
+
+  With several processes (`jax.distributed`), every process calls this with its own rows of
+  each global batch; the returned state is then on this process's devices only.
   """
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=keep)
   # The step donates the state, so it must own every buffer: one shared with the caller (e.g.
@@ -52,12 +70,13 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored[0]
-    logging.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
+    _log.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
   start = int(state.step)
   if start >= num_steps:
     ckpt.close()
-    return state
+    return parallel.host_local(state)
   if start % steps_per_call or num_steps % steps_per_call:
+    ckpt.close()
     raise ValueError(f'config.train.steps ({num_steps}) and the resumed step ({start}) must be '
                      f'multiples of config.train.steps_per_call ({steps_per_call}).')
 
@@ -90,23 +109,31 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
       writer.write(step, dict(metrics, steps_per_s=rate))
       bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', steps_per_s=f'{rate:.1f}')
 
-  try:
-    for step in range(start + steps_per_call, num_steps + 1, steps_per_call):
-      local = [next(data) for _ in range(steps_per_call)]
-      batch = parallel.global_batch(_stack(local) if leading else local[0], mesh, leading)
-      state, metrics = jitted(state, batch, extras)
+  with parallel.PreemptionWatch() as watch:
+    try:
+      for dispatch, step in enumerate(range(start + steps_per_call, num_steps + 1,
+                                            steps_per_call)):
+        local = [next(data) for _ in range(steps_per_call)]
+        batch = parallel.global_batch(_stack(local) if leading else local[0], mesh, leading)
+        state, metrics = jitted(state, batch, extras)
+        if pending is not None:
+          settle(*pending)
+        pending = (step, metrics)
+        bar.update(steps_per_call)
+        preempted = watch.reached(dispatch)
+        if preempted or step % ckpt_every == 0 or step == num_steps:
+          settle(*pending)
+          pending = None
+          ckpt.save(step, state, dict(meta or {}, data_step=step))
+        if preempted:
+          ckpt.wait()
+          _log.warning('Preempted (SIGTERM): saved step %d in %s; rerun the same command to '
+                          'resume.', step, ckpt.directory)
+          raise Preempted(step, ckpt.directory)
       if pending is not None:
         settle(*pending)
-      pending = (step, metrics)
-      bar.update(steps_per_call)
-      if step % ckpt_every == 0 or step == num_steps:
-        settle(*pending)
-        pending = None
-        ckpt.save(step, state, dict(meta or {}, data_step=step))
-    if pending is not None:
-      settle(*pending)
-  finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
-  return state
+    finally:
+      bar.close()
+      writer.close()
+      ckpt.close()
+  return parallel.host_local(state)

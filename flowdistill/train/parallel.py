@@ -1,10 +1,17 @@
 """Device mesh, sharding of batches and state, and opt-in multi-host start-up."""
 
+import logging
 import os
+import signal
+import threading
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_log = logging.getLogger(__name__)
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
@@ -16,12 +23,21 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   """
   if not (enabled or os.environ.get('FLOWDISTILL_DISTRIBUTED') == '1'):
     return
+  if jax.distributed.is_initialized():
+    return
   kwargs = {}
   if 'JAX_COORDINATOR_ADDRESS' in os.environ:
-    kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-                  num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-                  process_id=int(os.environ['JAX_PROCESS_ID']))
+    missing = [k for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID') if k not in os.environ]
+    if missing:
+      raise ValueError(f'JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three '
+                       '(or none, on TPU pods and SLURM where JAX finds them itself).')
+    kwargs = {'coordinator_address': os.environ['JAX_COORDINATOR_ADDRESS'],
+              'num_processes': int(os.environ['JAX_NUM_PROCESSES']),
+              'process_id': int(os.environ['JAX_PROCESS_ID'])}
   jax.distributed.initialize(**kwargs)
+  _log.info('jax.distributed: process %d of %d, %d local devices of %d.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -52,3 +68,46 @@ def global_batch(local_batch: dict, mesh: Mesh, leading_axes: int = 0) -> dict:
 def replicate(tree, mesh: Mesh):
   """Places a pytree (e.g. the train state) on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def host_local(tree):
+  """A replicated global pytree as arrays on this process's first device (e.g. for evaluation
+  on process 0 alone, which cannot run computations over other processes' devices)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+class PreemptionWatch:
+  """Says when a run has been asked to stop (SIGTERM), at a step all processes agree on.
+
+  With `jax.distributed` started, JAX's preemption service owns SIGTERM and
+  `multihost_utils.reached_preemption_sync_point` names the same step on every process.
+  Otherwise, inside the `with` block, a SIGTERM handler sets a flag (the previous handler comes
+  back on exit). Call `reached(i)` once per dispatch, with `i` counting dispatches from 0 on
+  every process.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+
+  def __enter__(self):
+    if not jax.distributed.is_initialized() and (
+        threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, dispatch: int) -> bool:
+    if jax.distributed.is_initialized():
+      return multihost_utils.reached_preemption_sync_point(dispatch)
+    return self._signalled
