@@ -17,8 +17,9 @@ from flowdistill.train import state as train_state
 
 TOY_SOURCES = ('toy',)
 IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
+TABULAR_SOURCES = ('tabular',)
 MODELS = ('mlp', 'unet')
-METHODS = ('fm', 'flow_map')
+METHODS = ('fm', 'flow_map', 'local_fm')
 FLOW_MAP_LOSSES = ('lmd', 'emd', 'fmm', 'pfmm')
 DTYPES = ('float32', 'bfloat16')
 
@@ -31,8 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = False  # jax.distributed.initialize() before anything else
 
   c.data = dict(
-      source='toy',         # 'toy' | 'digits' | 'mnist' | 'fashion_mnist' | 'cifar10'
-      name='checkerboard',  # toy set name
+      source='toy',         # 'toy' | 'tabular' | 'digits' | 'mnist' | 'fashion_mnist' | 'cifar10'
+      name='checkerboard',  # toy set name (tabular: 'mixture16')
       path='',              # local files (idx folder, .npz, image folder); '' = built-in/tfds
       path_env='',          # environment variable holding the path (used when path is '')
       batch_size=1024,      # global batch
@@ -49,6 +50,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = dict(workdir='', ema=-1.0)  # a trained run to distil; ema -1: its eval_ema
   c.flow_map = dict(loss='lmd', scheme='ordered', band=1.0, teacher_jumps=2,
                     invertibility_weight=1.0, warm_start=True)
+  c.local_fm = dict(        # local flow matching: a chain of blocks (METHODS.md section 3)
+      num_blocks=4, h0=0.1, growth=1.5,  # OU steps h0 * growth^n, the last block free
+      warm_start=True,                   # block n+1 starts from block n's parameters
+      train_size=100_000,                # points pushed through the chain (toy data)
+      pushforward_solver='dopri5', pushforward_tol=1e-5, pushforward_steps=100,
+      pushforward_chunk=4096,            # points per cached push-forward chunk
+      distill_steps=0, distill_loss='lmd', distill_scheme='ordered',  # per-block flow maps
+  )
   c.optim = dict(name='adam', lr=1e-3, schedule='warmup', warmup_steps=100, b1=0.9, b2=0.999,
                  weight_decay=0.0, grad_clip=1.0)
   c.train = dict(steps=2000, steps_per_call=1, num_devices=0, log_every=100, ckpt_every=1000,
@@ -116,7 +125,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
       'teacher.workdir']:
     raise ValueError(f'config.flow_map.loss={flat["flow_map.loss"]!r} distils a teacher: set '
                      'config.teacher.workdir to a trained run (fmm needs none).')
-  _choice(flat, 'data.source', TOY_SOURCES + IMAGE_SOURCES)
+  _choice(flat, 'data.source', TOY_SOURCES + TABULAR_SOURCES + IMAGE_SOURCES)
   _choice(flat, 'model.name', MODELS)
   _choice(flat, 'model.dtype', DTYPES)
   _choice(flat, 'path.name', tuple(paths._PATHS))
@@ -143,6 +152,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
     raise ValueError(f'config.train.eval_ema={flat["train.eval_ema"]} is not among '
                      f'config.train.ema_rates={flat["train.ema_rates"]}; add it or set 0 to '
                      'evaluate the raw params.')
+  _validate_local_fm(flat)
   if flat['data.source'] == 'toy' and flat['model.name'] != 'mlp':
     raise ValueError('config.model.name must be "mlp" for config.data.source="toy".')
   if flat['data.source'] in IMAGE_SOURCES and flat['model.name'] != 'unet':
@@ -161,3 +171,35 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if block and (flat['data.batch_size'] // (devices or 1)) % block:
     raise ValueError(f'config.fm.ot_block_size={block} must divide the per-device batch '
                      f'{flat["data.batch_size"] // (devices or 1)}.')
+
+
+def _validate_local_fm(flat) -> None:
+  if flat['data.source'] in TABULAR_SOURCES:
+    if flat['method'] != 'local_fm':
+      raise ValueError(f'config.data.source="tabular" is evaluated by config.method="local_fm" '
+                       f'only (got {flat["method"]!r}); for global flow matching on it use '
+                       'local_fm with config.local_fm.num_blocks=1.')
+    if flat['model.name'] != 'mlp':
+      raise ValueError('config.model.name must be "mlp" for config.data.source="tabular".')
+  if flat['method'] != 'local_fm':
+    return
+  _choice(flat, 'local_fm.pushforward_solver', ode.SOLVERS)
+  _choice(flat, 'local_fm.distill_loss', ('lmd', 'emd'))
+  _choice(flat, 'local_fm.distill_scheme', ('uniform', 'ordered', 'band'))
+  for key in ('local_fm.num_blocks', 'local_fm.pushforward_chunk', 'local_fm.pushforward_steps',
+              'local_fm.train_size'):
+    if flat[key] < 1:
+      raise ValueError(f'config.{key}={flat[key]} must be >= 1.')
+  for key in ('local_fm.h0', 'local_fm.growth', 'local_fm.pushforward_tol'):
+    if not flat[key] > 0:
+      raise ValueError(f'config.{key}={flat[key]} must be > 0.')
+  if flat['local_fm.distill_steps'] < 0:
+    raise ValueError(f'config.local_fm.distill_steps={flat["local_fm.distill_steps"]} must be '
+                     '>= 0 (0: no distillation).')
+  if flat['data.conditional']:
+    raise ValueError('config.method="local_fm" trains unconditional chains; set '
+                     'config.data.conditional=False.')
+  if flat['data.source'] == 'toy' and flat['local_fm.train_size'] < flat['data.batch_size']:
+    raise ValueError(f'config.local_fm.train_size={flat["local_fm.train_size"]} is below '
+                     f'config.data.batch_size={flat["data.batch_size"]}; the later blocks draw '
+                     'their batches from that many pushed points: raise it.')

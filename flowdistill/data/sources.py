@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 
-from flowdistill.data import images, toy
+from flowdistill.data import images, tabular, toy
 from flowdistill.data.pipeline import BatchIterator
 
 
@@ -18,7 +18,8 @@ class Dataset:
   Attributes:
     shape: one sample's shape ([2] for toys, [H, W, C] for images).
     num_classes: number of labels (0 for toys).
-    train: {'x': float32 [N, ...], 'label': int32 [N]} for images; None for toys (generated).
+    train: {'x': float32 [N, ...], 'label': int32 [N]} for images, {'x': [N, D]} for tabular
+      sets; None for toys (generated).
     test: the same for the test split; None for toys.
     toy: the toy set's name, or '' for images.
   """
@@ -56,6 +57,11 @@ def load(data_config) -> Dataset:
       raise ValueError(f'config.data.name={data_config.name!r} is not a toy set; choose one of '
                        f'{list(toy.NAMES)}.')
     return Dataset(shape=(2,), toy=data_config.name)
+  if data_config.source == 'tabular':
+    if data_config.name not in tabular.NAMES:
+      raise ValueError(f'config.data.name={data_config.name!r} is not a tabular set; choose one '
+                       f'of {list(tabular.NAMES)}.')
+    return Dataset(shape=(tabular.dim(data_config.name),), **tabular.splits(data_config.name))
   path = data_path(data_config)
   splits = {}
   for split in ('train', 'test'):
