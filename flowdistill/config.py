@@ -19,7 +19,7 @@ TOY_SOURCES = ('toy',)
 IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
 TABULAR_SOURCES = ('tabular',)
 MODELS = ('mlp', 'unet')
-METHODS = ('fm', 'flow_map', 'local_fm')
+METHODS = ('fm', 'flow_map', 'local_fm', 'reflow')
 FLOW_MAP_LOSSES = ('lmd', 'emd', 'fmm', 'pfmm')
 DTYPES = ('float32', 'bfloat16')
 
@@ -57,6 +57,20 @@ def base_config() -> ml_collections.ConfigDict:
       pushforward_solver='dopri5', pushforward_tol=1e-5, pushforward_steps=100,
       pushforward_chunk=4096,            # points per cached push-forward chunk
       distill_steps=0, distill_loss='lmd', distill_scheme='ordered',  # per-block flow maps
+  )
+  c.reflow = dict(          # reflow, piecewise reflow, marginal alignment (METHODS.md section 2)
+      windows=1,                         # K windows on [0, 1] (1: vanilla reflow)
+      num_pairs=50_000,                  # teacher trajectories to train on
+      pairs_dir='',                      # where they are cached ('' = WORKDIR/pairs); reusable
+      pair_chunk=5000, pair_solver='dopri5', pair_rtol=1e-5, pair_atol=1e-5,
+      align_weight=0.0,                  # λ of the marginal-alignment regulariser (0: off)
+      align_warmup=0,                    # steps of λ's linear warm-up (0: constant)
+      align_steps=1,                     # Euler steps of the student's window map
+      align_logdet='exact',              # 'exact' (low dimension) | 'hutchinson'
+      align_probes=1,                    # Hutchinson probes
+      score_eps=0.01,                    # teacher-score time clipped to [eps, 1 - eps]
+      kl_samples=1000,                   # teacher states for the per-window KL report
+      warm_start=True,                   # start the student from the teacher's parameters
   )
   c.optim = dict(name='adam', lr=1e-3, schedule='warmup', warmup_steps=100, b1=0.9, b2=0.999,
                  weight_decay=0.0, grad_clip=1.0)
@@ -153,6 +167,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
                      f'config.train.ema_rates={flat["train.ema_rates"]}; add it or set 0 to '
                      'evaluate the raw params.')
   _validate_local_fm(flat)
+  _validate_reflow(flat)
   if flat['data.source'] == 'toy' and flat['model.name'] != 'mlp':
     raise ValueError('config.model.name must be "mlp" for config.data.source="toy".')
   if flat['data.source'] in IMAGE_SOURCES and flat['model.name'] != 'unet':
@@ -203,3 +218,34 @@ def _validate_local_fm(flat) -> None:
     raise ValueError(f'config.local_fm.train_size={flat["local_fm.train_size"]} is below '
                      f'config.data.batch_size={flat["data.batch_size"]}; the later blocks draw '
                      'their batches from that many pushed points: raise it.')
+
+
+def _validate_reflow(flat) -> None:
+  if flat['method'] != 'reflow':
+    return
+  if not flat['teacher.workdir']:
+    raise ValueError('config.method="reflow" distils a teacher: set config.teacher.workdir to '
+                     'a trained run (method "fm" or "reflow").')
+  if flat['data.source'] not in TOY_SOURCES + IMAGE_SOURCES:
+    raise ValueError(f'config.method="reflow" needs toy or image data, not '
+                     f'config.data.source={flat["data.source"]!r}.')
+  _choice(flat, 'reflow.pair_solver', ode.SOLVERS)
+  _choice(flat, 'reflow.align_logdet', ('exact', 'hutchinson'))
+  for key in ('reflow.windows', 'reflow.pair_chunk', 'reflow.align_steps',
+              'reflow.align_probes', 'reflow.kl_samples'):
+    if flat[key] < 1:
+      raise ValueError(f'config.{key}={flat[key]} must be >= 1.')
+  if flat['reflow.num_pairs'] < flat['data.batch_size']:
+    raise ValueError(f'config.reflow.num_pairs={flat["reflow.num_pairs"]} is below '
+                     f'config.data.batch_size={flat["data.batch_size"]}; raise it.')
+  if flat['reflow.align_weight'] < 0 or flat['reflow.align_warmup'] < 0:
+    raise ValueError('config.reflow.align_weight and config.reflow.align_warmup must be >= 0.')
+  if not 0.0 <= flat['reflow.score_eps'] < 0.5:
+    raise ValueError(f'config.reflow.score_eps={flat["reflow.score_eps"]} must be in [0, 0.5).')
+  if flat['reflow.align_logdet'] == 'exact' and flat['data.source'] in IMAGE_SOURCES:
+    raise ValueError('config.reflow.align_logdet="exact" builds a full Jacobian per image; use '
+                     '"hutchinson" for image data.')
+  if not any(n % flat['reflow.windows'] == 0 for n in flat['eval.euler_steps']):
+    raise ValueError(f'No entry of config.eval.euler_steps={flat["eval.euler_steps"]} is a '
+                     f'multiple of config.reflow.windows={flat["reflow.windows"]}: the student '
+                     'takes whole steps inside each window.')

@@ -29,11 +29,13 @@ def main(argv):
   import jax  # noqa: PLC0415  (device queries only after the optional distributed start-up)
 
   from flowdistill.config import validate  # noqa: PLC0415
-  from flowdistill.experiments import flow_map, flow_matching, local_fm  # noqa: PLC0415
+  from flowdistill.experiments import (  # noqa: PLC0415
+      flow_map, flow_matching, local_fm, reflow)
 
   validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   logging.info('Config:\n%s', config)
-  experiment = {'fm': flow_matching, 'flow_map': flow_map, 'local_fm': local_fm}[config.method]
+  experiment = {'fm': flow_matching, 'flow_map': flow_map, 'local_fm': local_fm,
+                'reflow': reflow}[config.method]
   experiment.run(config, _WORKDIR.value)
 
 

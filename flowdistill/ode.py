@@ -52,6 +52,23 @@ def velocity_fn(apply_fn, params, *, cond=None, guidance: float | None = None,
   return v
 
 
+def guided_apply_fn(apply_fn, guidance: float, null_label: int):
+  """A model whose output is the classifier-free-guided velocity `v_u + w (v_c - v_u)`, behind
+  the same `apply_fn(params, x, t, *, cond)` contract (e.g. a guided teacher to distil)."""
+
+  def guided(params, x, t, *, s=None, cond=None, train=False):
+    if cond is None:
+      raise ValueError('A guided model needs `cond` labels.')
+    t = jnp.broadcast_to(t, x.shape[:1])
+    both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                    s=None if s is None else jnp.concatenate([s, s]),
+                    cond=jnp.concatenate([cond, jnp.full_like(cond, null_label)]), train=train)
+    v_c, v_u = jnp.split(both, 2)
+    return v_u + guidance * (v_c - v_u)
+
+  return guided
+
+
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0):
   """Uniform grid of `steps + 1` times from t0 to t1 (either direction)."""
   if steps < 1:

@@ -233,3 +233,13 @@ def frechet_distance(feat_x, feat_y) -> float:
   return gaussian_frechet(
       feat_x.mean(axis=0), np.atleast_2d(np.cov(feat_x, rowvar=False)),
       feat_y.mean(axis=0), np.atleast_2d(np.cov(feat_y, rowvar=False)))
+
+
+def moment_drift(x, y) -> dict[str, float]:
+  """How far the first two moments of `x` [n, ...] are from those of `y` [m, ...] (flattened):
+  `{'mean_drift': ||mean_x - mean_y||, 'cov_drift': ||cov_x - cov_y||_F}` (float64, host)."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  y = np.asarray(y, np.float64).reshape(len(y), -1)
+  _check_clouds(x, y, same_size=False)
+  return {'mean_drift': float(np.linalg.norm(x.mean(0) - y.mean(0))),
+          'cov_drift': float(np.linalg.norm(np.cov(x, rowvar=False) - np.cov(y, rowvar=False)))}

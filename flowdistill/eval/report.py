@@ -59,13 +59,27 @@ def _run_all(samplers, x0, cond, chunk):
     yield (label, *sample_in_chunks(sampler, params, x0, cond, chunk=chunk))
 
 
-def toy_report(samplers, dataset, eval_config, key, *, velocity_model, workdir=None):
+def _add_moment_drift(rows, outputs, reference):
+  if reference is None:
+    return
+  if reference not in outputs:
+    raise ValueError(f'moments_reference={reference!r} is not a sampler label; choose one of '
+                     f'{list(outputs)}.')
+  for row in rows:
+    if row['sampler'] in outputs:
+      row.update(metrics.moment_drift(outputs[row['sampler']], outputs[reference]))
+
+
+def toy_report(samplers, dataset, eval_config, key, *, velocity_model, workdir=None,
+               moments_reference: str | None = None):
   """W2 vs NFE for each sampler and the exact-trace NLL of a 2-D velocity model.
 
   Args:
     samplers: [(label, sampler, params)], see `velocity_samplers`.
     velocity_model: (apply_fn, params) whose likelihood and trajectories are reported.
     workdir: where `samples.png` and `trajectories.png` go (if `eval_config.plot`).
+    moments_reference: a sampler label; each row then also gets the drift of its samples'
+      mean and covariance from that sampler's (`metrics.moment_drift`).
 
   Returns:
     {'rows': [{'sampler', 'nfe', 'w2', 'sliced_w2', 's_per_sample'}], 'nll': float,
@@ -80,11 +94,13 @@ def toy_report(samplers, dataset, eval_config, key, *, velocity_model, workdir=N
            'w2': metrics.w2(fresh, reference),
            'sliced_w2': float(metrics.sliced_w2(fresh, reference, k_sw)), 's_per_sample': 0.0}]
   panels = {'data': reference}
+  outputs = {}
   for label, samples, nfe, per_sample in _run_all(samplers, x0, None, n):
     rows.append({'sampler': label, 'nfe': nfe, 'w2': metrics.w2(samples, reference),
                  'sliced_w2': float(metrics.sliced_w2(samples, reference, k_sw)),
                  's_per_sample': per_sample})
-    panels[f'{label} (NFE {nfe:.0f})'] = samples
+    panels[f'{label} (NFE {nfe:.0f})'] = outputs[label] = samples
+  _add_moment_drift(rows, outputs, moments_reference)
   apply_fn, params = velocity_model
   nll_points = dataset.reference(k_nll, eval_config.nll_samples)
   logp, _ = jax.jit(lambda p, x: ode.log_likelihood(
@@ -102,12 +118,14 @@ def toy_report(samplers, dataset, eval_config, key, *, velocity_model, workdir=N
   return result
 
 
-def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None):
+def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None,
+                 moments_reference: str | None = None):
   """Fréchet distance (classifier features) vs NFE, label accuracy and bits/dim for images.
 
   Args:
     samplers: [(label, sampler, params)], see `velocity_samplers`.
     velocity_model: (apply_fn, params) whose bits/dim are reported.
+    moments_reference: see `toy_report`.
 
   Returns:
     {'rows': [{'sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample'}], 'bpd': float,
@@ -122,8 +140,9 @@ def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None
   x0 = np.asarray(ode.noise(k_noise, n, dataset.shape))
   conditional = config.data.conditional
   cond = np.arange(n) % dataset.num_classes if conditional else None
-  rows = []
+  rows, outputs = [], {}
   for label, samples, nfe, per_sample in _run_all(samplers, x0, cond, 250):
+    outputs[label] = samples
     row = {'sampler': label, 'nfe': nfe,
            'fd': metrics.frechet_distance(judge.features(samples), real_features),
            's_per_sample': per_sample}
@@ -134,6 +153,7 @@ def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None
       order = np.argsort(cond[:100], kind='stable') if conditional else np.arange(100)
       name = label.replace(' ', '_')
       plots.image_grid(os.path.join(workdir, f'samples_{name}.png'), samples[:100][order])
+  _add_moment_drift(rows, outputs, moments_reference)
   apply_fn, params = velocity_model
   nll_x = dataset.test['x'][:ev.nll_samples]
   nll_cond = dataset.test['label'][:ev.nll_samples] if conditional else None
@@ -146,8 +166,10 @@ def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None
 
 def write_report(workdir: str, result: dict, dataset, config) -> str:
   """Formats `result` as markdown, writes results.json / results.md, returns the table."""
+  optional = [c for c in ('nll', 'mean_drift', 'cov_drift')
+              if any(c in row for row in result['rows'])]
   if dataset.toy:
-    table = markdown_table(result['rows'], ['sampler', 'nfe', 'w2', 'sliced_w2',
+    table = markdown_table(result['rows'], ['sampler', 'nfe', 'w2', 'sliced_w2', *optional,
                                             's_per_sample'])
     target = result['nll_target']
     table += (f'\n\nNLL (nats, exact trace, {config.eval.adaptive_solver}): '
@@ -158,12 +180,16 @@ def write_report(workdir: str, result: dict, dataset, config) -> str:
           f'{k} jumps: {v["nll"]:.4f} (inverse error {v["inverse_error"]:.1e})'
           for k, v in result['nll_jumps'].items())
   else:
-    columns = ['sampler', 'nfe', 'fd', 'label_accuracy', 's_per_sample']
+    columns = ['sampler', 'nfe', 'fd', 'label_accuracy', *optional, 's_per_sample']
     table = markdown_table(result['rows'], columns)
     table += (f'\n\nNLL: {result["bpd"]:.4f} bits/dim ({config.eval.nll_divergence} '
               f'divergence, {config.eval.nll_samples} test images). Fréchet distance in the '
               'features of a classifier with test accuracy '
               f'{result["classifier_test_accuracy"]:.4f}.')
+  if 'window_kl' in result:
+    table += ('\n\nPer-window KL(student map of p_t_k || teacher p_t_k+1), nats: '
+              + ', '.join(f'{kl:.4f}' for kl in result['window_kl'])
+              + f'; telescoping bound sum_k sqrt(KL_k / 2) on TV: {result["tv_bound"]:.4f}')
   save_results(workdir, result, table)
   return table
 

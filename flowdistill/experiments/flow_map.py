@@ -4,11 +4,15 @@ map from scratch (FMM), then report quality vs NFE for student and teacher side 
 import jax
 import jax.numpy as jnp
 
-from flowdistill import paths
 from flowdistill.data import sources
 from flowdistill.eval import report
-from flowdistill.experiments.flow_matching import (checkpoint_meta, eval_params, evaluate,
-                                                   guidance_kwargs)
+from flowdistill.experiments.flow_matching import (
+  build_path,
+  checkpoint_meta,
+  eval_params,
+  evaluate,
+  guidance_kwargs,
+)
 from flowdistill.fewstep import flow_map as fmap
 from flowdistill.models.factory import build_model
 from flowdistill.train import loop, parallel
@@ -17,10 +21,8 @@ from flowdistill.train.step import make_train_step
 from flowdistill.train.teacher import Trained, load_trained
 
 
-def load_teacher(config, dataset, num_classes: int) -> Trained | None:
-  """The teacher named by `config.teacher`, checked against this run's data."""
-  if not config.teacher.workdir:
-    return None
+def matching_teacher(config, dataset, num_classes: int) -> Trained:
+  """The model in `config.teacher.workdir`, checked against this run's data."""
   teacher = load_trained(config.teacher.workdir,
                          ema=None if config.teacher.ema < 0 else config.teacher.ema)
   if teacher.data_shape != tuple(dataset.shape) or teacher.num_classes != num_classes:
@@ -28,6 +30,15 @@ def load_teacher(config, dataset, num_classes: int) -> Trained | None:
         f'The teacher in {config.teacher.workdir} was trained on samples of shape '
         f'{teacher.data_shape} with {teacher.num_classes} classes; this config has '
         f'{tuple(dataset.shape)} with {num_classes}. Use the teacher of this data set.')
+  return teacher
+
+
+def load_teacher(config, dataset, num_classes: int) -> Trained | None:
+  """The teacher named by `config.teacher` (None for FMM), checked against this run's data
+  and the loss."""
+  if not config.teacher.workdir:
+    return None
+  teacher = matching_teacher(config, dataset, num_classes)
   if config.flow_map.loss == 'pfmm' and not teacher.two_time:
     raise ValueError('config.flow_map.loss="pfmm" needs a flow-map teacher (the workdir of a '
                      'method="flow_map" run); for a velocity teacher use "lmd" or "emd".')
@@ -48,7 +59,7 @@ def warm_start(params, teacher_params):
 
 def make_loss(config, apply_fn, teacher, path):
   fm_config = config.flow_map
-  times = dict(scheme=fm_config.scheme, band=fm_config.band)
+  times = {'scheme': fm_config.scheme, 'band': fm_config.band}
   if fm_config.loss == 'fmm':
     return fmap.fmm_loss(apply_fn, path, invertibility_weight=fm_config.invertibility_weight)
   if fm_config.loss == 'lmd':
@@ -83,7 +94,7 @@ def run(config, workdir: str) -> dict:
                                  two_time=True, seed=config.seed)
   if teacher is not None and config.flow_map.warm_start:
     params = warm_start(params, teacher.params)
-  path = paths.get_path(config.path.name)
+  path = build_path(config.path)
   loss_fn = make_loss(config, apply_fn, teacher, path)
   optimizer = make_optimizer(config)
   state = init_state(params, optimizer, jax.random.key(config.seed), config.train.ema_rates)

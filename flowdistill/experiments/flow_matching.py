@@ -11,13 +11,19 @@ from flowdistill.train.state import ema_key, init_state, make_optimizer
 from flowdistill.train.step import make_train_step
 
 
+def build_path(path_config) -> paths.AffinePath:
+  """The probability path of `config.path`."""
+  if path_config.name == 'stochastic':
+    return paths.stochastic_path(path_config.noise_scale)
+  return paths.get_path(path_config.name)
+
+
 def build(config, dataset):
   """(apply_fn, loss_fn, optimizer, initial state) for `config` on `dataset`."""
   num_classes = dataset.num_classes if config.data.conditional else 0
   apply_fn, params = build_model(config.model, dataset.shape, num_classes=num_classes,
                                  seed=config.seed)
-  path = (paths.stochastic_path(config.path.noise_scale) if config.path.name == 'stochastic'
-          else paths.get_path(config.path.name))
+  path = build_path(config.path)
   coupling_kwargs = {}
   if config.fm.coupling != 'independent':
     coupling_kwargs['block_size'] = config.fm.ot_block_size or None
@@ -38,16 +44,21 @@ def eval_params(config, state):
 
 
 def evaluate(config, dataset, samplers, velocity_model, workdir: str,
-             extra: dict | None = None) -> dict:
-  """Runs the toy or image report on process 0, adds `extra` results, writes and prints the
-  results table."""
+             extra: dict | None = None, *, row_extra: dict | None = None,
+             moments_reference: str | None = None) -> dict:
+  """Runs the toy or image report on process 0, adds `extra` results (and `row_extra`
+  {sampler label: {column: value}} to the rows), writes and prints the results table.
+  `moments_reference` names the sampler whose sample moments each row is compared with."""
   if jax.process_index() != 0:
     return {}
   key = jax.random.key(config.seed + 1)
   report_fn = report.toy_report if dataset.toy else report.image_report
   result = report_fn(samplers, dataset, config.eval if dataset.toy else config, key,
-                     velocity_model=velocity_model, workdir=workdir)
+                     velocity_model=velocity_model, workdir=workdir,
+                     moments_reference=moments_reference)
   result.update(extra or {})
+  for row in result['rows']:
+    row.update((row_extra or {}).get(row['sampler'], {}))
   table = report.write_report(workdir, result, dataset, config)
   print(f'Results ({workdir}/results.md):\n{table}')
   return result

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flowdistill import ode
 from flowdistill.paths import AffinePath, expand_time
@@ -30,21 +31,21 @@ from flowdistill.paths import AffinePath, expand_time
 LOGDETS = ('exact', 'hutchinson')
 
 
-def window_times(num_windows: int):
-  """Uniform window boundaries `t_0 = 0 < ... < t_K = 1`: [K + 1]."""
+def window_times(num_windows: int) -> np.ndarray:
+  """Uniform window boundaries `t_0 = 0 < ... < t_K = 1`: [K + 1] (static, NumPy)."""
   if num_windows < 1:
     raise ValueError(f'The number of windows must be >= 1, got {num_windows}.')
-  return jnp.linspace(0.0, 1.0, num_windows + 1)
+  return np.linspace(0.0, 1.0, num_windows + 1, dtype=np.float32)
 
 
-def window_grid(times, steps_per_window: int):
+def window_grid(times, steps_per_window: int) -> np.ndarray:
   """Euler grid with `steps_per_window` equal steps inside each window: [K * n + 1]."""
   if steps_per_window < 1:
     raise ValueError(f'`steps_per_window` must be >= 1, got {steps_per_window}.')
-  times = jnp.asarray(times)
-  r = jnp.arange(steps_per_window) / steps_per_window
+  times = np.asarray(times, np.float32)
+  r = np.arange(steps_per_window, dtype=np.float32) / steps_per_window
   inner = times[:-1, None] + r[None] * (times[1:] - times[:-1])[:, None]
-  return jnp.concatenate([inner.reshape(-1), times[-1:]])
+  return np.concatenate([inner.reshape(-1), times[-1:]])
 
 
 def teacher_trajectory(v: ode.VelocityFn, x0, times, *, solver: str = 'dopri5',
@@ -53,7 +54,8 @@ def teacher_trajectory(v: ode.VelocityFn, x0, times, *, solver: str = 'dopri5',
   """The teacher's states at the window boundaries, by consecutive accurate solves.
 
   Args:
-    v: teacher velocity `v(x, t)`; x0: noise [B, ...] at `times[0]`; times: [K + 1].
+    v: teacher velocity `v(x, t)`; x0: noise [B, ...] at `times[0]`; times: [K + 1] static
+      (NumPy or a list, not traced).
     solver, rtol, atol, max_steps: see `ode.solve` (`steps` per window for fixed solvers).
 
   Returns:
@@ -61,10 +63,10 @@ def teacher_trajectory(v: ode.VelocityFn, x0, times, *, solver: str = 'dopri5',
   """
   if solver not in ode.SOLVERS:
     raise ValueError(f'Unknown solver {solver!r}; choose one of {list(ode.SOLVERS)}.')
+  times = [float(t) for t in np.asarray(times)]
   states, nfe = [x0], 0
   for k in range(len(times) - 1):
-    x, info = ode.solve(v, states[-1], solver=solver, t0=float(times[k]),
-                        t1=float(times[k + 1]), steps=steps, rtol=rtol, atol=atol,
+    x, info = ode.solve(v, states[-1], solver=solver, t0=times[k], t1=times[k + 1], steps=steps, rtol=rtol, atol=atol,
                         max_steps=max_steps)
     states.append(x)
     nfe = nfe + info['nfe']
