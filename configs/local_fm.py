@@ -32,7 +32,6 @@ def get_config(arg: str = 'checkerboard'):
                      map_steps=(1, 2))
   if name == 'tabular':
     config.data.update(source='tabular', name='mixture16')
-    config.model.update(hidden=256, depth=3)
   elif name in ('mnist', 'digits'):
     config.data.update(source=name, batch_size=128,
                        path_env='FLOWDISTILL_MNIST_DIR' if name == 'mnist' else '')
