@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _log = logging.getLogger(__name__)
 
@@ -91,27 +92,49 @@ class Checkpointer:
     """(state, meta) from the newest checkpoint that reads back, or None if there is none.
 
     A checkpoint that fails to read (truncated, corrupted) is skipped with a warning and the
-    previous one is tried; a mismatched model raises at once.
+    previous one is tried; once one reads back, the unreadable newer ones are moved aside to
+    `unreadable-<step>` (kept for inspection, out of the way of new saves). A mismatched model
+    raises at once.
 
     Raises:
       CheckpointMismatchError: the newest readable checkpoint is of another model.
       UnreadableCheckpointsError: checkpoints exist but none reads back (they are left as they
         are rather than overwritten by a fresh run).
     """
-    steps = self.all_steps()
+    steps, unreadable = self.all_steps(), []
     for step in reversed(steps):
       try:
-        return self.restore(step, target)
+        restored = self.restore(step, target)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 — any read failure means "try the older one".
         _log.warning('Checkpoint at step %d in %s is unreadable (%s: %s); falling back to '
-                        'the previous one.', step, self.directory, type(e).__name__, e)
+                     'the previous one.', step, self.directory, type(e).__name__, e)
+        unreadable.append(step)
+        continue
+      self._move_aside(unreadable)
+      return restored
     if steps:
       raise UnreadableCheckpointsError(
           f'None of the checkpoints in {self.directory} (steps {steps}) reads back; they are '
           'left untouched. Move them away to start afresh, or use a fresh --workdir.')
     return None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        aside = os.path.join(self.directory, f'unreadable-{step}')
+        suffix = 0
+        while os.path.exists(aside + (f'.{suffix}' if suffix else '')):
+          suffix += 1
+        aside += f'.{suffix}' if suffix else ''
+        os.rename(os.path.join(self.directory, str(step)), aside)
+        _log.warning('Moved the unreadable checkpoint of step %d to %s.', step, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('flowdistill: unreadable checkpoints moved aside')
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -1,0 +1,205 @@
+"""Fault injection: SIGKILL a training run at random steps, resume it each time, and check that
+it ends with bit-for-bit the parameters of an uninterrupted run.
+
+Also: a truncated newest checkpoint makes the next start fall back to the previous one with a
+warning (and still end bit-exact), and an unwritable workdir fails at start with a clear
+message (through the command line). Recovery time = from restarting a killed run to its first
+new step logged. The runs train the quickstart's model on moons in a child process
+(`--worker`) through the library's training loop, without the evaluation that follows.
+
+python benchmarks/fault_injection.py [--kills 10] [--steps 400] [--seed 0] \
+    [--workdir /tmp/fd-faults] [--out benchmarks/out/fault_injection.json]
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from flowdistill.config import load_config_file
+from flowdistill.data import sources
+from flowdistill.experiments import flow_matching
+from flowdistill.train import loop, parallel
+from flowdistill.train.step import make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMMAND_TIMEOUT_S = 300
+
+
+def config(steps: int, ckpt_every: int):
+  c = load_config_file(ROOT / 'configs' / 'quickstart.py', 'moons')
+  c.train.update(steps=steps, ckpt_every=ckpt_every, log_every=1, keep=3)
+  c.data.batch_size, c.model.hidden = 256, 64
+  return c
+
+
+def worker(workdir: str, steps: int, ckpt_every: int) -> None:
+  """The training part of `flowdistill.experiments.flow_matching.run` (child process)."""
+  c = config(steps, ckpt_every)
+  dataset = sources.load(c.data)
+  _, loss_fn, optimizer, state = flow_matching.build(c, dataset)
+  loop.train(state, make_train_step(loss_fn, optimizer),
+             sources.batch_source(dataset, c.data.batch_size, seed=c.seed, conditional=False),
+             mesh=parallel.make_mesh(), workdir=workdir, num_steps=steps, log_every=1,
+             ckpt_every=ckpt_every, keep=c.train.keep, progress=False)
+
+
+def cli(workdir: pathlib.Path, steps: int, ckpt_every: int) -> list[str]:
+  """The child's command line."""
+  return [sys.executable, __file__, '--worker', str(workdir), '--steps', str(steps),
+          '--ckpt-every', str(ckpt_every)]
+
+
+def env() -> dict:
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', FLOWDISTILL_DISTRIBUTED='0')
+
+
+def logged_steps(workdir: pathlib.Path) -> list[int]:
+  path = workdir / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  return [json.loads(line)['step'] for line in path.read_text().splitlines()
+          if line.endswith('}')]
+
+
+def run_to_end(command: list[str]) -> subprocess.CompletedProcess:
+  result = subprocess.run(command, env=env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S, check=False)
+  if result.returncode:
+    raise RuntimeError(f'{" ".join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return result
+
+
+def run_and_kill(command, workdir, kill_at: int) -> dict:
+  """Starts `command`, SIGKILLs it once step `kill_at` is logged; returns what happened."""
+  before = logged_steps(workdir)
+  start = time.perf_counter()
+  proc = subprocess.Popen(command, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  first_new_step_s = None
+  deadline = start + COMMAND_TIMEOUT_S
+  while proc.poll() is None and time.perf_counter() < deadline:
+    steps = logged_steps(workdir)
+    if first_new_step_s is None and len(steps) > len(before):
+      first_new_step_s = time.perf_counter() - start
+    if steps and steps[-1] >= kill_at:
+      proc.kill()
+      break
+    time.sleep(0.005)
+  proc.wait(timeout=60)
+  steps = logged_steps(workdir)
+  return {'kill_at': kill_at, 'killed_after_step': steps[-1] if steps else 0,
+          'killed': proc.returncode == -9, 'first_new_step_s': first_new_step_s}
+
+
+def final_state(workdir: pathlib.Path, step: int):
+  """The state of the checkpoint at `step` as host numpy arrays (no template needed)."""
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored['state']
+
+
+def bit_equal(a, b) -> bool:
+  """Same tree, dtypes, shapes and bytes."""
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  as_np = np.asarray
+  return tree_a == tree_b and all(
+      as_np(x).dtype == as_np(y).dtype and as_np(x).shape == as_np(y).shape
+      and as_np(x).tobytes() == as_np(y).tobytes() for x, y in zip(leaves_a, leaves_b))
+
+
+def truncate_newest(workdir: pathlib.Path) -> int:
+  """Truncates every file of the newest checkpoint's state to half its size; returns its step."""
+  step = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  for root, _, files in os.walk(workdir / 'checkpoints' / str(step) / 'state'):
+    for name in files:
+      path = pathlib.Path(root) / name
+      path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  return step
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--kills', type=int, default=10)
+  parser.add_argument('--steps', type=int, default=400)
+  parser.add_argument('--ckpt-every', type=int, default=20)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--workdir', default='/tmp/fd-faults')
+  parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'fault_injection.json'))
+  parser.add_argument('--worker', default='', help='(internal) train in this workdir')
+  args = parser.parse_args(argv)
+  if args.worker:
+    worker(args.worker, args.steps, args.ckpt_every)
+    return {}
+  base = pathlib.Path(args.workdir)
+  shutil.rmtree(base, ignore_errors=True)
+  rng = random.Random(args.seed)
+  reference, faulty = base / 'reference', base / 'faulty'
+
+  start = time.perf_counter()
+  run_to_end(cli(reference, args.steps, args.ckpt_every))
+  uninterrupted_s = time.perf_counter() - start
+
+  kills = []
+  for _ in range(args.kills):
+    done = logged_steps(faulty)
+    low = (done[-1] if done else 0) + 1
+    kill_at = rng.randint(low, max(low, args.steps - 2 * (args.kills - len(kills))))
+    kills.append(run_and_kill(cli(faulty, args.steps, args.ckpt_every), faulty, kill_at))
+    print(kills[-1], flush=True)
+  start = time.perf_counter()
+  run_to_end(cli(faulty, args.steps, args.ckpt_every))
+  last_run_s = time.perf_counter() - start
+  exact = bit_equal(final_state(reference, args.steps), final_state(faulty, args.steps))
+
+  # A truncated newest checkpoint: fall back to the previous one, warn, end bit-exact again.
+  truncated = truncate_newest(faulty)
+  rerun = run_to_end(cli(faulty, args.steps, args.ckpt_every))
+  fallback_warned = f'Checkpoint at step {truncated}' in rerun.stderr and (
+      'falling back' in rerun.stderr)
+  exact_after_fallback = bit_equal(final_state(reference, args.steps),
+                                   final_state(faulty, args.steps))
+
+  # An unwritable workdir (a file where the folder should be), through the command line.
+  blocked = base / 'blocked'
+  blocked.write_text('not a folder')
+  start = time.perf_counter()
+  bad = subprocess.run([sys.executable, '-m', 'flowdistill.main',
+                        f'--config={ROOT}/configs/quickstart.py', f'--workdir={blocked}/run'],
+                       env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+  unwritable = {'exit_status': bad.returncode, 'seconds': time.perf_counter() - start,
+                'message': next((line for line in bad.stderr.splitlines()
+                                 if 'writable --workdir' in line), '')}
+
+  recovered = [k['first_new_step_s'] for k in kills[1:] if k['first_new_step_s'] is not None]
+  result = {
+      'kills': kills, 'killed_mid_run': sum(k['killed'] for k in kills),
+      'bit_exact': exact, 'fallback_step': truncated, 'fallback_warned': fallback_warned,
+      'bit_exact_after_fallback': exact_after_fallback, 'unwritable': unwritable,
+      'uninterrupted_s': uninterrupted_s, 'last_resumed_run_s': last_run_s,
+      'recovery_s_median': sorted(recovered)[len(recovered) // 2] if recovered else None,
+      'recovery_s_max': max(recovered) if recovered else None,
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps({k: v for k, v in result.items() if k != 'kills'}, indent=2))
+  return result
+
+
+if __name__ == '__main__':
+  outcome = main()
+  sys.exit(0 if not outcome or (outcome['bit_exact'] and outcome['bit_exact_after_fallback']
+                                and outcome['fallback_warned']
+                                and outcome['unwritable']['message']) else 1)

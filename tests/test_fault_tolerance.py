@@ -1,0 +1,99 @@
+"""Preemption (SIGTERM), restore onto another device count, and SIGKILL fault injection."""
+
+import importlib.util
+import pathlib
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from flowdistill.config import base_config
+from flowdistill.data import sources
+from flowdistill.experiments import flow_matching
+from flowdistill.train import loop, parallel
+from flowdistill.train.checkpoint import Checkpointer
+from flowdistill.train.step import make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _config():
+  config = base_config()
+  config.data.name, config.data.batch_size = 'moons', 64
+  config.model.hidden, config.model.depth, config.model.time_dim = 32, 2, 16
+  return config
+
+
+def _train(workdir, *, num_steps=12, num_devices=0, batches=None):
+  config = _config()
+  dataset = sources.load(config.data)
+  _, loss_fn, optimizer, state = flow_matching.build(config, dataset)
+  batches = batches or sources.batch_source(dataset, 64, seed=0, conditional=False)
+  return loop.train(state, make_train_step(loss_fn, optimizer), batches,
+                    mesh=parallel.make_mesh(num_devices), workdir=str(workdir),
+                    num_steps=num_steps, log_every=1, ckpt_every=6, progress=False)
+
+
+def _bit_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(
+      lambda x, y: np.asarray(x).tobytes() == np.asarray(y).tobytes(), a, b)))
+
+
+def test_sigterm_saves_the_step_exits_cleanly_and_the_next_start_resumes(tmp_path):
+  clean = sources.batch_source(sources.load(_config().data), 64, seed=0, conditional=False)
+
+  def sigterm_at_step_8(start):
+    for step, batch in enumerate(clean(start), start=start + 1):
+      if step == 8:
+        signal.raise_signal(signal.SIGTERM)  # as a scheduler would, while step 8 runs
+      yield batch
+
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(loop.Preempted) as stopped:
+    _train(tmp_path / 'split', batches=sigterm_at_step_8)
+  assert stopped.value.step == 8 and stopped.value.code == 0
+  assert signal.getsignal(signal.SIGTERM) is handler  # the loop's handler is gone again
+  ckpt = Checkpointer(str(tmp_path / 'split' / 'checkpoints'))
+  assert ckpt.all_steps() == [6, 8]
+  ckpt.close()
+  resumed = _train(tmp_path / 'split')
+  full = _train(tmp_path / 'full')
+  assert int(resumed.step) == 12 and _bit_equal(resumed, full)
+
+
+@pytest.mark.parametrize('devices', [1, 4])
+def test_checkpoint_written_on_8_devices_continues_on_fewer(tmp_path, devices):
+  eight = _train(tmp_path / 'eight', num_devices=8)  # checkpoints at steps 6 and 12
+  moved = tmp_path / 'moved'
+  shutil.copytree(tmp_path / 'eight', moved)
+  shutil.rmtree(moved / 'checkpoints' / '12')  # as if the 8-device job had stopped at step 6
+
+  _, _, _, template = flow_matching.build(_config(), sources.load(_config().data))
+  ckpt = Checkpointer(str(moved / 'checkpoints'))
+  on_eight, _ = ckpt.restore(6, parallel.replicate(template, parallel.make_mesh(8)))
+  on_fewer, _ = ckpt.restore(6, parallel.replicate(template, parallel.make_mesh(devices)))
+  ckpt.close()
+  assert len(jax.tree.leaves(on_fewer.params)[0].devices()) == devices
+  assert _bit_equal(on_eight, on_fewer)
+
+  continued = _train(moved, num_devices=devices)
+  assert int(continued.step) == 12
+  for a, b in zip(jax.tree.leaves(continued), jax.tree.leaves(eight)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_at_random_steps_resumes_bit_exact(tmp_path):
+  spec = importlib.util.spec_from_file_location('fault_injection',
+                                                ROOT / 'benchmarks' / 'fault_injection.py')
+  fault_injection = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fault_injection)
+  result = fault_injection.main(['--kills', '1', '--steps', '30', '--ckpt-every', '10',
+                                 '--workdir', str(tmp_path), '--out', str(tmp_path / 'r.json')])
+  assert result['killed_mid_run'] == 1
+  assert result['bit_exact']
+  assert result['fallback_warned'] and result['fallback_step'] == 30
+  assert result['bit_exact_after_fallback']
+  assert result['unwritable']['exit_status'] != 0
+  assert 'choose a writable --workdir' in result['unwritable']['message']
