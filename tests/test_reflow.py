@@ -1,5 +1,7 @@
 """Reflow, piecewise reflow and marginal alignment against a Gaussian teacher's closed forms."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,12 @@ import pytest
 
 from flowdistill import closed_form as cf
 from flowdistill import ode, paths
-from flowdistill.data import teacher_pairs
+from flowdistill.config import base_config, load_config_file, validate
+from flowdistill.data import sources, teacher_pairs
+from flowdistill.experiments import flow_matching
+from flowdistill.experiments import reflow as reflow_experiment
 from flowdistill.fewstep import reflow
+from flowdistill.train.teacher import load_trained
 
 MEAN, STD = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.5])
 TEACHER = {'mean': MEAN, 'std': STD}
@@ -234,3 +240,41 @@ def test_teacher_pairs_resume_reuse_and_refuse_a_different_teacher(tmp_path):
                            **dict(kwargs, identity=dict(identity, teacher='another')))
   with pytest.raises(FileNotFoundError, match='chunk_00004'):
     teacher_pairs.load(str(tmp_path), 20)
+
+
+def _tiny(config):
+  config.data.update(name='moons', batch_size=64)
+  config.model.hidden = 32
+  config.train.update(steps=20, ckpt_every=10, log_every=10)
+  config.eval.update(num_samples=200, nll_samples=20, euler_steps=(1, 2), plot=False)
+  return config
+
+
+def test_piecewise_reflow_with_alignment_runs_from_a_teacher_workdir(tmp_path):
+  flow_matching.run(_tiny(base_config()), str(tmp_path / 'teacher'))
+  config = _tiny(load_config_file('configs/reflow.py', 'piecewise-ma,moons'))
+  config.teacher.workdir = str(tmp_path / 'teacher')
+  config.reflow.update(num_pairs=128, pair_chunk=64, kl_samples=32, align_warmup=5,
+                       pairs_dir=str(tmp_path / 'pairs'))
+  validate(config)
+  result = reflow_experiment.run(config, str(tmp_path / 'student'))
+  rows = {r['sampler']: r for r in result['rows']}
+  assert rows['student euler-2']['nfe'] == 2 and 'student euler-1' not in rows  # 2 windows
+  assert np.isfinite(rows['student euler-2']['nll'])
+  assert rows['teacher dopri5']['mean_drift'] == 0.0
+  assert len(result['window_kl']) == 2 and np.isfinite(result['tv_bound'])
+  metrics = [json.loads(line) for line in (tmp_path / 'student' / 'metrics.jsonl').open()]
+  assert metrics[-1]['align_weight'] == pytest.approx(config.reflow.align_weight)
+  # Another run with the same teacher reuses the cached pairs; another teacher (here: the
+  # student itself) is refused by the cache with the fix.
+  dataset = sources.load(config.data)
+  teacher = load_trained(config.teacher.workdir)
+  times = reflow.window_times(2)
+  before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'pairs').iterdir()}
+  pairs = reflow_experiment.make_pairs(config, teacher, teacher.apply_fn, dataset, times,
+                                       str(tmp_path / 'other'))
+  assert pairs['states'].shape == (128, 3, 2)
+  assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'pairs').iterdir()} == before
+  config.teacher.workdir = str(tmp_path / 'student')
+  with pytest.raises(ValueError, match='pairs_dir'):
+    reflow_experiment.run(config, str(tmp_path / 'third'))
