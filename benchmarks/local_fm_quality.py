@@ -30,6 +30,8 @@ def make_config(name: str, *, blocks: int, hidden: int, steps: int, distill: int
   config.local_fm.update(num_blocks=blocks, distill_steps=distill)
   config.model.hidden = hidden
   config.optim.update(lr=1e-3, schedule='warmup', warmup_steps=200)
+  # EMA 0.995: a 0.999 average keeps 55 % of the initialisation after a 600-step block.
+  config.train.update(ema_rates=(0.995,), eval_ema=0.995)
   config.train.update(steps=steps, ckpt_every=steps, log_every=max(steps // 4, 1), keep=1)
   per_block = (1, 25) if blocks > 1 else (4, 100)  # the same total NFE
   config.eval.update(euler_steps=per_block, plot=False, num_samples=1000, nll_samples=500)

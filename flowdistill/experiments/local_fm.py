@@ -135,7 +135,8 @@ class Chain:
     self.config, self.dataset, self.workdir = config, dataset, workdir
     lf = config.local_fm
     self.step_sizes = lfm.step_sizes(lf.num_blocks, lf.h0, lf.growth)
-    self.path = paths.get_path(config.path.name)
+    self.path = (paths.stochastic_path(config.path.noise_scale)
+                 if config.path.name == 'stochastic' else paths.get_path(config.path.name))
     self.apply_fn, self.init_params = build_model(config.model, dataset.shape, seed=config.seed)
     self.mesh = parallel.make_mesh(config.train.num_devices)
     self._train_set = None
