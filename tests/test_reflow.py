@@ -31,7 +31,7 @@ def straight_apply(params, x, t, *, s=None, cond=None, train=False):
   """The exact (piecewise) reflow velocity of the Gaussian teacher on the windows
   `params['times']`: teacher states are `mu_t + sigma_t x0`, joined by straight lines."""
   del s, cond, train
-  times = params['times']
+  times = jnp.asarray(params['times'])
   k = jnp.clip(jnp.searchsorted(times, t, side='right') - 1, 0, times.shape[0] - 2)
   t_lo, t_hi = times[k], times[k + 1]
   (m_lo, s_lo), (m_hi, s_hi) = _marginal(t_lo[:, None]), _marginal(t_hi[:, None])
