@@ -13,7 +13,8 @@ CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
   config = load_config_file(path)
-  if config.method == 'flow_map' and config.flow_map.loss != 'fmm':
+  if config.method == 'reflow' or (config.method == 'flow_map'
+                                   and config.flow_map.loss != 'fmm'):
     config.teacher.workdir = 'runs/teacher'  # set on the command line in real use
   validate(config, num_devices=8)
 

@@ -150,7 +150,7 @@ def image_report(samplers, dataset, config, key, *, velocity_model, workdir=None
       row['label_accuracy'] = float(np.mean(judge.predict(samples) == cond))
     rows.append(row)
     if workdir and ev.plot:
-      order = np.argsort(cond[:100], kind='stable') if conditional else np.arange(100)
+      order = np.argsort(cond[:100], kind='stable') if conditional else np.arange(min(n, 100))
       name = label.replace(' ', '_')
       plots.image_grid(os.path.join(workdir, f'samples_{name}.png'), samples[:100][order])
   _add_moment_drift(rows, outputs, moments_reference)
@@ -175,10 +175,6 @@ def write_report(workdir: str, result: dict, dataset, config) -> str:
     table += (f'\n\nNLL (nats, exact trace, {config.eval.adaptive_solver}): '
               f'{result["nll"]:.4f}'
               + (f'; exact data entropy (best possible): {target:.4f}' if target else ''))
-    if 'nll_jumps' in result:
-      table += '\n\nNLL of the k-jump sampler (nats, exact log-det): ' + ', '.join(
-          f'{k} jumps: {v["nll"]:.4f} (inverse error {v["inverse_error"]:.1e})'
-          for k, v in result['nll_jumps'].items())
   else:
     columns = ['sampler', 'nfe', 'fd', 'label_accuracy', *optional, 's_per_sample']
     table = markdown_table(result['rows'], columns)
@@ -186,6 +182,11 @@ def write_report(workdir: str, result: dict, dataset, config) -> str:
               f'divergence, {config.eval.nll_samples} test images). Fréchet distance in the '
               'features of a classifier with test accuracy '
               f'{result["classifier_test_accuracy"]:.4f}.')
+  if 'nll_jumps' in result:
+    unit = 'nats, exact log-det' if dataset.toy else 'bits/dim, Hutchinson power-series log-det'
+    table += f'\n\nNLL of the k-jump sampler ({unit}): ' + ', '.join(
+        f'{k} jumps: {v["nll"]:.4f} (inverse error {v["inverse_error"]:.1e})'
+        for k, v in result['nll_jumps'].items())
   if 'window_kl' in result:
     table += ('\n\nPer-window KL(student map of p_t_k || teacher p_t_k+1), nats: '
               + ', '.join(f'{kl:.4f}' for kl in result['window_kl'])

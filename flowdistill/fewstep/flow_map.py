@@ -65,7 +65,7 @@ def _mean_sq(r):
 def _time_kwargs(scheme, band):
   if scheme not in TIME_SCHEMES:
     raise ValueError(f'Unknown time scheme {scheme!r}; choose one of {list(TIME_SCHEMES)}.')
-  return dict(scheme=scheme, band=band)
+  return {'scheme': scheme, 'band': band}
 
 
 def _distillation_points(path, batch, key, times):
@@ -199,26 +199,67 @@ def sample(apply_fn, params, key, num: int, shape: tuple[int, ...], *, steps: in
   return jump(apply_fn, params, ode.noise(key, num, shape), grid, cond, return_trajectory)
 
 
-def log_likelihood_jumps(apply_fn, params, x, grid):
-  """`log p(x)` of the k-jump sampler by the change of variables (exact Jacobians).
+def logdet_series(map_fn, x, probes, terms: int = 10):
+  """Hutchinson estimate of `log|det dX/dx|` for maps of any dimension (e.g. images).
 
-  The data points x [B, D] are mapped back to noise by the backward jumps over the reversed
+  Uses `log det(I + A) = sum_k (-1)^(k+1) tr(A^k) / k` with `A = dX/dx - I` and
+  `tr(A^k) ~ eps . A^k eps` (k jvps per probe), truncated after `terms`. Unbiased up to the
+  truncation, which is small when the spectral radius of A is well below 1: short jumps, i.e.
+  a k-jump map with k not too small (check against `terms`).
+
+  Args:
+    map_fn: the row-wise map `[B, ...] -> [B, ...]`; x: [B, ...]; probes: [K, B, ...].
+
+  Returns:
+    log-det estimates [B].
+  """
+
+  def one(eps):
+    def term(w, k):
+      w = jax.jvp(map_fn, (x,), (w,))[1] - w
+      sign = jnp.where(k % 2 == 0, 1.0, -1.0)
+      return w, sign / (k + 1) * jnp.sum((eps * w).reshape(x.shape[0], -1), -1)
+
+    _, series = jax.lax.scan(term, eps, jnp.arange(terms))
+    return series.sum(0)
+
+  return jnp.mean(jax.vmap(one)(probes), 0)
+
+
+def log_likelihood_jumps(apply_fn, params, x, grid, *, cond=None, logdet: str = 'exact',
+                         probes=None, terms: int = 10):
+  """`log p(x)` of the k-jump sampler by the change of variables.
+
+  The data points x [B, ...] are mapped back to noise by the backward jumps over the reversed
   grid (the learned inverse), then `log p(x) = log N(x_0) - sum_k log|det dX(x_k)/dx|` with the
-  forward jumps' Jacobians at the recovered points. Exact in low dimension (D Jacobian
-  columns per jump); for images use `ode.log_likelihood` on `tangent_velocity`.
+  forward jumps' Jacobians at the recovered points.
+
+  Args:
+    cond: labels [B] for a class-conditional map, else None.
+    logdet: 'exact' (Jacobians, D columns per jump; low dimension) or 'series'
+      (`logdet_series` with `probes` [K, B, ...] and `terms`; images).
 
   Returns:
     (log p [B], info with 'inverse_error': max |forward(backward(x)) - x|).
   """
   grid = jnp.asarray(grid, x.dtype)
-  x0, back = jump(apply_fn, params, x, grid[::-1], return_trajectory=True)
-  points = back['trajectory'][::-1]  # [K + 1, B, D], points[k] at grid[k]
+  x0, back = jump(apply_fn, params, x, grid[::-1], cond, return_trajectory=True)
+  points = back['trajectory'][::-1]  # [K + 1, B, ...], points[k] at grid[k]
 
-  def logdet(xk, sk, tk):
-    single = lambda y: flow_map(apply_fn, params, y[None], sk, tk)[0]
-    return jax.vmap(lambda y: jnp.linalg.slogdet(jax.jacfwd(single)(y))[1])(xk)
+  def exact(xk, sk, tk):
+    single = lambda y, c: flow_map(apply_fn, params, y[None], sk, tk,
+                                   None if c is None else c[None])[0]
+    return jax.vmap(lambda y, c: jnp.linalg.slogdet(jax.jacfwd(single)(y, c))[1])(xk, cond)
 
-  logdets = jax.vmap(logdet)(points[:-1], grid[:-1], grid[1:])  # [K, B]
-  forward, _ = jump(apply_fn, params, x0, grid)
+  def series(xk, sk, tk):
+    return logdet_series(lambda y: flow_map(apply_fn, params, y, sk, tk, cond), xk, probes,
+                         terms)
+
+  if logdet not in ('exact', 'series'):
+    raise ValueError(f'Unknown log-det method {logdet!r}; choose "exact" or "series".')
+  if logdet == 'series' and probes is None:
+    raise ValueError('logdet="series" needs `probes` (ode.divergence_probes).')
+  logdets = jax.vmap(exact if logdet == 'exact' else series)(points[:-1], grid[:-1], grid[1:])
+  forward, _ = jump(apply_fn, params, x0, grid, cond)
   return (ode.standard_normal_logpdf(x0) - logdets.sum(0),
           {'inverse_error': jnp.max(jnp.abs(forward - x))})
