@@ -8,7 +8,7 @@ the per-window KL estimates and their TV bound. The target: alignment beats plai
 and 2 NFE on every set.
 
 python benchmarks/reflow_quality.py [--sets checkerboard,8gaussians,moons] [--steps 3000]
-    [--align-weight 0.01] [--variants reflow,reflow-ma,piecewise,piecewise-ma]
+    [--align-weight 0.01] [--score-eps 0.01] [--variants reflow,reflow-ma,piecewise,piecewise-ma]
 """
 
 import argparse
@@ -42,11 +42,13 @@ def main():
   parser.add_argument('--steps', type=int, default=3000)
   parser.add_argument('--align-weight', type=float, default=None,
                       help='λ for the -ma variants (default: the config\'s)')
+  parser.add_argument('--score-eps', type=float, default=None,
+                      help='teacher-score time clip for the -ma variants (default: the config\'s)')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'reflow'))
   args = parser.parse_args()
 
-  from flowdistill.config import load_config_file  # noqa: PLC0415
-  from flowdistill.experiments import flow_matching, reflow  # noqa: PLC0415
+  from flowdistill.config import load_config_file
+  from flowdistill.experiments import flow_matching, reflow
 
   summary = {}
   for name in args.sets.split(','):
@@ -59,9 +61,12 @@ def main():
       config.train.steps = args.steps
       if args.align_weight is not None and variant.endswith('-ma'):
         config.reflow.align_weight = args.align_weight
+      if args.score_eps is not None and variant.endswith('-ma'):
+        config.reflow.score_eps = args.score_eps
       config.reflow.pairs_dir = os.path.join(args.out, name, f'pairs_k{config.reflow.windows}')
-      tag = variant + (f'-{args.align_weight:g}' if args.align_weight is not None
-                       and variant.endswith('-ma') else '')
+      tag = variant
+      if variant.endswith('-ma'):
+        tag += f'-{config.reflow.align_weight:g}-eps{config.reflow.score_eps:g}'
       result = reflow.run(config, os.path.join(args.out, name, tag))
       summary[name][tag] = summarise(result)
       summary[name]['teacher'] = teacher_rows(result)

@@ -104,6 +104,11 @@ def test_teacher_score_from_velocity_is_exact(path):
   t = jnp.linspace(0.05, 0.95, 64)
   got = reflow.teacher_score(cf.make_apply_fn(path), TEACHER, path, x, t, eps=None)
   np.testing.assert_allclose(got, cf.score(path, x, t, MEAN, STD), rtol=1e-4, atol=1e-4)
+  # At the data end the time is clipped, for the velocity and the conversion alike.
+  ends = jnp.ones(64)
+  got = reflow.teacher_score(cf.make_apply_fn(path), TEACHER, path, x, ends, eps=0.05)
+  np.testing.assert_allclose(got, cf.score(path, x, 0.95 * ends, MEAN, STD), rtol=1e-4,
+                             atol=1e-4)
 
 
 AFFINE = {'A': jnp.array([[0.3, -0.4], [0.2, -0.5]]), 'b': jnp.array([0.5, -0.2])}

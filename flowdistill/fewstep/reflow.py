@@ -126,9 +126,13 @@ def euler_map_logdet(apply_fn, params, x, t0, t1, steps: int, *, cond=None,
 def teacher_score(teacher_apply_fn, teacher_params, path: AffinePath, x, t, *, cond=None,
                   eps: float | None = 1e-2):
   """The teacher's score `grad log p_t(x)` from its velocity (t [B]; clipped to
-  `[eps, 1 - eps]`, since the linear path's conversion is singular at the data end)."""
+  `[eps, 1 - eps]`, since the linear path's conversion is singular at the data end). The
+  velocity is taken at the clipped time too: mixing times would give a wrong score (at t = 1
+  the linear path's velocity is about x, which the conversion at 1 - eps reads as `-x`)."""
+  if eps is not None:
+    t = jnp.clip(t, eps, 1.0 - eps)
   v = teacher_apply_fn(teacher_params, x, t, cond=cond)
-  return path.to_score(v, x, t, eps=eps)
+  return path.to_score(v, x, t)
 
 
 def alignment_surrogate(apply_fn, params, score_fn: Callable, x, t0, t1, *, steps: int = 1,
