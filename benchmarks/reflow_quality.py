@@ -8,7 +8,7 @@ the per-window KL estimates and their TV bound. The target: alignment beats plai
 and 2 NFE on every set.
 
 python benchmarks/reflow_quality.py [--sets checkerboard,8gaussians,moons] [--steps 3000]
-    [--align-weight 0.01] [--score-eps 0.01] [--variants reflow,reflow-ma,piecewise,piecewise-ma]
+    [--align-weight 0.01] [--score-eps 0.01] [--logdet exact] [--variants reflow,reflow-ma,piecewise,piecewise-ma]
 """
 
 import argparse
@@ -44,6 +44,7 @@ def main():
                       help='λ for the -ma variants (default: the config\'s)')
   parser.add_argument('--score-eps', type=float, default=None,
                       help='teacher-score time clip for the -ma variants (default: the config\'s)')
+  parser.add_argument('--logdet', default=None, help='log-det method for the -ma variants')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'reflow'))
   args = parser.parse_args()
 
@@ -63,10 +64,13 @@ def main():
         config.reflow.align_weight = args.align_weight
       if args.score_eps is not None and variant.endswith('-ma'):
         config.reflow.score_eps = args.score_eps
+      if args.logdet is not None and variant.endswith('-ma'):
+        config.reflow.align_logdet = args.logdet
       config.reflow.pairs_dir = os.path.join(args.out, name, f'pairs_k{config.reflow.windows}')
       tag = variant
       if variant.endswith('-ma'):
-        tag += f'-{config.reflow.align_weight:g}-eps{config.reflow.score_eps:g}'
+        tag += (f'-{config.reflow.align_weight:g}-eps{config.reflow.score_eps:g}'
+                f'-{config.reflow.align_logdet}')
       result = reflow.run(config, os.path.join(args.out, name, tag))
       summary[name][tag] = summarise(result)
       summary[name]['teacher'] = teacher_rows(result)

@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       align_weight=0.0,                  # λ of the marginal-alignment regulariser (0: off)
       align_warmup=0,                    # steps of λ's linear warm-up (0: constant)
       align_steps=1,                     # Euler steps of the student's window map
-      align_logdet='exact',              # 'exact' (low dimension) | 'hutchinson'
+      align_logdet='exact',              # 'exact' | 'trace' (low dimension) | 'hutchinson'
       align_probes=1,                    # Hutchinson probes
       score_eps=0.01,                    # teacher-score time clipped to [eps, 1 - eps]
       kl_samples=1000,                   # teacher states for the per-window KL report
@@ -230,7 +230,7 @@ def _validate_reflow(flat) -> None:
     raise ValueError(f'config.method="reflow" needs toy or image data, not '
                      f'config.data.source={flat["data.source"]!r}.')
   _choice(flat, 'reflow.pair_solver', ode.SOLVERS)
-  _choice(flat, 'reflow.align_logdet', ('exact', 'hutchinson'))
+  _choice(flat, 'reflow.align_logdet', ('exact', 'trace', 'hutchinson'))
   for key in ('reflow.windows', 'reflow.pair_chunk', 'reflow.align_steps',
               'reflow.align_probes', 'reflow.kl_samples'):
     if flat[key] < 1:
@@ -242,9 +242,9 @@ def _validate_reflow(flat) -> None:
     raise ValueError('config.reflow.align_weight and config.reflow.align_warmup must be >= 0.')
   if not 0.0 <= flat['reflow.score_eps'] < 0.5:
     raise ValueError(f'config.reflow.score_eps={flat["reflow.score_eps"]} must be in [0, 0.5).')
-  if flat['reflow.align_logdet'] == 'exact' and flat['data.source'] in IMAGE_SOURCES:
-    raise ValueError('config.reflow.align_logdet="exact" builds a full Jacobian per image; use '
-                     '"hutchinson" for image data.')
+  if flat['reflow.align_logdet'] != 'hutchinson' and flat['data.source'] in IMAGE_SOURCES:
+    raise ValueError(f'config.reflow.align_logdet={flat["reflow.align_logdet"]!r} needs a '
+                     'full Jacobian per image; use "hutchinson" for image data.')
   if not any(n % flat['reflow.windows'] == 0 for n in flat['eval.euler_steps']):
     raise ValueError(f'No entry of config.eval.euler_steps={flat["eval.euler_steps"]} is a '
                      f'multiple of config.reflow.windows={flat["reflow.windows"]}: the student '

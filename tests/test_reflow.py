@@ -142,6 +142,8 @@ def test_hutchinson_logdet_is_the_continuous_form_within_its_error():
   stderr = per_probe.std(0) / np.sqrt(probes.shape[0])
   exact = 0.5 * jnp.trace(AFFINE['A'])
   assert np.all(np.abs(logdet - exact) < 4 * stderr + 1e-6), (logdet, exact, stderr)
+  _, traced = reflow.euler_map_logdet(affine_apply, AFFINE, x, t0, t1, 2, method='trace')
+  np.testing.assert_allclose(traced, exact, rtol=1e-5)
   # The exact Jacobian log-det of many small Euler steps tends to the same continuous form.
   _, fine = reflow.euler_map_logdet(affine_apply, AFFINE, x, t0, t1, 64)
   np.testing.assert_allclose(fine, exact, atol=5e-3)

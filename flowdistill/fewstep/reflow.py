@@ -29,7 +29,7 @@ import numpy as np
 from flowdistill import ode
 from flowdistill.paths import AffinePath, expand_time
 
-LOGDETS = ('exact', 'hutchinson')
+LOGDETS = ('exact', 'trace', 'hutchinson')
 
 
 def window_times(num_windows: int) -> np.ndarray:
@@ -91,9 +91,10 @@ def euler_map_logdet(apply_fn, params, x, t0, t1, steps: int, *, cond=None,
   Args:
     x: [B, ...]; t0, t1: [B] window ends; steps: Euler steps in the window.
     method: 'exact' — `log|det dPhi/dx|` of the composite Euler map by its Jacobian (D
-      columns per sample; low dimension); 'hutchinson' — the student ODE's continuous form
-      `sum_j dt eps . J(x_j) eps` with `probes` [K, B, ...] (any dimension; unbiased for
-      `sum_j dt tr J`, which is the log-determinant of the flow up to O(dt^2)).
+      columns per sample; low dimension); 'trace' — the student ODE's continuous form
+      `sum_j dt tr J(x_j)` (the log-determinant of the flow up to O(dt^2), finite even where
+      the Euler map folds), exact traces; 'hutchinson' — the same with the trace estimated as
+      `eps . J eps` with `probes` [K, B, ...] (any dimension; unbiased).
 
   Returns:
     (Phi(x) [B, ...], log-det [B]).
@@ -109,17 +110,24 @@ def euler_map_logdet(apply_fn, params, x, t0, t1, steps: int, *, cond=None,
       y, column = jax.jvp(fn, (x,), (jnp.broadcast_to(basis, x.shape),))
       columns.append(column.reshape(x.shape[0], dim))
     return y, jnp.linalg.slogdet(jnp.stack(columns, -1))[1]
-  if method != 'hutchinson':
+  if method == 'trace':
+    # The basis vectors as probes: D * mean_i e_i . J e_i = tr J, exactly.
+    dim = math.prod(x.shape[1:])
+    basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
+    probes, scale = jnp.broadcast_to(basis, (dim,) + x.shape), dim
+  elif method == 'hutchinson':
+    if probes is None:
+      raise ValueError('The Hutchinson log-det needs `probes` (ode.divergence_probes).')
+    scale = 1
+  else:
     raise ValueError(f'Unknown log-det method {method!r}; choose one of {list(LOGDETS)}.')
-  if probes is None:
-    raise ValueError('The Hutchinson log-det needs `probes` (ode.divergence_probes).')
   dt = (t1 - t0) / steps
   logdet = jnp.zeros(x.shape[:1], x.dtype)
   for j in range(steps):
     t = t0 + j * dt
     vel, div = ode.hutchinson_divergence(lambda y, tj: apply_fn(params, y, tj, cond=cond), x,
                                          t, probes)
-    x, logdet = x + expand_time(dt, x) * vel, logdet + dt * div
+    x, logdet = x + expand_time(dt, x) * vel, logdet + dt * scale * div
   return x, logdet
 
 
@@ -178,7 +186,8 @@ def make_loss(apply_fn, times, *, teacher_apply_fn=None, teacher_path: AffinePat
       iff `align_weight` > 0.
     align_weight, align_warmup: λ, and the steps of its linear warm-up (0: constant).
     align_steps: Euler steps of the student's window map in the regulariser.
-    logdet, num_probes: 'exact' or 'hutchinson' (with that many Rademacher probes).
+    logdet, num_probes: 'exact', 'trace' or 'hutchinson' (with that many Rademacher probes);
+      see `euler_map_logdet`.
     score_eps: clip of the teacher-score time (None: no clip).
 
   The batch holds `'states'` [B, K + 1, ...] (teacher states at `times`, see
