@@ -26,7 +26,7 @@ def get_config(arg: str = 'reflow'):
   config.method = 'reflow'
   config.data.name = name or 'checkerboard'
   config.reflow.update(windows=2 if variant.startswith('piecewise') else 1, num_pairs=50_000,
-                       align_weight=0.01 if variant.endswith('-ma') else 0.0,
+                       align_weight=0.001 if variant.endswith('-ma') else 0.0, score_eps=0.05,
                        align_warmup=500)
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
   config.train.update(steps=3000, ckpt_every=1000, log_every=200)
