@@ -78,7 +78,8 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   if start % steps_per_call or num_steps % steps_per_call:
     ckpt.close()
     raise ValueError(f'config.train.steps ({num_steps}) and the resumed step ({start}) must be '
-                     f'multiples of config.train.steps_per_call ({steps_per_call}).')
+                     f'multiples of config.train.steps_per_call ({steps_per_call}); choose a '
+                     'steps_per_call that divides both, or a fresh --workdir.')
 
   rep = parallel.replicated(mesh)
   leading = 1 if steps_per_call > 1 else 0

@@ -45,7 +45,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
-    raise ValueError(f'config.train.num_devices={n} but only {len(devices)} devices exist.')
+    raise ValueError(f'config.train.num_devices={n} but only {len(devices)} devices exist; set '
+                     f'it to 0 (all devices) or at most {len(devices)}.')
   return Mesh(np.asarray(devices[:n]), ('data',))
 
 

@@ -1,0 +1,300 @@
+"""A catalogue of bad inputs: each gets one clear error naming the problem, and no checkpoint
+already saved (in the run's workdir or a teacher's) is lost or changed.
+
+Every case runs end to end as `python -m flowdistill.main` would (validate, then the
+experiment's `run`) on a copy of a workdir that holds a good run's checkpoints, unless the case
+says otherwise (the library's training loop, the distributed start-up).
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from flowdistill.config import base_config, validate
+from flowdistill.data import sources
+from flowdistill.experiments import flow_map, flow_matching
+from flowdistill.train import loop, parallel
+from flowdistill.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    UnreadableCheckpointsError,
+)
+from flowdistill.train.step import make_train_step
+
+
+def _config():
+  config = base_config()
+  config.data.name, config.data.batch_size = 'moons', 64
+  config.model.hidden, config.model.depth, config.model.time_dim = 32, 2, 16
+  config.train.update(steps=6, ckpt_every=3, log_every=3)
+  return config
+
+
+def _train(config, workdir, batches=None):
+  dataset = sources.load(config.data)
+  _, loss_fn, optimizer, state = flow_matching.build(config, dataset)
+  batches = batches or sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
+                                            conditional=False)
+  return loop.train(state, make_train_step(loss_fn, optimizer), batches,
+                    mesh=parallel.make_mesh(config.train.num_devices), workdir=str(workdir),
+                    num_steps=config.train.steps, ckpt_every=config.train.ckpt_every,
+                    meta=flow_matching.checkpoint_meta(config, dataset, two_time=False),
+                    progress=False)
+
+
+def _main(config, workdir):
+  """What `flowdistill.main` does after parsing flags."""
+  validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  {'fm': flow_matching, 'flow_map': flow_map}[config.method].run(config, str(workdir))
+
+
+@pytest.fixture(scope='module')
+def good_run(tmp_path_factory):
+  """A finished 6-step run (checkpoints at steps 3 and 6), usable as a teacher."""
+  workdir = tmp_path_factory.mktemp('good')
+  _train(_config(), workdir)
+  return workdir
+
+
+def _corrupt(checkpoints, part, steps=None):
+  for step in steps or [p.name for p in checkpoints.iterdir() if p.name.isdigit()]:
+    for root, _, files in os.walk(checkpoints / str(step) / part):
+      for name in files:
+        path = pathlib.Path(root) / name
+        path.write_bytes(path.read_bytes()[:max(path.stat().st_size // 2, 1)][::-1])
+
+
+def _npz(path, **arrays):
+  n = 64
+  data = {'x_train': np.zeros((n, 8, 8), np.uint8), 'y_train': np.zeros(n, np.int64),
+          'x_test': np.zeros((n, 8, 8), np.uint8), 'y_test': np.zeros(n, np.int64)}
+  data.update(arrays)
+  np.savez(path, **{k: v for k, v in data.items() if v is not None})
+  return str(path)
+
+
+def _images(c, path='', source='mnist'):
+  c.data.update(source=source, path=path, batch_size=64)
+  c.model.update(name='unet', channels=(8,), num_res_blocks=1, attention=False)
+
+
+def _set(section, **values):
+  def setup(c, ctx):
+    with c.unlocked():
+      c[section].update(values)
+  return setup
+
+
+def _method(name, loss='lmd'):
+  def setup(c, ctx):
+    c.method, c.flow_map.loss = name, loss
+  return setup
+
+
+def _teacher(loss, workdir_key='good', **data):
+  def setup(c, ctx):
+    c.method = 'flow_map'
+    c.flow_map.loss = loss
+    c.teacher.workdir = str(ctx[workdir_key])
+    if data:
+      _images(c, source='digits')
+  return setup
+
+
+def _poisoned_run(c, workdir):
+  """The library's loop fed a NaN batch at step 8 (resuming from the good run's step 6)."""
+  c.train.steps = 12
+  clean = sources.batch_source(sources.load(c.data), 64, seed=0, conditional=False)
+
+  def batches(start):
+    for step, batch in enumerate(clean(start), start=start + 1):
+      yield {'x': np.full_like(batch['x'], np.nan)} if step == 8 else batch
+
+  _train(c, workdir, batches)
+
+
+def _distributed_env(c, workdir):
+  del c, workdir
+  os.environ['JAX_COORDINATOR_ADDRESS'] = '127.0.0.1:1'
+  try:
+    parallel.maybe_initialize_distributed(True)
+  finally:
+    del os.environ['JAX_COORDINATOR_ADDRESS']
+
+
+def _steps_per_call_change(c, ctx):
+  c.train.update(steps=12, steps_per_call=4)
+
+
+def _wrong_type(c, ctx):
+  c.train = ml_collections.ConfigDict(dict(c.train.to_dict(), steps='100'))
+
+
+def _unknown_key(c, ctx):
+  with c.unlocked():
+    c.train.stpes = 10
+
+
+def _workdir_is_a_file(c, ctx):
+  blocked = ctx['tmp'] / 'file'
+  blocked.write_text('not a folder')
+  ctx['workdir'] = blocked / 'run'
+
+
+def _fresh_workdir(c, ctx):
+  ctx['workdir'] = ctx['tmp'] / 'fresh'
+
+
+def _all_state_corrupt(c, ctx):
+  _corrupt(ctx['workdir'] / 'checkpoints', 'state')
+
+
+def _all_meta_corrupt(c, ctx):
+  _corrupt(ctx['workdir'] / 'checkpoints', 'meta')
+
+
+def _teacher_corrupt(c, ctx):
+  _corrupt(ctx['workdir'] / 'checkpoints', 'state')
+  _teacher('lmd', 'workdir')(c, ctx)
+
+
+def _teacher_without_checkpoints(c, ctx):
+  (ctx['tmp'] / 'empty' / 'checkpoints').mkdir(parents=True)
+  ctx['empty'] = ctx['tmp'] / 'empty'
+  _teacher('lmd', 'empty')(c, ctx)
+
+
+def _teacher_missing(c, ctx):
+  ctx['missing'] = ctx['tmp'] / 'no-such-run'
+  _teacher('lmd', 'missing')(c, ctx)
+
+
+def _with(setup, *more):
+  def both(c, ctx):
+    setup(c, ctx)
+    for m in more:
+      m(c, ctx)
+  return both
+
+
+CASES = [
+    # id, setup(config, ctx), runner (None: the command line), error, message
+    ('unknown-key', _unknown_key, None, ValueError,
+     r'Unknown config key config.train.stpes. Did you mean config.train.steps'),
+    ('wrong-type', _wrong_type, None, ValueError,
+     r"config.train.steps='100' has the wrong type; expected a int"),
+    ('unknown-optimizer', _set('optim', name='sgdd'), None, ValueError,
+     r"config.optim.name='sgdd' is not one of"),
+    ('zero-steps', _set('train', steps=0), None, ValueError, r'config.train.steps=0 must be >= 1'),
+    ('negative-lr', _set('optim', lr=-1.0), None, ValueError, r'config.optim.lr=-1.0 must be > 0'),
+    ('batch-not-divisible', _set('data', batch_size=100), None, ValueError,
+     r'batch_size=100 is not divisible by the 8 devices'),
+    ('too-many-devices', _set('train', num_devices=16), None, ValueError,
+     r'config.train.num_devices=16 but only 8 devices exist; set it to 0'),
+    ('eval-ema-not-trained', _set('train', eval_ema=0.5), None, ValueError,
+     r'eval_ema=0.5 is not among'),
+    ('unet-on-2d', _set('model', name='unet'), None, ValueError, r'must be "mlp"'),
+    ('labels-on-toy', _set('data', conditional=True), None, ValueError,
+     r'conditional needs labelled'),
+    ('label-dropout-unconditional', _set('fm', label_dropout=0.1), None, ValueError,
+     r'needs config.data.conditional=True'),
+    ('ot-block-not-dividing', _set('fm', coupling='exact', ot_block_size=7), None, ValueError,
+     r'ot_block_size=7 must divide the per-device batch 8'),
+    ('unknown-toy', _set('data', name='moonz'), None, ValueError,
+     r"config.data.name='moonz' is not a toy set"),
+    ('steps-per-call-on-resume', _steps_per_call_change, None, ValueError,
+     r'resumed step \(6\) must be multiples of config.train.steps_per_call \(4\)'),
+    ('distillation-without-teacher', _method('flow_map'), None, ValueError,
+     r'distils a teacher: set config.teacher.workdir'),
+    # data
+    ('missing-data-folder', lambda c, ctx: _images(c, '/no/such/folder'), None,
+     FileNotFoundError, r'/no/such/folder'),
+    ('unset-data-env-var', lambda c, ctx: (_images(c), c.data.__setattr__(
+        'path_env', 'FLOWDISTILL_TEST_UNSET_DIR')), None, FileNotFoundError,
+     r'FLOWDISTILL_TEST_UNSET_DIR is not set'),
+    ('nan-pixels-in-file', lambda c, ctx: _images(c, _npz(
+        ctx['tmp'] / 'nan.npz', x_train=np.full((64, 8, 8), np.nan, np.float32))), None,
+     ValueError, r'x_train must hold integer pixels 0..255, got dtype float32'),
+    ('npz-missing-key', lambda c, ctx: _images(c, _npz(ctx['tmp'] / 'm.npz', y_train=None)),
+     None, ValueError, r"missing keys \['y_train'\]"),
+    ('images-flattened', lambda c, ctx: _images(c, _npz(
+        ctx['tmp'] / 'flat.npz', x_train=np.zeros((64, 64), np.uint8))), None, ValueError,
+     r'x_train must have shape \[N, H, W\] or \[N, H, W, C\], got \(64, 64\)'),
+    ('labels-length', lambda c, ctx: _images(c, _npz(
+        ctx['tmp'] / 'y.npz', y_train=np.zeros(10, np.int64))), None, ValueError,
+     r'y_train must be integers of shape \[64\]'),
+    ('not-an-npz', lambda c, ctx: (ctx['tmp'].joinpath('bad.npz').write_bytes(b'junk'),
+                                   _images(c, str(ctx['tmp'] / 'bad.npz'))), None, ValueError,
+     r'not a readable .npz file'),
+    ('batch-larger-than-data', _with(lambda c, ctx: _images(c, source='digits'),
+                                     _set('data', batch_size=2048), _fresh_workdir), None,
+     ValueError, r'global_batch_size=2048 exceeds the 1500 examples; lower the batch size'),
+    ('nan-batch', lambda c, ctx: None, _poisoned_run, loop.NonFiniteLossError,
+     r'Non-finite loss or parameters at step 8.*last good checkpoint: step 6.*check the data'),
+    # checkpoints and shapes
+    ('checkpoint-of-wider-model', _set('model', hidden=48), None, CheckpointMismatchError,
+     (r'does not match this configuration.*params.*checkpoint \[.*32\] vs config \[.*48\].*'
+      r'fresh --workdir')),
+    ('checkpoint-of-other-ema-rates', _set('train', ema_rates=(0.99, 0.999)), None,
+     CheckpointMismatchError, r"ema/0.99.*checkpoint None vs config"),
+    ('checkpoint-without-grad-clip', _set('optim', grad_clip=0.0), None,
+     CheckpointMismatchError, r'does not match this configuration'),
+    ('checkpoint-of-another-method', _method('flow_map', 'fmm'), None, CheckpointMismatchError,
+     r'does not match this configuration'),
+    ('all-checkpoints-truncated', _all_state_corrupt, None, UnreadableCheckpointsError,
+     r'None of the checkpoints .* \(steps \[3, 6\]\) reads back; they are left untouched'),
+    ('all-checkpoint-metadata-garbled', _all_meta_corrupt, None, UnreadableCheckpointsError,
+     r'None of the checkpoints'),
+    ('workdir-is-a-file', _workdir_is_a_file, None, PermissionError,
+     r'Cannot write checkpoints to .*file/run/checkpoints.*choose a writable --workdir'),
+    # teachers that do not fit the student
+    ('teacher-missing', _teacher_missing, None, FileNotFoundError,
+     r'No checkpoints in .*no-such-run.*set config.teacher.workdir'),
+    ('teacher-not-trained-yet', _teacher_without_checkpoints, None, FileNotFoundError,
+     r'holds no checkpoint yet; train the teacher first'),
+    ('teacher-of-other-data', _with(_teacher('lmd', data='digits'), _fresh_workdir), None,
+     ValueError, (r'trained on samples of shape \(2,\) with 0 classes; this config has '
+                  r'\(8, 8, 1\)')),
+    ('teacher-velocity-for-pfmm', _with(_teacher('pfmm'), _fresh_workdir), None, ValueError,
+     r'pfmm" needs a flow-map teacher'),
+    ('teacher-unreadable', _with(_teacher_corrupt, _fresh_workdir), None,
+     UnreadableCheckpointsError, r'None of the checkpoints'),
+    # start-up
+    ('distributed-env-incomplete', lambda c, ctx: None, _distributed_env, ValueError,
+     r"JAX_COORDINATOR_ADDRESS is set but \['JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'\] are not"),
+]
+
+
+def _fingerprint(root: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file() and 'checkpoints' in p.parts}
+
+
+def test_the_catalogue_is_large_enough():
+  assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize('setup,runner,error,message', [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_error_and_keeps_checkpoints(good_run, tmp_path, setup, runner,
+                                                            error, message):
+  ctx = {'tmp': tmp_path, 'good': tmp_path / 'good_copy', 'workdir': tmp_path / 'run'}
+  shutil.copytree(good_run, ctx['good'])
+  shutil.copytree(good_run, ctx['workdir'])
+  config = _config()
+  setup(config, ctx)
+  before = _fingerprint(tmp_path)
+  with pytest.raises(error, match=message):
+    (runner or _main)(config, ctx['workdir'])
+  after = _fingerprint(tmp_path)
+  assert {k: after.get(k) for k in before} == before
+  if runner is None and ctx['workdir'] == tmp_path / 'run':
+    ckpt = Checkpointer(str(ctx['workdir'] / 'checkpoints'))
+    assert ckpt.all_steps() == [3, 6]
+    ckpt.close()
