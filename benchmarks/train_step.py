@@ -1,10 +1,16 @@
-"""Steps/s, compile time and memory of the training step on 1 and 8 (simulated) devices.
+"""Steps/s, compile time, memory and checkpoint save/restore time of the training step on
+1 and 8 (simulated) devices and on several processes.
 
 Two steps: the 2-D MLP step of `configs/quickstart.py` (batch 1024) and the MNIST U-Net step of
-`configs/mnist.py` (batch 128, zeros as data: speed does not depend on pixel values). Each
-(step, device count) runs in a fresh process so XLA_FLAGS can set the device count.
+`configs/mnist.py` (batch 128, zeros as data: speed does not depend on pixel values), at the
+same global batch on every topology. A topology is `D` (one process, D devices) or `PxD` (P
+processes of D devices on localhost, `jax.distributed` over CPU collectives, each process
+feeding its rows of the batch). Each (step, topology) runs in fresh processes so XLA_FLAGS can
+set the device count. Save/restore: a synchronous Orbax save of the train state through the
+library's `Checkpointer`, then its restore onto the same shardings.
 
-python benchmarks/train_step.py [--devices 1,8] [--out benchmarks/out/train_step.json]
+python benchmarks/train_step.py [--topologies 1,8,2x4] [--steps 2d,mnist] \
+    [--out benchmarks/out/train_step.json]
 """
 
 import argparse
@@ -12,32 +18,41 @@ import json
 import os
 import pathlib
 import resource
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MEASURE_SECONDS = {'2d': 5.0, 'mnist': 20.0}
+# A fixed number of timed steps: every process must run the same count (collectives).
+TIMED_STEPS = {'2d': 300, 'mnist': 5}
+GLOBAL_BATCH = {'2d': 1024, 'mnist': 128}
 
 
-def measure(kind: str) -> dict:
-  """Runs in the child process: builds the configured step and times it."""
+def measure(kind: str, checkpoint_dir: str) -> dict:
+  """Runs in each child process: builds the configured step, times it, saves and restores."""
+  from flowdistill.train import parallel  # noqa: PLC0415
+
+  parallel.maybe_initialize_distributed(False)  # started when the parent set the environment
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
   from flowdistill.config import load_config_file  # noqa: PLC0415
   from flowdistill.data.sources import Dataset  # noqa: PLC0415
   from flowdistill.experiments import flow_matching  # noqa: PLC0415
-  from flowdistill.train import parallel  # noqa: PLC0415
+  from flowdistill.train.checkpoint import Checkpointer  # noqa: PLC0415
   from flowdistill.train.step import make_train_step  # noqa: PLC0415
 
+  rows = GLOBAL_BATCH[kind] // jax.process_count()
   if kind == '2d':
-    config, dataset = load_config_file(ROOT / 'configs' / 'quickstart.py'), Dataset(shape=(2,), toy='checkerboard')
-    batch = {'x': np.random.default_rng(0).normal(size=(1024, 2)).astype(np.float32)}
+    config = load_config_file(ROOT / 'configs' / 'quickstart.py')
+    dataset = Dataset(shape=(2,), toy='checkerboard')
+    batch = {'x': np.random.default_rng(0).normal(size=(rows, 2)).astype(np.float32)}
   else:
     config = load_config_file(ROOT / 'configs' / 'mnist.py', 'mnist')
     dataset = Dataset(shape=(28, 28, 1), num_classes=10)
-    batch = {'x': np.zeros((128, 28, 28, 1), np.float32), 'label': np.zeros(128, np.int32)}
+    batch = {'x': np.zeros((rows, 28, 28, 1), np.float32), 'label': np.zeros(rows, np.int32)}
   _, loss_fn, optimizer, state = flow_matching.build(config, dataset)
   mesh = parallel.make_mesh()
   rep = parallel.replicated(mesh)
@@ -51,46 +66,79 @@ def measure(kind: str) -> dict:
   memory = compiled.memory_analysis()
   state, metrics = compiled(state, gbatch)
   jax.block_until_ready(metrics)
-  steps, start = 0, time.perf_counter()
-  while time.perf_counter() - start < MEASURE_SECONDS[kind]:
+  start = time.perf_counter()
+  for _ in range(TIMED_STEPS[kind]):
     state, metrics = compiled(state, gbatch)
     jax.block_until_ready(metrics)  # at most one step in flight: see ENV-NOTES (CPU deadlock)
-    steps += 1
   elapsed = time.perf_counter() - start
-  return {'step': kind, 'devices': jax.device_count(), 'compile_s': compile_s,
-          'steps_per_s': steps / elapsed,
+  checkpointer = Checkpointer(checkpoint_dir, async_save=False)
+  start = time.perf_counter()
+  checkpointer.save(1, state, {})
+  checkpointer.wait()
+  save_s = time.perf_counter() - start
+  start = time.perf_counter()
+  restored, _ = checkpointer.restore(1, state)
+  jax.block_until_ready(restored)
+  restore_s = time.perf_counter() - start
+  checkpointer.close()
+  return {'step': kind, 'processes': jax.process_count(), 'devices': jax.device_count(),
+          'compile_s': compile_s, 'steps_per_s': TIMED_STEPS[kind] / elapsed,
+          'save_s': save_s, 'restore_s': restore_s,
           'xla_temp_mib': memory.temp_size_in_bytes / 2**20 if memory else None,
           'xla_args_mib': memory.argument_size_in_bytes / 2**20 if memory else None,
           'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def run_topology(kind: str, topology: str, checkpoint_dir: str) -> dict:
+  """Runs `measure(kind)` on `topology` ('D' or 'PxD') in fresh processes; process 0's row."""
+  processes, _, devices = topology.rpartition('x')
+  processes = int(processes or 1)
+  base = dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  if processes > 1:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    base.update(FLOWDISTILL_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                JAX_NUM_PROCESSES=str(processes))
+  children = [subprocess.Popen(
+      [sys.executable, __file__, '--child', kind, '--checkpoint-dir', checkpoint_dir],
+      env=dict(base, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(processes)]
+  outputs = [child.communicate() for child in children]
+  for child, (_, err) in zip(children, outputs):
+    if child.returncode:
+      raise RuntimeError(f'{kind} on {topology} failed:\n{err[-3000:]}')
+  return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--devices', default='1,8')
+  parser.add_argument('--topologies', default='1,8,2x4')
   parser.add_argument('--steps', default='2d,mnist')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'train_step.json'))
   parser.add_argument('--child', default='')
+  parser.add_argument('--checkpoint-dir', default='')
   args = parser.parse_args()
   if args.child:
-    print(json.dumps(measure(args.child)))
+    print(json.dumps(measure(args.child, args.checkpoint_dir)))
     return
   rows = []
   for kind in args.steps.split(','):
-    for n in args.devices.split(','):
-      env = dict(os.environ, JAX_PLATFORMS='cpu',
-                 XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
-      out = subprocess.run([sys.executable, __file__, '--child', kind], env=env, check=True,
-                           capture_output=True, text=True).stdout
-      rows.append(json.loads(out.strip().splitlines()[-1]))
+    for topology in args.topologies.split(','):
+      with tempfile.TemporaryDirectory() as checkpoint_dir:
+        rows.append(run_topology(kind, topology, checkpoint_dir))
       print(rows[-1], flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(rows, f, indent=2)
-  print('| step | devices | compile (s) | steps/s | XLA temp (MiB) | XLA args (MiB) | peak RSS '
-        '(MiB) |\n|---|---|---|---|---|---|---|')
+  print('| step | processes x devices | compile (s) | steps/s | save (s) | restore (s) | XLA temp '
+        '(MiB) | XLA args (MiB) | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["step"]} | {r["devices"]} | {r["compile_s"]:.1f} | {r["steps_per_s"]:.2f} | '
-          f'{r["xla_temp_mib"]:.1f} | {r["xla_args_mib"]:.1f} | {r["peak_rss_mib"]:.0f} |')
+    print(f'| {r["step"]} | {r["processes"]} x {r["devices"] // r["processes"]} | '
+          f'{r["compile_s"]:.1f} | {r["steps_per_s"]:.2f} | {r["save_s"]:.2f} | '
+          f'{r["restore_s"]:.2f} | {r["xla_temp_mib"]:.1f} | {r["xla_args_mib"]:.1f} | '
+          f'{r["peak_rss_mib"]:.0f} |')
 
 
 if __name__ == '__main__':

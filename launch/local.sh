@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs flowdistill on N local processes (CPU: jax.distributed over gloo on 127.0.0.1), each with
-# D simulated devices: the multi-host code path on one machine, for tests and debugging.
+# Runs flowdistill on N local processes joined by jax.distributed on 127.0.0.1: on CPU each with
+# D simulated devices (the multi-host code path on one machine, for tests and debugging); with
+# --gpus N, one process per GPU (process i sees GPU i), as on one node of a GPU cluster.
 #
-#   launch/local.sh [--dry-run] [--processes 2] [--devices 4] [--port 12355] \
+#   launch/local.sh [--dry-run] [--processes 2] [--devices 4] [--gpus N] [--port 12355] \
 #       [--timeout 3600] [--grace 120] [--logs DIR] -- --config=configs/quickstart.py --workdir=runs/q
 #
 # Logs: DIR/process_<i>.log (default: <workdir>/logs), pids in DIR/process_<i>.pid; process
@@ -12,18 +13,19 @@
 # --timeout) is killed.
 set -euo pipefail
 
-processes=2 devices=4 port=12355 timeout_s=3600 grace=120 logs='' dry_run=0
+processes=2 devices=4 gpus=0 port=12355 timeout_s=3600 grace=120 logs='' dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
     --processes) processes="$2"; shift 2 ;;
     --devices) devices="$2"; shift 2 ;;
+    --gpus) gpus="$2"; processes="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --timeout) timeout_s="$2"; shift 2 ;;
     --grace) grace="$2"; shift 2 ;;
     --logs) logs="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "launch/local.sh: unknown option $1 (put flowdistill flags after --)" >&2; exit 2 ;;
   esac
 done
@@ -37,14 +39,16 @@ logs="${logs:-$workdir/logs}"
 python="${PYTHON:-python}"
 
 command_for() {  # the command of process $1, one word per line
+  local platform=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices")
+  [[ $gpus -gt 0 ]] && platform=(JAX_PLATFORMS=cuda "CUDA_VISIBLE_DEVICES=$1")
   printf '%s\n' env FLOWDISTILL_DISTRIBUTED=1 "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" \
-    "JAX_NUM_PROCESSES=$processes" "JAX_PROCESS_ID=$1" JAX_PLATFORMS=cpu \
-    "XLA_FLAGS=--xla_force_host_platform_device_count=$devices" \
+    "JAX_NUM_PROCESSES=$processes" "JAX_PROCESS_ID=$1" "${platform[@]}" \
     timeout -k "$grace" "$timeout_s" "$python" -m flowdistill.main "${args[@]}"
 }
 
 if [[ $dry_run == 1 ]]; then
-  echo "# would start $processes processes x $devices CPU devices, logs in $logs:"
+  if [[ $gpus -gt 0 ]]; then what="1 GPU"; else what="$devices CPU devices"; fi
+  echo "# would start $processes processes x $what, logs in $logs:"
   for ((i = 0; i < processes; i++)); do
     mapfile -t cmd < <(command_for "$i")
     echo "$(printf '%q ' "${cmd[@]}")> $logs/process_$i.log 2>&1 &"
