@@ -154,7 +154,9 @@ def main(argv=None) -> dict:
   for _ in range(args.kills):
     done = logged_steps(faulty)
     low = (done[-1] if done else 0) + 1
-    kill_at = rng.randint(low, max(low, args.steps - 2 * (args.kills - len(kills))))
+    # Stratified: a random step in the next 1/remaining of what is left, so kills spread out.
+    upper = low + (args.steps - 1 - low) // (args.kills - len(kills))
+    kill_at = rng.randint(low, max(low, upper))
     kills.append(run_and_kill(cli(faulty, args.steps, args.ckpt_every), faulty, kill_at))
     print(kills[-1], flush=True)
   start = time.perf_counter()
