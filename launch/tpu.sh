@@ -4,7 +4,7 @@
 #
 #   launch/tpu.sh [--dry-run] --tpu NAME --zone ZONE [--project P] [--pod] [--repo URL]
 #       [--ref main] [--dir flowdistill] [--log ~/flowdistill.log] [--worker 0]
-#       setup|start|logs|stop [-- --config=configs/mnist.py --workdir=gs://bucket/runs/m]
+#       setup|start|logs|stop [-- --config=configs/mnist.py --workdir=/mnt/shared/runs/m]
 #
 #   setup  clone (or update) the repository at --ref on every host; a venv with
 #          requirements.txt and the jax[tpu] matching its jax pin
@@ -14,7 +14,8 @@
 #   stop   SIGTERM the run on every host: each saves a checkpoint at the same step and exits;
 #          `start` again resumes
 #
-# On a pod every host must see the same --workdir: use a gs:// bucket (Orbax writes to it).
+# On a pod every host must see the same --workdir: a shared filesystem mounted at the same path
+# on every host (Filestore/NFS, or a bucket through gcsfuse); gs:// URLs are not supported.
 # --dry-run prints the gcloud commands instead of running them.
 set -euo pipefail
 
@@ -37,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     --worker) worker="$2"; shift 2 ;;
     setup|start|logs|stop) action="$1"; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "launch/tpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

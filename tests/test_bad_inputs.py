@@ -147,6 +147,10 @@ def _workdir_is_a_file(c, ctx):
   ctx['workdir'] = blocked / 'run'
 
 
+def _workdir_is_a_url(c, ctx):
+  ctx['workdir'] = 'gs://bucket/run'
+
+
 def _fresh_workdir(c, ctx):
   ctx['workdir'] = ctx['tmp'] / 'fresh'
 
@@ -253,6 +257,8 @@ CASES = [
      r'None of the checkpoints'),
     ('workdir-is-a-file', _workdir_is_a_file, None, PermissionError,
      r'Cannot write checkpoints to .*file/run/checkpoints.*choose a writable --workdir'),
+    ('workdir-is-a-url', _workdir_is_a_url, None, ValueError,
+     r"'gs://bucket/run/checkpoints' is a URL.*pass its local path as --workdir"),
     # teachers that do not fit the student
     ('teacher-missing', _teacher_missing, None, FileNotFoundError,
      r'No checkpoints in .*no-such-run.*set config.teacher.workdir'),

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / 'launch'
-RUN_ARGS = ['--config=configs/mnist.py:mnist', '--workdir=gs://bucket/runs/m']
+RUN_ARGS = ['--config=configs/mnist.py:mnist', '--workdir=/mnt/shared/runs/m']
 
 
 def _run(script, *args):
@@ -70,7 +70,7 @@ def test_slurm_dry_run_prints_a_batch_script_with_one_task_per_gpu():
   directives = {line for line in lines if line.startswith('#SBATCH')}
   assert {'#SBATCH --nodes=3', '#SBATCH --ntasks-per-node=4', '#SBATCH --gpus-per-task=1',
           '#SBATCH --signal=TERM@90', '#SBATCH --requeue', '#SBATCH --partition=a100',
-          '#SBATCH --output=gs://bucket/runs/m/logs/slurm-%j.out'} <= directives
+          '#SBATCH --output=/mnt/shared/runs/m/logs/slurm-%j.out'} <= directives
   srun = _command(next(line for line in lines if line.startswith('srun')))
   assert srun[srun.index('env') + 1:] == [
       'FLOWDISTILL_DISTRIBUTED=1', os.environ.get('PYTHON', 'python'), '-m',

@@ -26,6 +26,14 @@ def param_shapes(tree) -> dict[str, list[int]]:
           for path, leaf in flat}
 
 
+def check_local_path(path: str) -> None:
+  """Refuses URLs (gs://, s3://): runs read and write through the local filesystem."""
+  if '://' in str(path):
+    raise ValueError(f'{path!r} is a URL; flowdistill writes through the local filesystem. '
+                     'Mount the bucket (e.g. gcsfuse) or use a shared filesystem, and pass '
+                     'its local path as --workdir.')
+
+
 class Checkpointer:
   """Saves `TrainState`s every so often, keeps the last K, resumes from the newest good one.
 
@@ -36,6 +44,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    check_local_path(directory)
     directory = os.path.abspath(directory)
     try:
       os.makedirs(directory, exist_ok=True)
