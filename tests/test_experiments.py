@@ -52,7 +52,7 @@ def test_cli_rejects_an_unknown_override_before_any_work(tmp_path):
 def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
   teacher = _tiny(base_config())
   teacher.data.name = 'moons'
-  flow_matching.run(teacher, str(tmp_path / 'teacher'))
+  flow_matching.train(teacher, str(tmp_path / 'teacher'))
   for loss in ('lmd', 'emd'):
     student = _tiny(base_config())
     student.data.name = 'moons'

@@ -258,7 +258,7 @@ def _tiny(config):
 
 
 def test_piecewise_reflow_with_alignment_runs_from_a_teacher_workdir(tmp_path):
-  flow_matching.run(_tiny(base_config()), str(tmp_path / 'teacher'))
+  flow_matching.train(_tiny(base_config()), str(tmp_path / 'teacher'))
   config = _tiny(load_config_file('configs/reflow.py', 'piecewise-ma,moons'))
   config.teacher.workdir = str(tmp_path / 'teacher')
   config.reflow.update(num_pairs=128, pair_chunk=64, kl_samples=32, align_warmup=5,
@@ -298,7 +298,7 @@ def test_guided_image_reflow_with_hutchinson_alignment(tmp_path, monkeypatch):
   teacher.train.update(steps=2, ckpt_every=2, log_every=1)
   teacher.eval.update(num_samples=20, euler_steps=(2,), nll_samples=2, plot=False,
                       nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=10)
-  flow_matching.run(teacher, str(tmp_path / 'teacher'))
+  flow_matching.train(teacher, str(tmp_path / 'teacher'))
   config = load_config_file('configs/reflow.py', 'piecewise-ma,mnist')
   config.data = teacher.data
   config.model = teacher.model

@@ -78,8 +78,11 @@ def guidance_kwargs(config, dataset) -> dict:
   return {'guidance': config.eval.guidance, 'null_label': dataset.num_classes}
 
 
-def run(config, workdir: str) -> dict:
-  """Trains (resuming from `workdir`), evaluates, writes results; returns the results dict."""
+def train(config, workdir: str):
+  """Trains (resuming from `workdir`) without evaluating; returns (dataset, apply_fn, state).
+
+  The workdir then serves as a teacher for the distillation methods.
+  """
   dataset = sources.load(config.data)
   apply_fn, loss_fn, optimizer, state = build(config, dataset)
   mesh = parallel.make_mesh(config.train.num_devices)
@@ -91,6 +94,12 @@ def run(config, workdir: str) -> dict:
       steps_per_call=config.train.steps_per_call, log_every=config.train.log_every,
       ckpt_every=config.train.ckpt_every, keep=config.train.keep,
       meta=checkpoint_meta(config, dataset, two_time=False))
+  return dataset, apply_fn, state
+
+
+def run(config, workdir: str) -> dict:
+  """Trains (resuming from `workdir`), evaluates, writes results; returns the results dict."""
+  dataset, apply_fn, state = train(config, workdir)
   params = eval_params(config, state)
   samplers = report.velocity_samplers(apply_fn, params, config.eval,
                                       **guidance_kwargs(config, dataset))
