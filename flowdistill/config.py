@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.path = dict(name='linear', noise_scale=1.0)
   c.fm = dict(time_distribution='uniform', coupling='independent', ot_block_size=0,
-              sinkhorn_epsilon=0.05, label_dropout=0.0)
+              sinkhorn_epsilon=0.05, label_dropout=0.0,
+              ot_on_host=False)  # 'exact' OT in the data pipeline, overlapping the step
   c.teacher = dict(workdir='', ema=-1.0)  # a trained run to distil; ema -1: its eval_ema
   c.flow_map = dict(loss='lmd', scheme='ordered', band=1.0, teacher_jumps=2,
                     invertibility_weight=1.0, warm_start=True)
@@ -182,6 +183,11 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if flat['data.batch_size'] % num_processes:
     raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
                      f'the {num_processes} processes.')
+  if flat['fm.ot_on_host'] and (flat['fm.coupling'] != 'exact' or flat['method'] != 'fm'):
+    raise ValueError(f'config.fm.ot_on_host=True pairs by exact OT in the data pipeline of '
+                     f'method="fm"; got config.fm.coupling={flat["fm.coupling"]!r} and '
+                     f'config.method={flat["method"]!r}. Set config.fm.coupling="exact" or '
+                     'config.fm.ot_on_host=False.')
   block = flat['fm.ot_block_size']
   if block and (flat['data.batch_size'] // (devices or 1)) % block:
     raise ValueError(f'config.fm.ot_block_size={block} must divide the per-device batch '

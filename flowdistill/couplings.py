@@ -11,7 +11,8 @@ x1 stay attached to it. The methods:
   epsilon-scaling auction was measured ~60x slower on CPU (B = 1024, blocks of 64) and is
   only approximate in float32. Near-ties (pairings whose float32 costs differ by ~1e-6
   relative) are resolved arbitrarily. As the pairing does not depend on the model, a data
-  pipeline may also run it ahead of the step on the host and hand over coupled `x0`.
+  pipeline may instead run it ahead of the step on the host (`pair_on_host`) and hand over
+  coupled `x0`.
 - 'sinkhorn': entropic optimal transport with ott-jax, then for every x1 row an x0 row is drawn
   from that row's conditional of the plan, `i ~ P[:, j] / sum_i P[i, j]` (the multinomial
   pairing of torchcfm, but conditioned on x1 so that x1 and its labels keep their order). x0
@@ -99,6 +100,35 @@ def exact_assignment(cost):
   out = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   return jax.pure_callback(_host_assignment, out, jax.lax.stop_gradient(cost),
                            vmap_method='expand_dims')
+
+
+def pair_on_host(x0, x1, *, labels=None, block_size: int | None = None) -> np.ndarray:
+  """The 'exact' coupling in NumPy, for a data pipeline that pairs ahead of the step.
+
+  Same problem as `couple(x0, x1, key, method='exact', labels=labels,
+  block_size=block_size)` (costs in float64, so near-ties may resolve differently), without a
+  device round-trip: run it on the host while the previous step computes.
+
+  Args:
+    x0: noise [B, ...]; x1: data [B, ...], never reordered; labels: optional int [B], the
+      classes of x1 (OT within each class); block_size: None or a divisor of B.
+
+  Returns:
+    x0 [B, ...] re-paired (rows of the input x0).
+  """
+  x0, x1 = np.asarray(x0), np.asarray(x1)
+  block = _check(x0, x1, labels, None, 'exact', block_size)
+  batch, num_blocks = x1.shape[0], x1.shape[0] // block
+  flat0 = x0.reshape(num_blocks, block, -1).astype(np.float64)
+  flat1 = x1.reshape(num_blocks, block, -1).astype(np.float64)
+  cost = (np.sum(flat1**2, -1)[:, :, None] + np.sum(flat0**2, -1)[:, None, :]
+          - 2 * flat1 @ flat0.transpose(0, 2, 1))  # [blocks, j (x1), i (x0)]
+  if labels is not None:
+    lab = np.asarray(labels).reshape(num_blocks, block)
+    spread = np.ptp(cost, axis=(1, 2), keepdims=True)
+    cost = cost + np.where(lab[:, :, None] != lab[:, None, :], (block + 1) * (spread + 1.0), 0)
+  perm = _host_assignment(cost)
+  return x0[(perm + block * np.arange(num_blocks)[:, None]).reshape(batch)]
 
 
 def _sinkhorn_pairing(key, cost, epsilon, num_iters):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from flowdistill.couplings import couple, ot_cost
+from flowdistill.couplings import couple, ot_cost, pair_on_host
 
 KEY = jax.random.PRNGKey(0)
 
@@ -131,6 +131,17 @@ def test_within_class(method):
         rows = np.flatnonzero(labels[block] == c) + block.start
         np.testing.assert_array_equal(index[rows], rows[_scipy_perm(x0[rows], x1[rows])])
 
+
+
+@pytest.mark.parametrize('block_size', [None, 32])
+def test_pair_on_host_equals_in_step_exact(block_size):
+  x0, x1 = _batches(10, 96, 3)
+  labels = np.random.default_rng(10).integers(0, 3, 96)
+  for lab in (None, labels):
+    in_step, _, _ = _jit_couple(x0, x1, KEY, None if lab is None else jnp.asarray(lab),
+                                method='exact', block_size=block_size)
+    np.testing.assert_array_equal(pair_on_host(x0, x1, labels=lab, block_size=block_size),
+                                  in_step)
 
 def test_within_class_with_source_labels():
   x0, x1 = _batches(10, 40, 3)

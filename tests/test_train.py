@@ -69,6 +69,24 @@ def test_scanned_steps_match_single_steps(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_ot_on_host_trains_like_exact_ot_in_the_step(tmp_path):
+  in_step = _config()
+  in_step.fm.update(coupling='exact', ot_block_size=8)
+  on_host = in_step.copy_and_resolve_references()
+  on_host.fm.ot_on_host = True
+  plain = sources.batch_source(sources.load(in_step.data), 64, seed=0, conditional=False)
+
+  def unpaired_noise(start):  # The host pipeline's noise of each step, paired in the step.
+    for step, batch in enumerate(plain(start), start):
+      noise = np.random.default_rng([0, step]).standard_normal(batch['x'].shape, np.float32)
+      yield dict(batch, x0=noise)
+
+  reference = _train(in_step, tmp_path / 'in_step', batches=unpaired_noise)
+  _, _, state = flow_matching.train(on_host, str(tmp_path / 'on_host'))
+  for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
   _train(_config(), tmp_path)
   before = sorted(os.listdir(tmp_path / 'checkpoints'))

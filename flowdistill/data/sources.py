@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 
+from flowdistill import couplings
 from flowdistill.data import images, tabular, toy
 from flowdistill.data.pipeline import BatchIterator
 
@@ -93,3 +94,28 @@ def batch_source(dataset: Dataset, global_batch: int, *, seed: int, conditional:
                          process_index=process, process_count=count)
 
   return toy_batches if dataset.toy else image_batches
+
+
+def with_ot_noise(batches, global_batch: int, *, seed: int, block_size: int | None,
+                  within_class: bool):
+  """Wraps a batch source: each batch gains `'x0'`, standard normal noise paired to its `'x'`
+  by exact minibatch OT on the host (`couplings.pair_on_host`, within classes if asked).
+
+  The training loop draws batch k + 1 while step k computes, so the pairing overlaps the
+  step instead of stalling it. The noise of step k is this process's rows of one global draw
+  from `(seed, k)`: with blocks inside each process's rows the pairs do not depend on the
+  number of processes.
+  """
+  process, count = jax.process_index(), jax.process_count()
+  local = global_batch // count
+
+  def source(start):
+    for step, batch in enumerate(batches(start), start):
+      shape = (global_batch, *batch['x'].shape[1:])
+      noise = np.random.default_rng([seed, step]).standard_normal(shape, np.float32)
+      labels = batch.get('label') if within_class else None
+      x0 = couplings.pair_on_host(noise[process * local:(process + 1) * local], batch['x'],
+                                  labels=labels, block_size=block_size)
+      yield dict(batch, x0=x0)
+
+  return source

@@ -24,13 +24,14 @@ def build(config, dataset):
   apply_fn, params = build_model(config.model, dataset.shape, num_classes=num_classes,
                                  seed=config.seed)
   path = build_path(config.path)
+  coupling = 'independent' if config.fm.ot_on_host else config.fm.coupling
   coupling_kwargs = {}
-  if config.fm.coupling != 'independent':
+  if coupling != 'independent':
     coupling_kwargs['block_size'] = config.fm.ot_block_size or None
   if config.fm.coupling == 'sinkhorn':
     coupling_kwargs['epsilon'] = config.fm.sinkhorn_epsilon
   loss_fn = fm.make_loss(apply_fn, path, time_distribution=config.fm.time_distribution,
-                         coupling=config.fm.coupling, coupling_kwargs=coupling_kwargs,
+                         coupling=coupling, coupling_kwargs=coupling_kwargs,
                          label_dropout=config.fm.label_dropout,
                          null_label=num_classes or None)
   optimizer = make_optimizer(config)
@@ -88,6 +89,10 @@ def train(config, workdir: str):
   mesh = parallel.make_mesh(config.train.num_devices)
   batches = sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
                                  conditional=config.data.conditional)
+  if config.fm.ot_on_host:
+    batches = sources.with_ot_noise(batches, config.data.batch_size, seed=config.seed,
+                                    block_size=config.fm.ot_block_size or None,
+                                    within_class=config.data.conditional)
   state = loop.train(
       state, make_train_step(loss_fn, optimizer, config.train.steps_per_call), batches,
       mesh=mesh, workdir=workdir, num_steps=config.train.steps,
