@@ -1,14 +1,18 @@
 """Speed of one flow-matching training step: the library's JAX step vs the same step in PyTorch.
 
 Usage:
-  python benchmarks/fm_step.py [--steps N] [--seconds S] [--out benchmarks/out/fm_step.json]
+  python benchmarks/fm_step.py [--steps N] [--seconds S] [--only SUBSTRINGS]
+      [--out benchmarks/out/fm_step.json]
 
 The JAX step is the library's own: `make_loss` (linear path) on `MLP(2, hidden=256, depth=3,
 time_dim=64)`, Adam (lr 1e-3) through `make_train_step`, under `jax.jit(..., donate_argnums=0)`,
 batch 1024 of 2-D checkerboard data pre-generated on the device (a few batches in rotation, so
 data generation is not timed). Variants: the couplings of `flowdistill.couplings` ('independent',
-'exact' and 'sinkhorn', on the whole batch and in blocks of 64/128/256 rows), and
-`steps_per_call=10` (a `lax.scan` over 10 batches per dispatch) for 'independent'.
+'exact' and 'sinkhorn', on the whole batch and in blocks of 64/128/256 rows), 'exact' solved
+on the host ahead of the step as `config.fm.ot_on_host` does (the next batch is paired while
+the previous step computes, at most two steps in flight, as in the training loop; noise drawn
+and batches sent to the device every step), and `steps_per_call=10` (a `lax.scan` over 10
+batches per dispatch) for 'independent'.
 
 The PyTorch step (CPU, eager, 2 threads) is the same computation written by hand: sinusoidal
 embedding of `t` (width 64, highest frequency 10, max period 10000, as the library's) ->
@@ -46,7 +50,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
 
-from flowdistill.data import toy  # pylint: disable=wrong-import-position
+from flowdistill.couplings import pair_on_host  # pylint: disable=wrong-import-position
+from flowdistill.data import toy
 from flowdistill.fm import make_loss
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.mlp import MLP
@@ -74,11 +79,12 @@ class Variant:
   coupling: str = 'independent'
   block_size: int | None = None
   steps_per_call: int = 1
+  on_host: bool = False
 
   @property
   def name(self) -> str:
     """Row label, e.g. 'jax exact (block 128)'."""
-    name = f'jax {self.coupling}'
+    name = f'jax {self.coupling}' + (' on host' if self.on_host else '')
     if self.coupling != 'independent':
       name += ' (full batch)' if self.block_size is None else f' (block {self.block_size})'
     if self.steps_per_call > 1:
@@ -97,6 +103,9 @@ VARIANTS = (
     Variant('sinkhorn', 256),
     Variant('sinkhorn', 128),
     Variant('sinkhorn', 64),
+    Variant('exact', 256, on_host=True),
+    Variant('exact', 128, on_host=True),
+    Variant('exact', 64, on_host=True),
 )
 
 
@@ -170,12 +179,15 @@ def jax_runner(variant: Variant, batches):
   model = MLP(DIM, hidden=HIDDEN, depth=DEPTH, time_dim=TIME_DIM, rngs=nnx.Rngs(0))
   apply_fn, params = to_apply_fn(model)
   coupling_kwargs = {} if variant.block_size is None else {'block_size': variant.block_size}
-  loss_fn = make_loss(apply_fn, linear_path(), coupling=variant.coupling,
-                      coupling_kwargs=coupling_kwargs)
+  in_step = 'independent' if variant.on_host else variant.coupling
+  loss_fn = make_loss(apply_fn, linear_path(), coupling=in_step,
+                      coupling_kwargs=coupling_kwargs if in_step != 'independent' else {})
   optimizer = optax.adam(LR)
   step = jax.jit(make_train_step(loss_fn, optimizer, variant.steps_per_call), donate_argnums=0)
   state = init_state(params, optimizer, jax.random.key(1))
   counter = 0
+  host_x = [np.asarray(b['x']) for b in batches]
+  rng = np.random.default_rng(2)
 
   def run(num_calls):
     nonlocal state, counter
@@ -185,7 +197,21 @@ def jax_runner(variant: Variant, batches):
       counter += 1
     jax.block_until_ready(metrics['loss'])
 
-  return run
+  def run_paired_on_host(num_calls):
+    nonlocal state, counter
+    pending = None
+    for _ in range(num_calls):
+      x = host_x[counter % len(host_x)]
+      noise = rng.standard_normal(x.shape, np.float32)
+      batch = {'x': x, 'x0': pair_on_host(noise, x, block_size=variant.block_size)}
+      state, metrics = step(state, batch)
+      counter += 1
+      if pending is not None:
+        jax.block_until_ready(pending)
+      pending = metrics['loss']
+    jax.block_until_ready(pending)
+
+  return run_paired_on_host if variant.on_host else run
 
 
 def torch_model_and_step(torch, jax_params, compile_model: bool):
@@ -307,6 +333,8 @@ def run_all(args):
   multi = toy_batches(key_multi, NUM_BATCHES, 10)
   runs = {}
   for variant in VARIANTS:
+    if args.only and variant != Variant() and not any(s in variant.name for s in args.only):
+      continue
     batches = multi if variant.steps_per_call > 1 else small
     runs[variant.name] = (lambda v=variant, b=batches: jax_runner(v, b), variant.steps_per_call)
   if torch is not None:
@@ -404,6 +432,9 @@ def main():
   parser.add_argument('--retries', type=int, default=5,
                       help='reruns of a timed loop disturbed by other processes')
   parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile row')
+  parser.add_argument('--only', type=lambda s: s.split(','), default=None,
+                      help='comma-separated substrings: only the JAX rows whose names contain '
+                           'one (the independent baseline always runs), e.g. "on host"')
   parser.add_argument('--out', default='benchmarks/out/fm_step.json', help='JSON output path')
   args = parser.parse_args()
   load_start = os.getloadavg()
