@@ -259,7 +259,9 @@ def log_likelihood_jumps(apply_fn, params, x, grid, *, cond=None, logdet: str = 
     raise ValueError(f'Unknown log-det method {logdet!r}; choose "exact" or "series".')
   if logdet == 'series' and probes is None:
     raise ValueError('logdet="series" needs `probes` (ode.divergence_probes).')
-  logdets = jax.vmap(exact if logdet == 'exact' else series)(points[:-1], grid[:-1], grid[1:])
+  # One jump at a time: a vmap over jumps multiplies the memory of the Jacobian products by K.
+  per_jump = exact if logdet == 'exact' else series
+  logdets = jax.lax.map(lambda args: per_jump(*args), (points[:-1], grid[:-1], grid[1:]))
   forward, _ = jump(apply_fn, params, x0, grid, cond)
   return (ode.standard_normal_logpdf(x0) - logdets.sum(0),
           {'inverse_error': jnp.max(jnp.abs(forward - x))})
