@@ -8,7 +8,7 @@ The JAX step is the library's own: `make_loss` (linear path) on `MLP(2, hidden=2
 time_dim=64)`, Adam (lr 1e-3) through `make_train_step`, under `jax.jit(..., donate_argnums=0)`,
 batch 1024 of 2-D checkerboard data pre-generated on the device (a few batches in rotation, so
 data generation is not timed). Variants: the couplings of `flowdistill.couplings` ('independent',
-'exact' and 'sinkhorn', on the whole batch and in blocks of 64/128/256 rows), 'exact' solved
+'exact' and 'sinkhorn', on the whole batch and in blocks of 32/64/128/256 rows), 'exact' solved
 on the host ahead of the step as `config.fm.ot_on_host` does (the next batch is paired while
 the previous step computes, at most two steps in flight, as in the training loop; noise drawn
 and batches sent to the device every step), and `steps_per_call=10` (a `lax.scan` over 10
@@ -99,6 +99,7 @@ VARIANTS = (
     Variant('exact', 256),
     Variant('exact', 128),
     Variant('exact', 64),
+    Variant('exact', 32),
     Variant('sinkhorn'),
     Variant('sinkhorn', 256),
     Variant('sinkhorn', 128),
@@ -106,6 +107,7 @@ VARIANTS = (
     Variant('exact', 256, on_host=True),
     Variant('exact', 128, on_host=True),
     Variant('exact', 64, on_host=True),
+    Variant('exact', 32, on_host=True),
 )
 
 
