@@ -1,0 +1,105 @@
+"""MNIST at CPU scale: a U-Net teacher and its few-step students, Fréchet distance vs NFE.
+
+The configs/mnist.py teacher, shrunk so it trains on a CPU (a smaller U-Net, no attention,
+batch 64, fewer steps; the full configs are for an accelerator), is trained (or resumed) once
+in OUT/teacher. Each method then distils it with the same shrink and reports its Fréchet
+distance next to the teacher's Euler at the same NFE, its 100-step Euler and its Dopri5 solve:
+
+- flow_map: the configs/flow_map.py:lmd,mnist student at 1, 2, 4, 8 jumps (target: 4 jumps
+  at most 1.3x the teacher at 100 steps);
+- reflow, reflow-ma, piecewise, piecewise-ma: configs/reflow.py students on `--pairs` guided
+  teacher trajectories (shared by the variants with the same number of windows), at equal
+  training steps, with moment drift and per-window KL.
+
+FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
+XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  python benchmarks/mnist_cpu.py [--methods flow_map,reflow,reflow-ma] [--teacher-steps 3000]
+      [--student-steps 1500] [--pairs 5000]
+
+Writes OUT/summary_<method>.json (default OUT: benchmarks/out/mnist_cpu).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / 'configs'
+REFLOW_VARIANTS = ('reflow', 'reflow-ma', 'piecewise', 'piecewise-ma')
+
+
+def shrink(config, args, steps: int):
+  """The CPU-sized model and schedule shared by teacher and students."""
+  config.model.update(channels=tuple(int(c) for c in args.channels.split(',')),
+                      attention=False)
+  config.data.batch_size = args.batch_size
+  config.optim.update(lr=args.lr, warmup_steps=200)
+  config.train.update(steps=steps, log_every=100, ckpt_every=500, ema_rates=(0.995,),
+                      eval_ema=0.995)
+  config.eval.update(num_samples=args.num_samples, nll_samples=args.nll_samples)
+  return config
+
+
+def student_config(method: str, args, teacher_dir: str):
+  from flowdistill.config import load_config_file  # noqa: PLC0415
+
+  if method == 'flow_map':
+    config = load_config_file(CONFIGS / 'flow_map.py', 'lmd,mnist')
+  else:
+    config = load_config_file(CONFIGS / 'reflow.py', f'{method},mnist')
+    windows = config.reflow.windows
+    config.reflow.update(num_pairs=args.pairs, kl_samples=args.kl_samples,
+                         pairs_dir=os.path.join(args.out, f'pairs_k{windows}'))
+    config.eval.euler_steps = tuple(n for n in (1, 2, 4, 100) if n % windows == 0)
+  config = shrink(config, args, args.student_steps)
+  config.teacher.workdir = teacher_dir
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--methods', default='flow_map',
+                      help=f'comma-separated: flow_map, {", ".join(REFLOW_VARIANTS)}')
+  parser.add_argument('--teacher-steps', type=int, default=3000)
+  parser.add_argument('--student-steps', type=int, default=1500)
+  parser.add_argument('--pairs', type=int, default=5000, help='teacher trajectories (reflow)')
+  parser.add_argument('--kl-samples', type=int, default=64, help='states per window KL (reflow)')
+  parser.add_argument('--channels', default='16,32,32')
+  parser.add_argument('--batch-size', type=int, default=64)
+  parser.add_argument('--lr', type=float, default=1e-3)
+  parser.add_argument('--num-samples', type=int, default=1000)
+  parser.add_argument('--nll-samples', type=int, default=64)
+  parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'mnist_cpu'))
+  args = parser.parse_args()
+  methods = args.methods.split(',')
+  unknown = set(methods) - {'flow_map', *REFLOW_VARIANTS}
+  if unknown:
+    parser.error(f'unknown --methods {sorted(unknown)}; choose from flow_map, '
+                 f'{", ".join(REFLOW_VARIANTS)}')
+
+  from flowdistill.config import load_config_file  # noqa: PLC0415
+  from flowdistill.experiments import flow_map, flow_matching, reflow  # noqa: PLC0415
+
+  teacher_dir = os.path.join(args.out, 'teacher')
+  start = time.time()
+  flow_matching.train(shrink(load_config_file(CONFIGS / 'mnist.py', 'mnist'), args,
+                             args.teacher_steps), teacher_dir)
+  teacher_s = time.time() - start
+  for method in methods:
+    start = time.time()
+    run = flow_map.run if method == 'flow_map' else reflow.run
+    result = run(student_config(method, args, teacher_dir), os.path.join(args.out, method))
+    fd = {row['sampler']: row['fd'] for row in result['rows']}
+    summary = {'args': vars(args), 'teacher_train_and_load_s': teacher_s,
+               'student_train_and_eval_s': time.time() - start, 'result': result}
+    if method == 'flow_map':
+      summary['ratio_4_step_to_teacher_100'] = fd['student 4-jump'] / fd['teacher euler-100']
+    with open(os.path.join(args.out, f'summary_{method}.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    print(json.dumps({'method': method, 'fd': fd}, indent=2))
+
+
+if __name__ == '__main__':
+  main()
