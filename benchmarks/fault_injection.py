@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import flow_matching
+from flowdistill.experiments import fm_run
 from flowdistill.train import loop, parallel
 from flowdistill.train.step import make_train_step
 
@@ -43,10 +43,10 @@ def config(steps: int, ckpt_every: int):
 
 
 def worker(workdir: str, steps: int, ckpt_every: int) -> None:
-  """The training part of `flowdistill.experiments.flow_matching.run` (child process)."""
+  """The training part of `flowdistill.experiments.fm_run.run` (child process)."""
   c = config(steps, ckpt_every)
   dataset = sources.load(c.data)
-  _, loss_fn, optimizer, state = flow_matching.build(c, dataset)
+  _, loss_fn, optimizer, state = fm_run.build(c, dataset)
   loop.train(state, make_train_step(loss_fn, optimizer),
              sources.batch_source(dataset, c.data.batch_size, seed=c.seed, conditional=False),
              mesh=parallel.make_mesh(), workdir=workdir, num_steps=steps, log_every=1,
@@ -75,7 +75,8 @@ def run_to_end(command: list[str]) -> subprocess.CompletedProcess:
   result = subprocess.run(command, env=env(), cwd=ROOT, capture_output=True, text=True,
                           timeout=COMMAND_TIMEOUT_S, check=False)
   if result.returncode:
-    raise RuntimeError(f'{" ".join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+    raise RuntimeError(f'{" ".join(command)} failed ({result.returncode}):\n'
+                       f'{result.stderr[-3000:]}')
   return result
 
 

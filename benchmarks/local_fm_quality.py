@@ -49,7 +49,7 @@ def summarize(result: dict, label: str, steps: int, wall: float) -> dict:
 
 
 def run_set(name: str, args, out: str) -> list:
-  from flowdistill.experiments import local_fm
+  from flowdistill.experiments import local_fm_run
   entries, previous = [], None
   for steps in args.global_steps:
     workdir = os.path.join(out, name, f'global_{steps}')
@@ -57,13 +57,13 @@ def run_set(name: str, args, out: str) -> list:
       shutil.copytree(os.path.join(previous, 'block_0', 'checkpoints'),
                       os.path.join(workdir, 'block_0', 'checkpoints'))
     start = time.perf_counter()
-    result = local_fm.run(make_config(name, blocks=1, hidden=256, steps=steps), workdir)
+    result = local_fm_run.run(make_config(name, blocks=1, hidden=256, steps=steps), workdir)
     entries.append(summarize(result, 'global FM 3x256', steps, time.perf_counter() - start))
     previous = workdir
   for steps in args.block_steps:
     distill = args.distill if steps == max(args.block_steps) else 0
     start = time.perf_counter()
-    result = local_fm.run(make_config(name, blocks=4, hidden=104, steps=steps, distill=distill),
+    result = local_fm_run.run(make_config(name, blocks=4, hidden=104, steps=steps, distill=distill),
                           os.path.join(out, name, f'chain_{steps}'))
     entries.append(summarize(result, '4-block chain 3x104', steps, time.perf_counter() - start))
   return entries

@@ -80,16 +80,16 @@ def main():
                  f'{", ".join(REFLOW_VARIANTS)}')
 
   from flowdistill.config import load_config_file  # noqa: PLC0415
-  from flowdistill.experiments import flow_map, flow_matching, reflow  # noqa: PLC0415
+  from flowdistill.experiments import flow_map_run, fm_run, reflow_run  # noqa: PLC0415
 
   teacher_dir = os.path.join(args.out, 'teacher')
   start = time.time()
-  flow_matching.train(shrink(load_config_file(CONFIGS / 'mnist.py', 'mnist'), args,
+  fm_run.train(shrink(load_config_file(CONFIGS / 'mnist.py', 'mnist'), args,
                              args.teacher_steps), teacher_dir)
   teacher_s = time.time() - start
   for method in methods:
     start = time.time()
-    run = flow_map.run if method == 'flow_map' else reflow.run
+    run = flow_map_run.run if method == 'flow_map' else reflow_run.run
     result = run(student_config(method, args, teacher_dir), os.path.join(args.out, method))
     fd = {row['sampler']: row['fd'] for row in result['rows']}
     summary = {'args': vars(args), 'teacher_train_and_load_s': teacher_s,

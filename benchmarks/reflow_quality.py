@@ -8,7 +8,8 @@ the per-window KL estimates and their TV bound. The target: alignment beats plai
 and 2 NFE on every set.
 
 python benchmarks/reflow_quality.py [--sets checkerboard,8gaussians,moons] [--steps 3000]
-    [--align-weight 0.01] [--score-eps 0.01] [--logdet exact] [--variants reflow,reflow-ma,piecewise,piecewise-ma]
+    [--align-weight 0.01] [--score-eps 0.01] [--logdet exact]
+    [--variants reflow,reflow-ma,piecewise,piecewise-ma]
 """
 
 import argparse
@@ -49,12 +50,12 @@ def main():
   args = parser.parse_args()
 
   from flowdistill.config import load_config_file
-  from flowdistill.experiments import flow_matching, reflow
+  from flowdistill.experiments import fm_run, reflow_run
 
   summary = {}
   for name in args.sets.split(','):
     teacher_dir = str(ROOT / 'benchmarks' / 'out' / 'teacher' / name)
-    flow_matching.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
+    fm_run.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
     summary[name] = {}
     for variant in args.variants.split(','):
       config = load_config_file(CONFIGS / 'reflow.py', f'{variant},{name}')
@@ -71,7 +72,7 @@ def main():
       if variant.endswith('-ma'):
         tag += (f'-{config.reflow.align_weight:g}-eps{config.reflow.score_eps:g}'
                 f'-{config.reflow.align_logdet}')
-      result = reflow.run(config, os.path.join(args.out, name, tag))
+      result = reflow_run.run(config, os.path.join(args.out, name, tag))
       summary[name][tag] = summarise(result)
       summary[name]['teacher'] = teacher_rows(result)
   os.makedirs(args.out, exist_ok=True)

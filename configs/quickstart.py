@@ -4,12 +4,12 @@ python -m flowdistill.main --config=configs/quickstart.py --workdir=/tmp/fd-quic
 python -m flowdistill.main --config=configs/quickstart.py:moons --workdir=/tmp/fd-moons
 """
 
-from flowdistill.config import base_config
+from flowdistill.config import base_config, parse_arg
 
 
-def get_config(arg: str = 'checkerboard'):
+def get_config(arg: str = ''):
   config = base_config()
-  config.data.name = arg or 'checkerboard'
+  config.data.name = parse_arg(arg, data='checkerboard').data
   config.data.batch_size = 1024
   config.train.steps = 4000
   config.train.ckpt_every = 1000

@@ -1,9 +1,10 @@
 """Reflow and piecewise reflow of a trained teacher, with or without marginal alignment.
 
-Arg: '<variant>' or '<variant>,<data>' with variant in reflow | piecewise | reflow-ma |
-piecewise-ma (default reflow) and data a toy set (default checkerboard) or 'mnist' (a
-class-conditional U-Net student of a configs/mnist.py teacher, which it distils with that
-teacher's guidance). 'piecewise' uses 2 windows; '-ma' adds the marginal-alignment regulariser.
+Arg: 'variant,data' (`config.parse_arg` fields, both optional) with variant in reflow |
+piecewise | reflow-ma | piecewise-ma (default reflow) and data a toy set (default
+checkerboard) or 'mnist' (a class-conditional U-Net student of a configs/mnist.py teacher,
+which it distils with that teacher's guidance). 'piecewise' uses 2 windows; '-ma' adds the
+marginal-alignment regulariser.
 Teacher pairs are cached in WORKDIR/pairs, or in --config.reflow.pairs_dir to share them:
 
 python -m flowdistill.main --config=configs/quickstart.py --workdir=runs/teacher
@@ -13,33 +14,31 @@ python -m flowdistill.main --config=configs/reflow.py:reflow \
     --config.teacher.workdir=runs/reflow --workdir=runs/2-rectified   # reflow again
 """
 
-from flowdistill.config import base_config
+from flowdistill.config import MNIST_DATA, MNIST_EVAL, MNIST_UNET, base_config, parse_arg
 
 VARIANTS = ('reflow', 'piecewise', 'reflow-ma', 'piecewise-ma')
 
 
-def get_config(arg: str = 'reflow'):
-  variant, _, name = (arg or 'reflow').partition(',')
+def get_config(arg: str = ''):
+  arg = parse_arg(arg, variant='reflow', data='checkerboard')
+  variant = arg.variant
   if variant not in VARIANTS:
     raise ValueError(f'configs/reflow.py:{variant!r}: choose one of {list(VARIANTS)}.')
   config = base_config()
   config.method = 'reflow'
-  config.data.name = name or 'checkerboard'
+  config.data.name = arg.data
   config.reflow.update(windows=2 if variant.startswith('piecewise') else 1, num_pairs=50_000,
                        align_weight=0.001 if variant.endswith('-ma') else 0.0, score_eps=0.05,
                        align_warmup=500)
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
   config.train.update(steps=3000, ckpt_every=1000, log_every=200)
   config.eval.update(num_samples=2000, nll_samples=1000, euler_steps=(1, 2, 4, 8))
-  if name == 'mnist':
-    config.data.update(source='mnist', path_env='FLOWDISTILL_MNIST_DIR', batch_size=128,
-                       conditional=True)
-    config.model.update(name='unet', channels=(32, 64, 64), num_res_blocks=1, attention=True,
-                        time_dim=128)
+  if arg.data == 'mnist':
+    config.data.update(**MNIST_DATA)
+    config.model.update(**MNIST_UNET)
     config.reflow.update(num_pairs=20_000, pair_chunk=500, pair_rtol=1e-4, pair_atol=1e-4,
                          align_logdet='hutchinson', kl_samples=256)
     config.optim.update(lr=2e-4, warmup_steps=500)
     config.train.update(steps=20_000, log_every=100)
-    config.eval.update(num_samples=1000, nll_samples=256, nll_divergence='hutchinson',
-                       rtol=1e-4, atol=1e-4, guidance=1.5)
+    config.eval.update(**MNIST_EVAL, guidance=1.5)
   return config

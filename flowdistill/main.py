@@ -2,6 +2,7 @@
 
 Overrides: `--config.train.steps=500`. Trains (resuming from DIR), then evaluates as the config
 says; checkpoints, metrics (JSON lines, TensorBoard), figures and a results table go to DIR.
+The method is `config.method`, looked up in `flowdistill.experiments.METHODS`.
 """
 
 import logging as std_logging
@@ -30,15 +31,12 @@ def main(argv):
   parallel.maybe_initialize_distributed(config.distributed)
   import jax  # noqa: PLC0415  (device queries only after the optional distributed start-up)
 
+  from flowdistill import experiments  # noqa: PLC0415
   from flowdistill.config import validate  # noqa: PLC0415
-  from flowdistill.experiments import (  # noqa: PLC0415
-      flow_map, flow_matching, local_fm, reflow)
 
   validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   logging.info('Config:\n%s', config)
-  experiment = {'fm': flow_matching, 'flow_map': flow_map, 'local_fm': local_fm,
-                'reflow': reflow}[config.method]
-  experiment.run(config, _WORKDIR.value)
+  experiments.get(config.method).run(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ Fixed-step solvers (Euler, midpoint, Heun) are a `lax.scan` over a time grid; ad
 evaluation counts once: its conditional and unconditional halves run as one batch).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import diffrax
 import jax

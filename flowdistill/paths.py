@@ -14,7 +14,7 @@ All functions broadcast a time array of shape [B] (or a scalar) against data [B,
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

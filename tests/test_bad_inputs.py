@@ -16,14 +16,15 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flowdistill import experiments
 from flowdistill.config import base_config, validate
 from flowdistill.data import sources
-from flowdistill.experiments import flow_map, flow_matching
+from flowdistill.experiments import common, fm_run
 from flowdistill.train import loop, parallel
 from flowdistill.train.checkpoint import (
-    Checkpointer,
-    CheckpointMismatchError,
-    UnreadableCheckpointsError,
+  Checkpointer,
+  CheckpointMismatchError,
+  UnreadableCheckpointsError,
 )
 from flowdistill.train.step import make_train_step
 
@@ -38,20 +39,20 @@ def _config():
 
 def _train(config, workdir, batches=None):
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = flow_matching.build(config, dataset)
+  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
   batches = batches or sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
                                             conditional=False)
   return loop.train(state, make_train_step(loss_fn, optimizer), batches,
                     mesh=parallel.make_mesh(config.train.num_devices), workdir=str(workdir),
                     num_steps=config.train.steps, ckpt_every=config.train.ckpt_every,
-                    meta=flow_matching.checkpoint_meta(config, dataset, two_time=False),
+                    meta=common.checkpoint_meta(config, dataset, two_time=False),
                     progress=False)
 
 
 def _main(config, workdir):
   """What `flowdistill.main` does after parsing flags."""
   validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-  {'fm': flow_matching, 'flow_map': flow_map}[config.method].run(config, str(workdir))
+  experiments.get(config.method).run(config, str(workdir))
 
 
 @pytest.fixture(scope='module')

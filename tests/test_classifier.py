@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flowdistill.eval.classifier import accuracy, train_classifier
 from flowdistill.models import Classifier
-from flowdistill.models.classifier import accuracy, train_classifier
 
 
 def _patches(n, seed):

@@ -5,7 +5,7 @@ import pathlib
 import ml_collections
 import pytest
 
-from flowdistill.config import base_config, load_config_file, validate
+from flowdistill.config import base_config, load_config_file, parse_arg, validate
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -47,3 +47,34 @@ def test_wrong_type_is_named():
   config.data = ml_collections.ConfigDict(dict(config.data.to_dict(), name=3))
   with pytest.raises(ValueError, match=r'config.data.name=3 has the wrong type'):
     validate(config)
+
+
+def test_parse_arg_fills_typed_fields_by_position_name_and_flag():
+  arg = parse_arg('pfmm,mnist', loss='lmd', data='checkerboard')
+  assert (arg.loss, arg.data) == ('pfmm', 'mnist')
+  assert parse_arg('', loss='lmd', data='checkerboard').to_dict() == {
+      'loss': 'lmd', 'data': 'checkerboard'}
+  arg = parse_arg('tabular,distill,blocks=3', data='checkerboard', distill=False, blocks=4)
+  assert (arg.data, arg.distill, arg.blocks) == ('tabular', True, 3)
+  assert parse_arg('scale=0.5', scale=1.0).scale == 0.5
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('a,1.0,True,x', r'too many values; the fields are \['),
+    ('lr=x', r"lr='x' is not a float"),
+    ('colour=red', r"unknown field 'colour'"),
+    ('flag=maybe', r'flag must be True or False'),
+])
+def test_parse_arg_names_a_bad_argument(arg, message):
+  with pytest.raises(ValueError, match=message):
+    parse_arg(arg, data='moons', lr=1.0, flag=False)
+
+
+def test_config_args_reach_their_fields():
+  configs = pathlib.Path(__file__).parent.parent / 'configs'
+  assert load_config_file(configs / 'flow_map.py', 'fmm,moons').flow_map.loss == 'fmm'
+  assert load_config_file(configs / 'flow_map.py', 'data=mnist').data.source == 'mnist'
+  assert load_config_file(configs / 'local_fm.py', 'tabular,distill').local_fm.distill_steps
+  assert load_config_file(configs / 'reflow.py', 'piecewise-ma').reflow.windows == 2
+  with pytest.raises(ValueError, match='choose one of'):
+    load_config_file(configs / 'reflow.py', 'sideways')

@@ -8,8 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+from flowdistill import experiments
 from flowdistill.config import base_config, validate
-from flowdistill.experiments import flow_map, flow_matching
+from flowdistill.data import sources
+from flowdistill.eval import report
+from flowdistill.experiments import common, flow_map_run, fm_run
+from flowdistill.train.teacher import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.train.steps=30', '--config.train.ckpt_every=15', '--config.data.batch_size=64',
@@ -52,7 +56,7 @@ def test_cli_rejects_an_unknown_override_before_any_work(tmp_path):
 def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
   teacher = _tiny(base_config())
   teacher.data.name = 'moons'
-  flow_matching.train(teacher, str(tmp_path / 'teacher'))
+  fm_run.train(teacher, str(tmp_path / 'teacher'))
   for loss in ('lmd', 'emd'):
     student = _tiny(base_config())
     student.data.name = 'moons'
@@ -60,7 +64,7 @@ def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
     student.flow_map.loss = loss
     student.teacher.workdir = str(tmp_path / 'teacher')
     validate(student)
-    result = flow_map.run(student, str(tmp_path / loss))
+    result = flow_map_run.run(student, str(tmp_path / loss))
     labels = [r['sampler'] for r in result['rows']]
     assert {'student 1-jump', 'student 2-jump', 'teacher euler-1', 'teacher dopri5'} <= set(
         labels)
@@ -71,9 +75,9 @@ def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
   pfmm.flow_map.loss = 'pfmm'
   pfmm.teacher.workdir = str(tmp_path / 'teacher')
   with pytest.raises(ValueError, match='needs a flow-map teacher'):
-    flow_map.run(pfmm, str(tmp_path / 'pfmm'))
+    flow_map_run.run(pfmm, str(tmp_path / 'pfmm'))
   pfmm.teacher.workdir = str(tmp_path / 'lmd')
-  result = flow_map.run(pfmm, str(tmp_path / 'pfmm'))
+  result = flow_map_run.run(pfmm, str(tmp_path / 'pfmm'))
   assert 'teacher 2-jump' in [r['sampler'] for r in result['rows']]
 
 
@@ -82,7 +86,7 @@ def test_missing_teacher_is_refused_with_the_fix(tmp_path):
   student.method = 'flow_map'
   student.teacher.workdir = str(tmp_path / 'nothing')
   with pytest.raises(FileNotFoundError, match='config.teacher.workdir'):
-    flow_map.run(student, str(tmp_path / 'student'))
+    flow_map_run.run(student, str(tmp_path / 'student'))
   student.teacher.workdir = ''
   with pytest.raises(ValueError, match='distils a teacher'):
     validate(student)
@@ -99,7 +103,7 @@ def test_image_pipeline_on_builtin_digits(tmp_path, monkeypatch):
   config.eval.update(num_samples=40, euler_steps=(2,), guidance=2.0, nll_samples=4,
                      nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=30)
   validate(config)
-  result = flow_matching.run(config, str(tmp_path / 'digits'))
+  result = fm_run.run(config, str(tmp_path / 'digits'))
   assert [r['sampler'] for r in result['rows']] == ['euler-2', 'dopri5']
   assert all(r['fd'] >= 0 and 0 <= r['label_accuracy'] <= 1 for r in result['rows'])
   assert result['bpd'] > 0 and result['classifier_test_accuracy'] > 0.2
@@ -119,8 +123,57 @@ def test_flow_map_on_images_reports_the_series_jump_likelihood(tmp_path, monkeyp
   config.eval.update(num_samples=40, map_steps=(1, 4), nll_samples=4, nll_probes=2,
                      nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=30)
   validate(config)
-  result = flow_map.run(config, str(tmp_path / 'fmm'))
+  result = flow_map_run.run(config, str(tmp_path / 'fmm'))
   assert [r['sampler'] for r in result['rows']] == ['student 1-jump', 'student 4-jump']
   assert set(result['nll_jumps']) == {'1', '4'}
   assert all(np.isfinite(v['nll']) for v in result['nll_jumps'].values())
   assert 'bits/dim, Hutchinson power-series' in (tmp_path / 'fmm' / 'results.md').read_text()
+
+
+def _scaled_run(config, workdir):
+  """A toy method: flow matching with the loss scaled by `config.scaled.weight`."""
+  dataset = sources.load(config.data)
+  apply_fn, params, loss_fn = fm_run.make_loss(config, dataset)
+
+  def scaled(params, batch, key):
+    loss, metrics = loss_fn(params, batch, key)
+    return config.scaled.weight * loss, metrics
+
+  state = common.fit(config, params, scaled, fm_run.batches(config, dataset), workdir,
+                     meta=common.checkpoint_meta(config, dataset, two_time=False))
+  params = common.eval_params(config, state)
+  section = report.Section({'weight': config.scaled.weight},
+                           f'Loss weight: {config.scaled.weight}')
+  return common.evaluate(config, dataset, report.velocity_samplers(apply_fn, params, config.eval),
+                         workdir, velocity_model=(apply_fn, params), sections=[section])
+
+
+def _validate_scaled(flat):
+  if not flat['scaled.weight'] > 0:
+    raise ValueError(f'config.scaled.weight={flat["scaled.weight"]} must be > 0.')
+
+
+def test_a_method_added_to_the_registry_gets_config_validation_and_the_run_layer(
+    tmp_path, monkeypatch):
+  """One registry entry: its section joins base_config, its checks run in validate only when
+  it is selected, `fit` trains it resumably and `evaluate` reports it with its own section."""
+  monkeypatch.setitem(experiments.METHODS, 'scaled', common.Method(
+      'scaled', _scaled_run, defaults={'weight': 2.0}, validate=_validate_scaled))
+  config = _tiny(base_config())
+  config.data.name = 'moons'
+  config.scaled.weight = -1.0
+  validate(config)  # method 'fm': the section of another method is not checked
+  config.method = 'scaled'
+  with pytest.raises(ValueError, match=r'config.scaled.weight=-1.0 must be > 0'):
+    validate(config)
+  config.scaled.weight = 0.5
+  validate(config)
+  workdir = tmp_path / 'scaled'
+  result = experiments.get('scaled').run(config, str(workdir))
+  assert result['weight'] == 0.5 and 'Loss weight: 0.5' in (workdir / 'results.md').read_text()
+  assert [r['sampler'] for r in result['rows']][1:] == ['euler-1', 'euler-2', 'dopri5']
+  assert np.isfinite(result['nll'])
+  teacher = load_trained(str(workdir))  # its checkpoints serve as a teacher like any run's
+  assert teacher.config.method == 'scaled' and teacher.data_shape == (2,)
+  with pytest.raises(ValueError, match=r"config.method='nope' is not one of"):
+    experiments.get('nope')

@@ -9,7 +9,7 @@ from flax import nnx
 
 from flowdistill import closed_form as cf
 from flowdistill import paths
-from flowdistill.fewstep import flow_map as fmap
+from flowdistill.fewstep import flow_map
 from flowdistill.models import MLP, to_apply_fn
 
 MEAN, STD = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.5])
@@ -24,11 +24,11 @@ def _batch(key, n=2048):
 
 
 @pytest.mark.parametrize('make', [
-    lambda: fmap.lmd_loss(APPLY, APPLY, PATH),
-    lambda: fmap.lmd_loss(APPLY, APPLY, PATH, scheme='uniform'),
-    lambda: fmap.emd_loss(APPLY, APPLY, PATH),
-    lambda: fmap.emd_loss(APPLY, APPLY, PATH, scheme='band', band=0.3),
-    lambda: fmap.pfmm_loss(APPLY, APPLY, PATH, teacher_jumps=3),
+    lambda: flow_map.lmd_loss(APPLY, APPLY, PATH),
+    lambda: flow_map.lmd_loss(APPLY, APPLY, PATH, scheme='uniform'),
+    lambda: flow_map.emd_loss(APPLY, APPLY, PATH),
+    lambda: flow_map.emd_loss(APPLY, APPLY, PATH, scheme='band', band=0.3),
+    lambda: flow_map.pfmm_loss(APPLY, APPLY, PATH, teacher_jumps=3),
 ], ids=['lmd', 'lmd-uniform', 'emd', 'emd-band', 'pfmm'])
 def test_distillation_losses_vanish_exactly_at_the_exact_map(make):
   loss_fn = make()
@@ -39,7 +39,7 @@ def test_distillation_losses_vanish_exactly_at_the_exact_map(make):
 
 
 def test_direct_fmm_is_minimal_and_invertible_at_the_exact_map():
-  loss_fn = fmap.fmm_loss(APPLY, PATH)
+  loss_fn = flow_map.fmm_loss(APPLY, PATH)
   batch, key = _batch(jax.random.key(0), 8192), jax.random.key(1)
   exact, metrics = loss_fn(EXACT, batch, key)
   wrong, _ = loss_fn(WRONG, batch, key)
@@ -49,8 +49,8 @@ def test_direct_fmm_is_minimal_and_invertible_at_the_exact_map():
 
 @pytest.mark.parametrize('steps', [1, 2, 7])
 def test_sampler_with_the_exact_map_is_exact_at_any_step_count(steps):
-  x, info = fmap.sample(APPLY, EXACT, jax.random.key(3), 256, (2,), steps=steps)
-  x0 = fmap.ode.noise(jax.random.key(3), 256, (2,))
+  x, info = flow_map.sample(APPLY, EXACT, jax.random.key(3), 256, (2,), steps=steps)
+  x0 = flow_map.ode.noise(jax.random.key(3), 256, (2,))
   np.testing.assert_allclose(x, cf.flow_map(PATH, x0, 0.0, 1.0, MEAN, STD), atol=1e-4)
   assert info['nfe'] == steps
 
@@ -58,10 +58,10 @@ def test_sampler_with_the_exact_map_is_exact_at_any_step_count(steps):
 def test_jump_likelihood_and_tangent_velocity_match_closed_forms():
   x = MEAN + STD * jax.random.normal(jax.random.key(4), (64, 2))
   for grid in (jnp.array([0.0, 1.0]), jnp.array([0.0, 0.3, 0.7, 1.0])):
-    logp, info = fmap.log_likelihood_jumps(APPLY, EXACT, x, grid)
+    logp, info = flow_map.log_likelihood_jumps(APPLY, EXACT, x, grid)
     np.testing.assert_allclose(logp, cf.log_density(PATH, x, 1.0, MEAN, STD), atol=1e-3)
     assert info['inverse_error'] < 1e-4
-  v = fmap.tangent_velocity(APPLY)(EXACT, x, jnp.full(64, 0.4))
+  v = flow_map.tangent_velocity(APPLY)(EXACT, x, jnp.full(64, 0.4))
   np.testing.assert_allclose(v, cf.velocity(PATH, x, 0.4, MEAN, STD), atol=1e-5)
 
 
@@ -69,8 +69,8 @@ def test_series_logdet_for_images_matches_the_exact_jacobian():
   # The closed-form map is diagonal, so Rademacher probes leave only the series truncation.
   x = MEAN + STD * jax.random.normal(jax.random.key(4), (64, 2))
   grid = jnp.array([0.0, 0.3, 0.7, 1.0])
-  probes = fmap.ode.divergence_probes(jax.random.key(5), 1, x)
-  logp, _ = fmap.log_likelihood_jumps(APPLY, EXACT, x, grid, logdet='series', probes=probes,
+  probes = flow_map.ode.divergence_probes(jax.random.key(5), 1, x)
+  logp, _ = flow_map.log_likelihood_jumps(APPLY, EXACT, x, grid, logdet='series', probes=probes,
                                       terms=12)
   np.testing.assert_allclose(logp, cf.log_density(PATH, x, 1.0, MEAN, STD), atol=1e-3)
   # A random two-time network (full Jacobians): unbiased within the Hutchinson error.
@@ -79,11 +79,11 @@ def test_series_logdet_for_images_matches_the_exact_jacobian():
   keys = jax.random.split(jax.random.key(7), len(leaves))
   params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape)
                                      for p, k in zip(leaves, keys)])
-  map_fn = lambda y: fmap.flow_map(apply_fn, params, y, 0.4, 0.6)
+  map_fn = lambda y: flow_map.flow_map(apply_fn, params, y, 0.4, 0.6)
   exact = jax.vmap(lambda y: jnp.linalg.slogdet(jax.jacfwd(
       lambda z: map_fn(z[None])[0])(y))[1])(x[:4])
-  probes = fmap.ode.divergence_probes(jax.random.key(6), 4000, x[:4])
-  per_probe = jax.vmap(lambda p: fmap.logdet_series(map_fn, x[:4], p[None]))(probes)
+  probes = flow_map.ode.divergence_probes(jax.random.key(6), 4000, x[:4])
+  per_probe = jax.vmap(lambda p: flow_map.logdet_series(map_fn, x[:4], p[None]))(probes)
   stderr = per_probe.std(0) / np.sqrt(probes.shape[0])
   assert np.all(np.abs(per_probe.mean(0) - exact) < 4 * stderr + 1e-4), (per_probe.mean(0),
                                                                         exact, stderr)
@@ -92,7 +92,7 @@ def test_series_logdet_for_images_matches_the_exact_jacobian():
 
 def test_trained_lmd_map_has_small_semigroup_and_invertibility_residuals():
   apply_fn, params = to_apply_fn(MLP(2, hidden=64, depth=3, two_time=True, rngs=nnx.Rngs(0)))
-  loss_fn = fmap.lmd_loss(apply_fn, APPLY, PATH, scheme='uniform')
+  loss_fn = flow_map.lmd_loss(apply_fn, APPLY, PATH, scheme='uniform')
   opt = optax.adam(optax.cosine_decay_schedule(3e-3, 1500))
   opt_state = opt.init(params)
 
@@ -107,17 +107,17 @@ def test_trained_lmd_map_has_small_semigroup_and_invertibility_residuals():
     params, opt_state = step(params, opt_state, jax.random.key(i))
   x = jax.random.normal(jax.random.key(7), (512, 2))
   s, t, u = 0.1, 0.5, 0.9
-  X = lambda x, a, b: fmap.flow_map(apply_fn, params, x, a, b)
+  X = lambda x, a, b: flow_map.flow_map(apply_fn, params, x, a, b)
   rms = lambda r: jnp.sqrt(jnp.mean(r**2))
   semigroup = rms(X(X(x, s, t), t, u) - X(x, s, u))
   inverse = rms(X(X(x, s, u), u, s) - x)
   scale = rms(X(x, s, u) - x)
   assert semigroup < 0.02 * scale and inverse < 0.05 * scale, (semigroup, inverse, scale)
   exact = cf.flow_map(PATH, x, 0.0, 1.0, MEAN, STD)
-  two_step = fmap.jump(apply_fn, params, x, jnp.array([0.0, 0.5, 1.0]))[0]
+  two_step = flow_map.jump(apply_fn, params, x, jnp.array([0.0, 0.5, 1.0]))[0]
   assert rms(two_step - exact) < 0.25 * rms(x - exact)  # a short run: well on its way
 
 
 def test_bad_time_scheme_is_named():
   with pytest.raises(ValueError, match='Unknown time scheme'):
-    fmap.lmd_loss(APPLY, APPLY, PATH, scheme='diagonal')
+    flow_map.lmd_loss(APPLY, APPLY, PATH, scheme='diagonal')

@@ -18,8 +18,8 @@ from flowdistill import closed_form as cf
 from flowdistill import fm, ode, paths
 from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources, tabular
-from flowdistill.experiments import local_fm as experiment
-from flowdistill.fewstep import local_fm as lfm
+from flowdistill.experiments import local_fm_run
+from flowdistill.fewstep import local_fm
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.mlp import MLP
 
@@ -34,10 +34,10 @@ def path(request):
 
 
 def test_step_sizes_are_geometric_with_a_free_last_block():
-  np.testing.assert_allclose(lfm.step_sizes(4, 0.1, 1.5)[:3], [0.1, 0.15, 0.225])
-  assert lfm.step_sizes(4, 0.1, 1.5)[3] is None and lfm.step_sizes(1, 0.1, 1.5) == (None,)
+  np.testing.assert_allclose(local_fm.step_sizes(4, 0.1, 1.5)[:3], [0.1, 0.15, 0.225])
+  assert local_fm.step_sizes(4, 0.1, 1.5)[3] is None and local_fm.step_sizes(1, 0.1, 1.5) == (None,)
   with pytest.raises(ValueError, match='num_blocks'):
-    lfm.step_sizes(0, 0.1, 1.5)
+    local_fm.step_sizes(0, 0.1, 1.5)
 
 
 def test_ou_transition_is_exact():
@@ -45,14 +45,15 @@ def test_ou_transition_is_exact():
   h1, h2 = 0.3, 0.7
   x = jax.random.normal(jax.random.key(0), (5, 3))
   z = jax.random.normal(jax.random.key(1), (5, 3))
-  np.testing.assert_allclose(lfm.couple(x, jnp.zeros_like(z), h1), math.exp(-h1) * x, rtol=1e-6)
-  np.testing.assert_allclose(lfm.couple(jnp.zeros_like(x), z, h1),
+  np.testing.assert_allclose(local_fm.noise_endpoint(x, jnp.zeros_like(z), h1), math.exp(-h1) * x,
+                             rtol=1e-6)
+  np.testing.assert_allclose(local_fm.noise_endpoint(jnp.zeros_like(x), z, h1),
                              math.sqrt(1 - math.exp(-2 * h1)) * z, rtol=1e-6)
   b = lambda h: math.sqrt(1 - math.exp(-2 * h))
   assert math.exp(-2 * h1) + b(h1)**2 == pytest.approx(1.0)  # stationary variance
   # Noise variance of two steps equals that of one step of h1 + h2.
   assert (math.exp(-h2) * b(h1))**2 + b(h2)**2 == pytest.approx(b(h1 + h2)**2)
-  np.testing.assert_array_equal(lfm.couple(x, z, None), z)  # the free block
+  np.testing.assert_array_equal(local_fm.noise_endpoint(x, z, None), z)  # the free block
 
 
 @pytest.mark.parametrize('h', [0.2, None], ids=['dependent', 'free'])
@@ -61,8 +62,8 @@ def test_block_time_convention_is_exact_at_the_endpoints(path, h):
   base interpolant between (x_r, x_l) at every t, with the same velocity target."""
   x_l = jax.random.normal(jax.random.key(0), (16, 2)) * STD + MEAN
   z = jax.random.normal(jax.random.key(1), (16, 2))
-  x_r = lfm.couple(x_l, z, h)
-  block = lfm.block_path(path, h)
+  x_r = local_fm.noise_endpoint(x_l, z, h)
+  block = local_fm.block_path(path, h)
   np.testing.assert_allclose(block.sample(z, x_l, jnp.ones(16))[0], x_l, atol=1e-6)
   np.testing.assert_allclose(block.sample(z, x_l, jnp.zeros(16))[0], x_r, atol=1e-6)
   if h is not None:
@@ -83,27 +84,28 @@ def test_block_loss_is_flow_matching_on_the_ou_pairs():
   path, h, key = paths.linear_path(), 0.15, jax.random.key(3)
   x_l = jax.random.normal(jax.random.key(0), (64, 2))
   z = jax.random.normal(jax.random.split(key, 5)[0], x_l.shape)  # the loss's own noise draw
-  got, _ = lfm.block_loss(apply_fn, path, h)(params, {'x': x_l}, key)
-  want, _ = fm.make_loss(apply_fn, path)(params, {'x': x_l, 'x0': lfm.couple(x_l, z, h)}, key)
+  got, _ = local_fm.block_loss(apply_fn, path, h)(params, {'x': x_l}, key)
+  batch = {'x': x_l, 'x0': local_fm.noise_endpoint(x_l, z, h)}
+  want, _ = fm.make_loss(apply_fn, path)(params, batch, key)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   with pytest.raises(ValueError, match='free last block only'):
-    lfm.block_loss(apply_fn, path, h, coupling='exact')
+    local_fm.block_loss(apply_fn, path, h, coupling='exact')
 
 
 def test_one_free_block_chain_is_global_flow_matching():
   apply_fn, params = _mlp()
   path, key = paths.linear_path(), jax.random.key(4)
   batch = {'x': jax.random.normal(jax.random.key(0), (64, 2))}
-  np.testing.assert_array_equal(lfm.block_loss(apply_fn, path, None)(params, batch, key)[0],
+  np.testing.assert_array_equal(local_fm.block_loss(apply_fn, path, None)(params, batch, key)[0],
                                 fm.make_loss(apply_fn, path)(params, batch, key)[0])
-  chain = lfm.stack_blocks([params])
+  chain = local_fm.stack_blocks([params])
   x0 = ode.noise(jax.random.key(5), 128, (2,))
   for kwargs in ({'solver': 'euler', 'steps': 8}, {'solver': 'dopri5'}):
-    got, info = lfm.sample_chain(apply_fn, chain, x0, **kwargs)
+    got, info = local_fm.sample_chain(apply_fn, chain, x0, **kwargs)
     want, want_info = ode.solve(ode.velocity_fn(apply_fn, params), x0, **kwargs)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert int(info['nfe']) == int(want_info['nfe'])
-  logp, _ = lfm.chain_log_likelihood(apply_fn, chain, x0)
+  logp, _ = local_fm.chain_log_likelihood(apply_fn, chain, x0)
   np.testing.assert_allclose(logp, ode.log_likelihood(apply_fn, params, x0)[0], atol=1e-4)
 
 
@@ -125,7 +127,7 @@ def _affine_chain(path, h_list):
     blocks.append({'mean': mean, 'std': jnp.sqrt(var), 'a': jnp.float32(a),
                    'b': jnp.float32(b)})
     mean, var = a * mean, a * a * var + b * b
-  return apply_fn, lfm.stack_blocks(blocks)
+  return apply_fn, local_fm.stack_blocks(blocks)
 
 
 def test_affine_chain_likelihood_and_samples_equal_the_closed_form(path):
@@ -133,48 +135,48 @@ def test_affine_chain_likelihood_and_samples_equal_the_closed_form(path):
   trace and Rademacher Hutchinson, exact for diagonal Jacobians), the chain sampler maps
   z to m + s z, the push-forward of block 0 is the OU marginal's monotone map, and one flow-map
   jump per block samples exactly."""
-  h_list = lfm.step_sizes(3, 0.2, 1.5)
+  h_list = local_fm.step_sizes(3, 0.2, 1.5)
   apply_fn, chain = _affine_chain(path, h_list)
   x = jax.random.normal(jax.random.key(0), (256, 2)) * STD + MEAN
   exact = cf.log_density(paths.linear_path(), x, 1.0, MEAN, STD)
   tight = {'rtol': 1e-6, 'atol': 1e-6}
-  logp, info = lfm.chain_log_likelihood(apply_fn, chain, x, **tight)
+  logp, info = local_fm.chain_log_likelihood(apply_fn, chain, x, **tight)
   np.testing.assert_allclose(logp, exact, atol=2e-4)
   assert info['deltas'].shape == (3, 256)
-  logp_h, _ = lfm.chain_log_likelihood(apply_fn, chain, x, jax.random.key(1),
+  logp_h, _ = local_fm.chain_log_likelihood(apply_fn, chain, x, jax.random.key(1),
                                        divergence='hutchinson', **tight)
   np.testing.assert_allclose(logp_h, exact, atol=2e-4)
 
   z = ode.noise(jax.random.key(2), 256, (2,))
-  samples, info = lfm.sample_chain(apply_fn, chain, z, solver='dopri5', **tight)
+  samples, info = local_fm.sample_chain(apply_fn, chain, z, solver='dopri5', **tight)
   np.testing.assert_allclose(samples, MEAN + STD * z, atol=2e-4)
   assert int(info['nfe']) > 3 * 6
 
   first = jax.tree.map(lambda p: p[0], chain)
-  pushed, _ = lfm.push_forward(apply_fn, first, x, **tight)
+  pushed, _ = local_fm.push_forward(apply_fn, first, x, **tight)
   h = h_list[0]
   ou_mean = math.exp(-h) * MEAN
   ou_std = jnp.sqrt(math.exp(-2 * h) * STD**2 + 1 - math.exp(-2 * h))
   np.testing.assert_allclose(pushed, ou_mean + ou_std * (x - MEAN) / STD, atol=2e-4)
 
-  jumped, info = lfm.jump_chain(apply_fn, chain, z, jumps=1)
+  jumped, info = local_fm.jump_chain(apply_fn, chain, z, jumps=1)
   np.testing.assert_allclose(jumped, MEAN + STD * z, atol=1e-4)
   assert info['nfe'] == 3
 
 
 def test_distillation_loss_vanishes_for_the_exact_block_flow_map(path):
-  h_list = lfm.step_sizes(2, 0.3, 1.0)
+  h_list = local_fm.step_sizes(2, 0.3, 1.0)
   apply_fn, chain = _affine_chain(path, h_list)
   eps = jax.random.normal(jax.random.key(0), (128, 2))
   for n, h in enumerate(h_list):
     params = jax.tree.map(lambda p, n=n: p[n], chain)
     batch = {'x': params['mean'] + params['std'] * eps}  # block n's data side
     for loss_name in ('lmd', 'emd'):
-      loss, _ = lfm.distill_loss(apply_fn, apply_fn, path, h, loss=loss_name)(
+      loss, _ = local_fm.distill_loss(apply_fn, apply_fn, path, h, loss=loss_name)(
           params, batch, jax.random.key(n), params)
       assert float(loss) < 1e-6, (n, loss_name, loss)
   first = jax.tree.map(lambda p: p[0], chain)
-  loss, _ = lfm.distill_loss(apply_fn, apply_fn, path, h_list[0])(
+  loss, _ = local_fm.distill_loss(apply_fn, apply_fn, path, h_list[0])(
       dict(first, mean=MEAN + 0.5), {'x': MEAN + STD * eps}, jax.random.key(0), first)
   assert float(loss) > 1e-3
 
@@ -202,7 +204,8 @@ def test_config_files_validate_and_bad_keys_are_named():
     validate(load_config_file(os.path.join(CONFIGS, 'local_fm.py'), arg), num_devices=8)
   config = base_config()
   config.data.source = 'tabular'
-  with pytest.raises(ValueError, match='config.method="local_fm"'):
+  with pytest.raises(ValueError, match=r"config.method='fm' does not take config.data.source="
+                     r"'tabular'.*methods that do: \['local_fm'\]"):
     validate(config)
   config = load_config_file(os.path.join(CONFIGS, 'local_fm.py'))
   config.local_fm.h0 = 0.0
@@ -233,7 +236,7 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
   them and gives the same points; a different schedule in the same workdir is refused."""
   config = _tiny_config(distill_steps=4)
   workdir = str(tmp_path / 'run')
-  first = experiment.run(config, workdir)
+  first = local_fm_run.run(config, workdir)
   labels = [r['sampler'] for r in first['rows']]
   assert 'chain euler-1/block' in labels and 'distilled 1-jump/block' in labels
   assert next(r['nfe'] for r in first['rows'] if r['sampler'] == 'chain euler-1/block') == 2
@@ -247,9 +250,9 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
 
   # The push-forward is the block's ODE from its data side: recompute chunk-wise after
   # removing the cache and leaving one chunk as if interrupted.
-  chain = experiment.Chain(config, sources.load(config.data), workdir)
+  chain = local_fm_run.Chain(config, sources.load(config.data), workdir)
   params = chain.train_block(0, chain.init_params)  # restores; no training
-  push = lambda rows: (lfm.push_forward(chain.apply_fn, params, rows, solver='heun',
+  push = lambda rows: (local_fm.push_forward(chain.apply_fn, params, rows, solver='heun',
                                         steps=4)[0], 8)
   os.remove(os.path.join(block0, 'pushforward.npy'))
   parts = os.path.join(block0, 'pushforward_parts_c128')
@@ -257,7 +260,7 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
   rows = chain.data(0)[:128]
   np.savez(os.path.join(parts, '000000.npz'), x=np.asarray(push(rows)[0]), nfe=8)
   calls = []
-  again = experiment.cached_push_forward(block0, lambda r: calls.append(1) or push(r),
+  again = local_fm_run.cached_push_forward(block0, lambda r: calls.append(1) or push(r),
                                          chain.data(0), 128)
   assert len(calls) == 2  # chunks 1 and 2 only
   np.testing.assert_allclose(again, pushed, atol=1e-5)
@@ -265,9 +268,10 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
   # Rerunning restores every block without training and reuses the cached push-forward.
   mtime = os.path.getmtime(os.path.join(block0, 'pushforward.npy'))
   seen = {}
-  monkeypatch.setattr(experiment, 'evaluate',
-                      lambda chain, blocks, *args: seen.update(blocks=blocks))
-  experiment.run(config, workdir)
+  monkeypatch.setattr(local_fm_run, 'chain_section',
+                      lambda chain, blocks: seen.update(blocks=blocks))
+  monkeypatch.setattr(local_fm_run.common, 'evaluate', lambda *args, **kwargs: {})
+  local_fm_run.run(config, workdir)
   assert os.path.getmtime(os.path.join(block0, 'pushforward.npy')) == mtime
   steps = [d for d in os.listdir(os.path.join(block0, 'checkpoints')) if d.isdigit()]
   assert sorted(steps, key=int) == ['4', '8']
@@ -276,7 +280,7 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
 
   config.local_fm.h0 = 0.2
   with pytest.raises(ValueError, match='config.local_fm.h0'):
-    experiment.run(config, workdir)
+    local_fm_run.run(config, workdir)
 
 
 @pytest.mark.slow
@@ -294,14 +298,14 @@ def test_image_chain_on_builtin_digits(tmp_path, monkeypatch):
                      classifier_steps=30)
   validate(config)
   workdir = str(tmp_path / 'digits')
-  result = experiment.run(config, workdir)
+  result = local_fm_run.run(config, workdir)
   assert [r['sampler'] for r in result['rows']] == ['chain euler-2/block', 'chain dopri5']
   assert result['rows'][0]['nfe'] == 4 and all(r['fd'] >= 0 for r in result['rows'])
   assert result['bpd'] > 0
   assert os.path.exists(os.path.join(workdir, 'samples_chain_euler-2_per_block.png'))
-  chain = experiment.Chain(config, sources.load(config.data), workdir)
+  chain = local_fm_run.Chain(config, sources.load(config.data), workdir)
   params = chain.train_block(0, chain.init_params)
   pushed = np.load(os.path.join(workdir, 'block_0', 'pushforward.npy'))
   rows = chain.data(0)[:256]
-  want, _ = lfm.push_forward(chain.apply_fn, params, jnp.asarray(rows), solver='heun', steps=2)
+  want, _ = local_fm.push_forward(chain.apply_fn, params, jnp.asarray(rows), solver='heun', steps=2)
   np.testing.assert_allclose(pushed[:256], want, atol=1e-4)

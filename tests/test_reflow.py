@@ -11,8 +11,7 @@ from flowdistill import closed_form as cf
 from flowdistill import ode, paths
 from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources, teacher_pairs
-from flowdistill.experiments import flow_matching
-from flowdistill.experiments import reflow as reflow_experiment
+from flowdistill.experiments import fm_run, reflow_run
 from flowdistill.fewstep import reflow
 from flowdistill.train.teacher import load_trained
 
@@ -258,13 +257,13 @@ def _tiny(config):
 
 
 def test_piecewise_reflow_with_alignment_runs_from_a_teacher_workdir(tmp_path):
-  flow_matching.train(_tiny(base_config()), str(tmp_path / 'teacher'))
+  fm_run.train(_tiny(base_config()), str(tmp_path / 'teacher'))
   config = _tiny(load_config_file('configs/reflow.py', 'piecewise-ma,moons'))
   config.teacher.workdir = str(tmp_path / 'teacher')
   config.reflow.update(num_pairs=128, pair_chunk=64, kl_samples=32, align_warmup=5,
                        pairs_dir=str(tmp_path / 'pairs'))
   validate(config)
-  result = reflow_experiment.run(config, str(tmp_path / 'student'))
+  result = reflow_run.run(config, str(tmp_path / 'student'))
   rows = {r['sampler']: r for r in result['rows']}
   assert rows['student euler-2']['nfe'] == 2 and 'student euler-1' not in rows  # 2 windows
   assert np.isfinite(rows['student euler-2']['nll'])
@@ -278,13 +277,13 @@ def test_piecewise_reflow_with_alignment_runs_from_a_teacher_workdir(tmp_path):
   teacher = load_trained(config.teacher.workdir)
   times = reflow.window_times(2)
   before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'pairs').iterdir()}
-  pairs = reflow_experiment.make_pairs(config, teacher, teacher.apply_fn, dataset, times,
+  pairs = reflow_run.make_pairs(config, teacher, teacher.apply_fn, dataset, times,
                                        str(tmp_path / 'other'))
   assert pairs['states'].shape == (128, 3, 2)
   assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'pairs').iterdir()} == before
   config.teacher.workdir = str(tmp_path / 'student')
   with pytest.raises(ValueError, match='pairs_dir'):
-    reflow_experiment.run(config, str(tmp_path / 'third'))
+    reflow_run.run(config, str(tmp_path / 'third'))
 
 
 @pytest.mark.slow
@@ -298,7 +297,7 @@ def test_guided_image_reflow_with_hutchinson_alignment(tmp_path, monkeypatch):
   teacher.train.update(steps=2, ckpt_every=2, log_every=1)
   teacher.eval.update(num_samples=20, euler_steps=(2,), nll_samples=2, plot=False,
                       nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=10)
-  flow_matching.train(teacher, str(tmp_path / 'teacher'))
+  fm_run.train(teacher, str(tmp_path / 'teacher'))
   config = load_config_file('configs/reflow.py', 'piecewise-ma,mnist')
   config.data = teacher.data
   config.model = teacher.model
@@ -309,7 +308,7 @@ def test_guided_image_reflow_with_hutchinson_alignment(tmp_path, monkeypatch):
   config.reflow.update(num_pairs=16, pair_chunk=16, kl_samples=4, align_warmup=0,
                        pair_rtol=1e-2, pair_atol=1e-2)
   validate(config)
-  result = reflow_experiment.run(config, str(tmp_path / 'student'))
+  result = reflow_run.run(config, str(tmp_path / 'student'))
   rows = {r['sampler']: r for r in result['rows']}
   assert set(rows) == {'student euler-2', 'student euler-4', 'teacher euler-2',
                        'teacher euler-4', 'teacher dopri5'}

@@ -9,9 +9,9 @@ import pytest
 
 from flowdistill.config import base_config
 from flowdistill.data import sources
-from flowdistill.experiments import flow_matching
+from flowdistill.experiments import common, fm_run
 from flowdistill.train import loop, parallel
-from flowdistill.train.checkpoint import CheckpointMismatchError, Checkpointer
+from flowdistill.train.checkpoint import Checkpointer, CheckpointMismatchError
 from flowdistill.train.step import make_train_step
 
 
@@ -26,7 +26,7 @@ def _config(**train):
 
 def _train(config, workdir, num_steps=None, num_devices=None, batches=None):
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = flow_matching.build(config, dataset)
+  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
   batches = batches or sources.batch_source(dataset, config.data.batch_size, seed=0,
                                             conditional=False)
   mesh = parallel.make_mesh(num_devices or config.train.num_devices)
@@ -40,6 +40,29 @@ def _train(config, workdir, num_steps=None, num_devices=None, batches=None):
 
 def _same(a, b):
   return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+@pytest.mark.parametrize('steps_per_call', [1, 3])
+def test_fit_traces_its_step_once_and_returns_params_on_one_device(tmp_path, steps_per_call):
+  """The jitted step compiles once per run, through logging, checkpoint saves and the last
+  step, and once more on resume; evaluation gets parameters on a single device."""
+  config = _config(steps=12, log_every=3, ckpt_every=6, steps_per_call=steps_per_call)
+  dataset = sources.load(config.data)
+  _, params, loss_fn = fm_run.make_loss(config, dataset)
+  traces = []
+
+  def counted(params, batch, key):
+    traces.append(batch['x'].shape)
+    return loss_fn(params, batch, key)
+
+  meta = common.checkpoint_meta(config, dataset, two_time=False)
+  state = common.fit(config, params, counted, fm_run.batches(config, dataset), str(tmp_path),
+                     meta=meta)
+  assert int(state.step) == 12 and traces == [(64, 2)]
+  assert all(len(x.devices()) == 1 for x in jax.tree.leaves(state))
+  config.train.steps = 18
+  common.fit(config, params, counted, fm_run.batches(config, dataset), str(tmp_path), meta=meta)
+  assert len(traces) == 2
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_params(tmp_path):
@@ -82,7 +105,7 @@ def test_ot_on_host_trains_like_exact_ot_in_the_step(tmp_path):
       yield dict(batch, x0=noise)
 
   reference = _train(in_step, tmp_path / 'in_step', batches=unpaired_noise)
-  _, _, state = flow_matching.train(on_host, str(tmp_path / 'on_host'))
+  _, _, state = fm_run.train(on_host, str(tmp_path / 'on_host'))
   for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

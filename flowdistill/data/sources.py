@@ -11,6 +11,11 @@ from flowdistill import couplings
 from flowdistill.data import images, tabular, toy
 from flowdistill.data.pipeline import BatchIterator
 
+TOY_SOURCES = ('toy',)
+TABULAR_SOURCES = ('tabular',)
+IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
+SOURCES = TOY_SOURCES + TABULAR_SOURCES + IMAGE_SOURCES
+
 
 @dataclasses.dataclass
 class Dataset:
@@ -22,19 +27,32 @@ class Dataset:
     train: {'x': float32 [N, ...], 'label': int32 [N]} for images, {'x': [N, D]} for tabular
       sets; None for toys (generated).
     test: the same for the test split; None for toys.
-    toy: the toy set's name, or '' for images.
+    toy: the toy set's name, or ''.
+    tabular: the generated tabular set's name, or ''.
   """
   shape: tuple[int, ...]
   num_classes: int = 0
   train: dict | None = None
   test: dict | None = None
   toy: str = ''
+  tabular: str = ''
 
   def reference(self, key, num: int) -> np.ndarray:
     """`num` held-out data points to compare samples with ([num, ...] float32)."""
     if self.toy:
       return np.asarray(toy.sample(self.toy, key, num))
     return self.test['x'][:num]
+
+  def true_nll(self, x) -> float | None:
+    """-mean log p(x) under the true density (the best achievable NLL) where it is known: the
+    exact entropy of checkerboard and gaussian, else a Monte-Carlo estimate at x [N, D]."""
+    if self.toy in ('checkerboard', 'gaussian'):
+      return toy.entropy(self.toy)
+    if self.toy in ('8gaussians',):
+      return float(-np.mean(toy.log_density(self.toy, x)))
+    if self.tabular:
+      return float(-np.mean(tabular.log_density(self.tabular, x)))
+    return None
 
 
 def data_path(data_config) -> str | None:
@@ -62,7 +80,8 @@ def load(data_config) -> Dataset:
     if data_config.name not in tabular.NAMES:
       raise ValueError(f'config.data.name={data_config.name!r} is not a tabular set; choose one '
                        f'of {list(tabular.NAMES)}.')
-    return Dataset(shape=(tabular.dim(data_config.name),), **tabular.splits(data_config.name))
+    return Dataset(shape=(tabular.dim(data_config.name),), tabular=data_config.name,
+                   **tabular.splits(data_config.name))
   path = data_path(data_config)
   splits = {}
   for split in ('train', 'test'):

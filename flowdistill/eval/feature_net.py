@@ -11,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flowdistill.models.classifier import Classifier, accuracy, train_classifier
+from flowdistill.eval.classifier import accuracy, train_classifier
+from flowdistill.models.classifier import Classifier
 
 
 def cache_root() -> str:

@@ -8,7 +8,8 @@ metrics)`; teacher parameters are explicit arguments):
 
 - `lmd_loss`: Lagrangian map distillation from a teacher velocity,
   `|| d/dt X(I_s, s, t) - b(X(I_s, s, t), t) ||^2`;
-- `emd_loss`: Eulerian map distillation, `|| d/ds X(I_s, s, t) + grad_x X(I_s, s, t) b(I_s, s) ||^2`;
+- `emd_loss`: Eulerian map distillation,
+  `|| d/ds X(I_s, s, t) + grad_x X(I_s, s, t) b(I_s, s) ||^2`;
 - `fmm_loss`: direct flow map matching without a teacher, with the invertibility term;
 - `pfmm_loss`: progressive flow map matching onto K jumps of a teacher map.
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from flowdistill import fm, ode
-from flowdistill.fewstep import flow_map as fmap
+from flowdistill.fewstep import flow_map
 from flowdistill.paths import AffinePath, ou_transition
 
 
@@ -42,7 +42,7 @@ def step_sizes(num_blocks: int, h0: float, growth: float) -> tuple[float | None,
   return tuple(h0 * growth**n for n in range(num_blocks - 1)) + (None,)
 
 
-def couple(x_l, z, h: float | None):
+def noise_endpoint(x_l, z, h: float | None):
   """The block's noise-side endpoint: `e^{-h} x_l + sqrt(1 - e^{-2h}) z`, or `z` if free.
 
   Args:
@@ -56,7 +56,7 @@ def couple(x_l, z, h: float | None):
 def block_path(path: AffinePath, h: float | None) -> AffinePath:
   """The block's interpolant as an affine path from noise `z` (t = 0) to `x_l` (t = 1).
 
-  `alpha(t) x_r + beta(t) x_l` with `x_r = couple(x_l, z, h)` equals
+  `alpha(t) x_r + beta(t) x_l` with `x_r = noise_endpoint(x_l, z, h)` equals
   `alpha(t) sqrt(1 - e^{-2h}) z + (beta(t) + alpha(t) e^{-h}) x_l`; the free block (h = None)
   keeps `path`. At t = 1 the point is `x_l`, at t = 0 it is `x_r`.
   """
@@ -169,7 +169,7 @@ def distill_loss(map_apply_fn, apply_fn, path: AffinePath, h: float | None, *,
   map distillation (`fewstep.flow_map`) with the block's velocity as the teacher and the
   distillation points on the block's dependent interpolant.
   """
-  factory = {'lmd': fmap.lmd_loss, 'emd': fmap.emd_loss}.get(loss)
+  factory = {'lmd': flow_map.lmd_loss, 'emd': flow_map.emd_loss}.get(loss)
   if factory is None:
     raise ValueError(f'Unknown block distillation loss {loss!r}; choose "lmd" or "emd".')
   return factory(map_apply_fn, apply_fn, block_path(path, h), scheme=scheme, band=band)
@@ -188,7 +188,7 @@ def jump_chain(map_apply_fn, chain_map_params, x, jumps: int = 1):
   grid = ode.time_grid(jumps)
 
   def block(x, params):
-    return fmap.jump(map_apply_fn, params, x, grid)[0], None
+    return flow_map.jump(map_apply_fn, params, x, grid)[0], None
 
   x, _ = jax.lax.scan(block, x, chain_map_params, reverse=True)
   return x, {'nfe': num_blocks(chain_map_params) * jumps}

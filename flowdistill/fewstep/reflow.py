@@ -67,8 +67,8 @@ def teacher_trajectory(v: ode.VelocityFn, x0, times, *, solver: str = 'dopri5',
   times = [float(t) for t in np.asarray(times)]
   states, nfe = [x0], 0
   for k in range(len(times) - 1):
-    x, info = ode.solve(v, states[-1], solver=solver, t0=times[k], t1=times[k + 1], steps=steps, rtol=rtol, atol=atol,
-                        max_steps=max_steps)
+    x, info = ode.solve(v, states[-1], solver=solver, t0=times[k], t1=times[k + 1],
+                        steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
     states.append(x)
     nfe = nfe + info['nfe']
   return jnp.stack(states), {'nfe': nfe}
@@ -77,11 +77,12 @@ def teacher_trajectory(v: ode.VelocityFn, x0, times, *, solver: str = 'dopri5',
 def euler_map(apply_fn, params, x, t0, t1, steps: int, cond=None):
   """`steps` Euler steps of the student from t0 to t1 (each [B] or scalar): [B, ...]."""
   dt = (t1 - t0) / steps
-  for j in range(steps):
-    t = t0 + j * dt
-    x = x + expand_time(dt, x) * apply_fn(params, x, jnp.broadcast_to(t, x.shape[:1]),
-                                          cond=cond)
-  return x
+
+  def step(j, x):
+    t = jnp.broadcast_to(t0 + j * dt, x.shape[:1])
+    return x + expand_time(dt, x) * apply_fn(params, x, t, cond=cond)
+
+  return jax.lax.fori_loop(0, steps, step, x)
 
 
 def euler_map_logdet(apply_fn, params, x, t0, t1, steps: int, *, cond=None,
@@ -99,20 +100,17 @@ def euler_map_logdet(apply_fn, params, x, t0, t1, steps: int, *, cond=None,
   Returns:
     (Phi(x) [B, ...], log-det [B]).
   """
+  dim = math.prod(x.shape[1:])
   if method == 'exact':
     # One jvp of the batched map per input coordinate gives that Jacobian column for every
     # row at once (rows are independent); much faster to differentiate than a per-row jacfwd.
     fn = lambda y: euler_map(apply_fn, params, y, t0, t1, steps, cond)
-    dim = math.prod(x.shape[1:])
-    columns = []
-    for i in range(dim):
-      basis = jnp.zeros(dim, x.dtype).at[i].set(1.0).reshape(x.shape[1:])
-      y, column = jax.jvp(fn, (x,), (jnp.broadcast_to(basis, x.shape),))
-      columns.append(column.reshape(x.shape[0], dim))
-    return y, jnp.linalg.slogdet(jnp.stack(columns, -1))[1]
+    basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
+    ys, columns = jax.vmap(lambda e: jax.jvp(fn, (x,), (jnp.broadcast_to(e, x.shape),)))(basis)
+    jacobian = jnp.moveaxis(columns.reshape(dim, x.shape[0], dim), 0, -1)  # [B, D, D]
+    return ys[0], jnp.linalg.slogdet(jacobian)[1]
   if method == 'trace':
     # The basis vectors as probes: D * mean_i e_i . J e_i = tr J, exactly.
-    dim = math.prod(x.shape[1:])
     basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
     probes, scale = jnp.broadcast_to(basis, (dim,) + x.shape), dim
   elif method == 'hutchinson':
@@ -122,13 +120,14 @@ def euler_map_logdet(apply_fn, params, x, t0, t1, steps: int, *, cond=None,
   else:
     raise ValueError(f'Unknown log-det method {method!r}; choose one of {list(LOGDETS)}.')
   dt = (t1 - t0) / steps
-  logdet = jnp.zeros(x.shape[:1], x.dtype)
-  for j in range(steps):
-    t = t0 + j * dt
+
+  def step(j, carry):
+    x, logdet = carry
     vel, div = ode.hutchinson_divergence(lambda y, tj: apply_fn(params, y, tj, cond=cond), x,
-                                         t, probes)
-    x, logdet = x + expand_time(dt, x) * vel, logdet + dt * scale * div
-  return x, logdet
+                                         t0 + j * dt, probes)
+    return x + expand_time(dt, x) * vel, logdet + dt * scale * div
+
+  return jax.lax.fori_loop(0, steps, step, (x, jnp.zeros(x.shape[:1], x.dtype)))
 
 
 def teacher_score(teacher_apply_fn, teacher_params, path: AffinePath, x, t, *, cond=None,

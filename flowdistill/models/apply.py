@@ -1,6 +1,7 @@
 """Turn an NNX module into the pure `(apply_fn, params)` pair every other part uses."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx

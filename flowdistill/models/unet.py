@@ -1,6 +1,6 @@
 """U-Net velocity / flow-map network for small images (28x28, 32x32)."""
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -61,7 +61,8 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
       processes agreed on is written.
 
   With several processes (`jax.distributed`), every process calls this with its own rows of
-  each global batch; the returned state is then on this process's devices only.
+  each global batch. The returned state is on this process's first device (`host_local`), so
+  that evaluation does not repeat its work on every device of the mesh.
   """
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=keep)
   # The step donates the state, so it must own every buffer: one shared with the caller (e.g.

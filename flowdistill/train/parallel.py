@@ -72,10 +72,12 @@ def replicate(tree, mesh: Mesh):
 
 
 def host_local(tree):
-  """A replicated global pytree as arrays on this process's first device (e.g. for evaluation
-  on process 0 alone, which cannot run computations over other processes' devices)."""
-  if jax.process_count() == 1:
-    return tree
+  """A replicated global pytree as arrays on this process's first device.
+
+  Evaluation runs there: on process 0 alone (which cannot compute over other processes'
+  devices), and without repeating every sample on each device of the mesh, which a jitted
+  function of replicated inputs would do.
+  """
   return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
