@@ -48,20 +48,23 @@ def train_classifier(images, labels, key, *, steps: int = 2000, batch_size: int 
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
-  def step(carry, i):
-    params, opt_state = carry
+  @jax.jit
+  def step(params, opt_state, images, labels, i):
     idx = jax.random.randint(jax.random.fold_in(data_key, i), (batch_size,), 0, images.shape[0])
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images[idx],
                                                                    labels[idx])
     updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), (loss, acc)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
 
-  @jax.jit
-  def train(params):
-    return jax.lax.scan(step, (params, opt.init(params)), jnp.arange(steps))
-
-  (params, _), (losses, accs) = train(params)
-  metrics = {'loss': np.asarray(losses), 'accuracy': np.asarray(accs)}
+  # One dispatch per step: the same step under a `lax.scan` over the steps, with the training
+  # set as an argument, took 117 s for 20 steps of MNIST on this CPU (cause not yet found).
+  opt_state = opt.init(params)
+  losses, accs = [], []
+  for i in range(steps):
+    params, opt_state, loss, acc = step(params, opt_state, images, labels, jnp.int32(i))
+    losses.append(loss)
+    accs.append(acc)
+  metrics = {'loss': np.asarray(jnp.stack(losses)), 'accuracy': np.asarray(jnp.stack(accs))}
   return nnx.merge(graphdef, params), metrics
 
 

@@ -92,12 +92,12 @@ def ode_log_likelihood(apply_fn, params, eval_config):
   ev = eval_config
 
   @jax.jit
-  def log_likelihood(x, cond, key):
+  def log_likelihood(params, x, cond, key):
     return ode.log_likelihood(apply_fn, params, x, key, cond=cond,
                               divergence=ev.nll_divergence, num_probes=ev.nll_probes,
                               solver=ev.adaptive_solver, rtol=ev.rtol, atol=ev.atol)
 
-  return log_likelihood
+  return lambda x, cond, key: log_likelihood(params, x, cond, key)
 
 
 def nll_points(dataset, key, num: int, conditional: bool):

@@ -288,13 +288,12 @@ def chain_log_likelihood(apply_fn, chain_params, eval_config):
   ev = eval_config
 
   @jax.jit
-  def log_likelihood(x, cond, key):
-    del cond
+  def log_likelihood(chain_params, x, key):
     return local_fm.chain_log_likelihood(
         apply_fn, chain_params, x, key, divergence=ev.nll_divergence, num_probes=ev.nll_probes,
         solver=ev.adaptive_solver, rtol=ev.rtol, atol=ev.atol)
 
-  return log_likelihood
+  return lambda x, cond, key: log_likelihood(chain_params, x, key)
 
 
 def chain_section(chain: Chain, blocks) -> report.Section:

@@ -123,9 +123,9 @@ def alignment_report(config, apply_fn, params, teacher, teacher_apply, dataset,
   # Rows past the training pairs: teacher states the student has not seen.
   x0, labels = teacher_pairs.row_inputs(config.seed, rc.num_pairs + rc.pair_chunk, n,
                                         tuple(dataset.shape), common.num_classes(config, dataset))
-  v = ode.velocity_fn(teacher_apply, teacher.params, cond=labels)
-  states, _ = jax.jit(lambda x: reflow.teacher_trajectory(
-      v, x, times, solver=rc.pair_solver, rtol=rc.pair_rtol, atol=rc.pair_atol))(x0)
+  states, _ = jax.jit(lambda p, x, c: reflow.teacher_trajectory(
+      ode.velocity_fn(teacher_apply, p, cond=c), x, times, solver=rc.pair_solver,
+      rtol=rc.pair_rtol, atol=rc.pair_atol))(teacher.params, x0, labels)
   k_logp, k_probe = jax.random.split(jax.random.key(config.seed + 3))
   logp = teacher_log_density(teacher_apply, teacher.params, config.eval, k_logp, labels)
   probes = (ode.divergence_probes(k_probe, rc.align_probes, x0)
