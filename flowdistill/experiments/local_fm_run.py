@@ -30,7 +30,7 @@ from flowdistill import ode
 from flowdistill.data import pipeline, sources, toy
 from flowdistill.eval import report
 from flowdistill.experiments import common
-from flowdistill.fewstep import local_fm
+from flowdistill.fewstep import flow_map, local_fm
 from flowdistill.models.factory import build_model
 
 DEFAULTS = dict(            # local flow matching: a chain of blocks (METHODS.md section 3)
@@ -46,7 +46,7 @@ DEFAULTS = dict(            # local flow matching: a chain of blocks (METHODS.md
 def validate(flat: dict) -> None:
   common.check_choice(flat, 'local_fm.pushforward_solver', ode.SOLVERS)
   common.check_choice(flat, 'local_fm.distill_loss', ('lmd', 'emd'))
-  common.check_choice(flat, 'local_fm.distill_scheme', ('uniform', 'ordered', 'band'))
+  common.check_choice(flat, 'local_fm.distill_scheme', flow_map.TIME_SCHEMES)
   common.check_positive(flat, ints=('local_fm.num_blocks', 'local_fm.pushforward_chunk',
                                     'local_fm.pushforward_steps', 'local_fm.train_size'),
                         floats=('local_fm.h0', 'local_fm.growth', 'local_fm.pushforward_tol'))
