@@ -16,6 +16,7 @@ import os
 import ml_collections
 
 from flowdistill import experiments, ode, paths, timesampling
+from flowdistill.condense.augment import parse_strategy
 from flowdistill.couplings import METHODS as COUPLINGS
 from flowdistill.data.sources import IMAGE_SOURCES, SOURCES, TABULAR_SOURCES, TOY_SOURCES
 from flowdistill.experiments.common import check_choice, check_positive
@@ -71,6 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
       classifier_steps=1500,      # feature network for the image Fréchet distance
       map_steps=(1, 2, 4, 8),    # flow-map jumps to evaluate
       plot=True,
+  )
+  c.dd = dict(                  # dataset-distillation protocol; defaults are the paper values
+      preset='paper',           # the name results record ('paper', 'cpu', ...)
+      ipcs=(1, 10, 50),         # images per class
+      runs=20,                  # ConvNets trained per set (the reference's num_eval)
+      epochs=(1000,),           # per IPC (one value: all); 300 is the reference without DSA
+      dsa=True, strategy='',    # '' picks digits (grey) or RGB families
+      lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256,
+      width=128, depth=3, norm='instance',
+      whole_data_epochs=20,     # the whole-data ConvNet (our choice; the papers give none)
+      runs_per_call=1, epochs_per_call=50,  # speed only: runs under vmap, epochs per dispatch
+      seed=0,
   )
   for method in experiments.METHODS.values():
     if method.defaults is not None:
@@ -198,6 +211,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if flat['data.batch_size'] % num_processes:
     raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
                      f'the {num_processes} processes.')
+  _validate_dd(flat)
   method.validate(flat)
   if flat['fm.ot_on_host'] and (flat['fm.coupling'] != 'exact' or flat['method'] != 'fm'):
     raise ValueError(f'config.fm.ot_on_host=True pairs by exact OT in the data pipeline of '
@@ -208,3 +222,20 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if block and (flat['data.batch_size'] // (devices or 1)) % block:
     raise ValueError(f'config.fm.ot_block_size={block} must divide the per-device batch '
                      f'{flat["data.batch_size"] // (devices or 1)}.')
+
+
+def _validate_dd(flat: dict) -> None:
+  """Checks the dataset-distillation protocol section `config.dd`."""
+  check_positive(flat, ints=('dd.runs', 'dd.batch_size', 'dd.width', 'dd.depth',
+                             'dd.whole_data_epochs', 'dd.runs_per_call', 'dd.epochs_per_call'),
+                 floats=('dd.lr',))
+  check_choice(flat, 'dd.norm', ('instance', 'none'))
+  if not flat['dd.ipcs'] or min(flat['dd.ipcs']) < 1:
+    raise ValueError(f'config.dd.ipcs={flat["dd.ipcs"]} must be images per class >= 1.')
+  epochs = flat['dd.epochs']
+  if len(epochs) not in (1, len(flat['dd.ipcs'])) or min(epochs) < 1:
+    raise ValueError(f'config.dd.epochs={epochs} must be one value >= 1, or one per IPC of '
+                     f'config.dd.ipcs={flat["dd.ipcs"]}.')
+  if flat['dd.strategy']:
+    parse_strategy(flat['dd.strategy'])
+

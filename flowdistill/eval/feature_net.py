@@ -20,11 +20,13 @@ def cache_root() -> str:
   return os.environ.get('FLOWDISTILL_CACHE', os.path.expanduser('~/.cache/flowdistill'))
 
 
-def _fingerprint(images, labels, steps: int) -> str:
+def data_fingerprint(images, labels, settings: str) -> str:
+  """16 hex digits naming a labelled data set (its first 2000 images, labels and shape) and the
+  `settings` of whatever is trained on it: the key of an on-disk cache."""
   digest = hashlib.sha256()
   digest.update(np.ascontiguousarray(images[:2000]).tobytes())
   digest.update(np.ascontiguousarray(labels).tobytes())
-  digest.update(f'{images.shape}-{steps}'.encode())
+  digest.update(f'{images.shape}-{settings}'.encode())
   return digest.hexdigest()[:16]
 
 
@@ -66,7 +68,7 @@ def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
   """
   num_classes = int(train['label'].max()) + 1
   folder = cache_dir or os.path.join(cache_root(), 'feature_nets',
-                                     _fingerprint(train['x'], train['label'], steps))
+                                     data_fingerprint(train['x'], train['label'], str(steps)))
   template = Classifier(train['x'].shape[1:], num_classes, rngs=nnx.Rngs(0))
   checkpointer = ocp.StandardCheckpointer()
   params_dir = os.path.join(folder, 'params')

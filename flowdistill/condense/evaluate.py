@@ -1,0 +1,287 @@
+"""The fixed evaluator of the dataset-distillation protocol: `evaluate_synset` of DC/DSA/DM.
+
+Each of R runs trains a fresh ConvNet-3 on the synthetic set with SGD (momentum 0.9, weight
+decay 5e-4, batch 256, lr 0.01, ×0.1 after epoch E/2 + 1; E + 1 epochs as the reference's
+`range(Epoch + 1)`), augmenting every batch with DSA, and reports its accuracy on the whole test
+split. Images reach the network standardised by the per-channel mean and std of the real train
+split. Training is a `lax.scan` over epochs (and over the batches of an epoch), so a run's
+accuracy depends only on its key; runs are batched with `vmap` `runs_per_call` at a time.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from flowdistill.condense.augment import DIGITS, augment, parse_strategy
+from flowdistill.models.convnet import ConvNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How a synthetic set is scored. Defaults are the reference values (DSA/DM evaluation).
+
+  runs: R networks trained per set. epochs: E (1000 with DSA, 300 without in the reference).
+  dsa: augment every batch (`strategy` families, one per batch, parameters per sample).
+  width, depth, norm: the ConvNet. runs_per_call: runs trained together under `vmap`.
+  epochs_per_call: epochs per dispatch (between progress updates).
+  """
+  runs: int = 20
+  epochs: int = 1000
+  lr: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  batch_size: int = 256
+  dsa: bool = True
+  strategy: str = DIGITS
+  width: int = 128
+  depth: int = 3
+  norm: str = 'instance'
+  runs_per_call: int = 1
+  epochs_per_call: int = 50
+
+  def __post_init__(self):
+    for name in ('runs', 'epochs', 'batch_size', 'width', 'depth', 'runs_per_call',
+                 'epochs_per_call'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'Protocol.{name} must be >= 1; got {getattr(self, name)}.')
+    if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+      raise ValueError('Protocol needs lr > 0, weight_decay >= 0 and 0 <= momentum < 1; got '
+                       f'lr={self.lr}, weight_decay={self.weight_decay}, '
+                       f'momentum={self.momentum}.')
+    if self.norm == 'batch':
+      raise ValueError("evaluate_synset trains ConvNets with norm 'instance' or 'none' (the "
+                       "protocol's default is 'instance'); batch norm is not supported here.")
+    parse_strategy(self.strategy)
+
+  @property
+  def lr_drop_epoch(self) -> int:
+    """The last epoch at the initial lr (the reference's `lr_schedule = [Epoch // 2 + 1]`)."""
+    return self.epochs // 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSplit:
+  """The real test split and the per-channel statistics of the real train split.
+
+  x: float images [N, H, W, C] in the library's [-1, 1]. label: int [N].
+  mean, std: [C] of the train split, in the same range.
+  """
+  x: np.ndarray
+  label: np.ndarray
+  mean: np.ndarray
+  std: np.ndarray
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.label.max()) + 1
+
+  def standardise(self, images) -> jax.Array:
+    """[N, H, W, C] in [-1, 1] -> per-channel standardised by the train statistics."""
+    return (jnp.asarray(images, jnp.float32) - self.mean) / self.std
+
+
+def test_split(train: dict, test: dict) -> TestSplit:
+  """A `TestSplit` from `{'x': [N, H, W, C] float, 'label': [N]}` train and test splits."""
+  x = np.asarray(train['x'], np.float32)
+  return TestSplit(np.asarray(test['x'], np.float32), np.asarray(test['label'], np.int32),
+                   x.mean((0, 1, 2)), x.std((0, 1, 2)))
+
+
+def make_net(image_shape, num_classes: int, protocol: Protocol, key):
+  """A fresh ConvNet as `(graphdef, params)` initialised from `key`."""
+  net = ConvNet(image_shape, num_classes, width=protocol.width, depth=protocol.depth,
+                norm=protocol.norm, rngs=nnx.Rngs(params=key))
+  graphdef, state = nnx.split(net)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def _batches(n: int, batch_size: int) -> tuple[int, int, int]:
+  """(batch size, number of full batches, size of the last partial batch) of one epoch."""
+  size = min(batch_size, n)
+  return size, n // size, n % size
+
+
+def train_network(images: jax.Array, labels: jax.Array, key: jax.Array, protocol: Protocol,
+                  num_classes: int, *, epochs: tuple[int, int] | None = None, state=None):
+  """Trains (or continues training) one ConvNet; jittable and `vmap`-able over `key`.
+
+  Args:
+    images: standardised images [N, H, W, C]. labels: int [N].
+    key: the run's key (initialisation, epoch shuffles, augmentation).
+    protocol: the schedule and network.
+    num_classes: logits of the network.
+    epochs: (first, count) epochs to run from `state`; all E + 1 from a fresh net if None.
+    state: (params, momentum) to continue from; a fresh net from `key` if None.
+
+  Returns:
+    (params, momentum) after the epochs.
+  """
+  images, labels = jnp.asarray(images), jnp.asarray(labels)
+  init_key, train_key = jax.random.split(key)
+  graphdef, params = make_net(images.shape[1:], num_classes, protocol, init_key)
+  if state is None:
+    state = (params, jax.tree.map(jnp.zeros_like, params))
+  first, count = epochs if epochs is not None else (0, protocol.epochs + 1)
+  size, full, rest = _batches(images.shape[0], protocol.batch_size)
+
+  def loss_fn(params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def sgd_step(state, idx, lr, step_key):
+    params, momentum = state
+    x = images[idx]
+    if protocol.dsa:
+      x = augment(x, step_key, protocol.strategy)
+    grads = jax.grad(loss_fn)(params, x, labels[idx])
+    # torch.optim.SGD: coupled weight decay, then momentum without dampening.
+    momentum = jax.tree.map(lambda m, g, p: protocol.momentum * m + g + protocol.weight_decay * p,
+                            momentum, grads, params)
+    params = jax.tree.map(lambda p, m: p - lr * m, params, momentum)
+    return params, momentum
+
+  def epoch(state, index):
+    perm_key, epoch_key = jax.random.split(jax.random.fold_in(train_key, index))
+    perm = jax.random.permutation(perm_key, images.shape[0])
+    lr = jnp.where(index > protocol.lr_drop_epoch, 0.1 * protocol.lr, protocol.lr)
+
+    def batch(state, i):
+      idx = jax.lax.dynamic_slice_in_dim(perm, i * size, size)
+      return sgd_step(state, idx, lr, jax.random.fold_in(epoch_key, i)), None
+
+    new, _ = jax.lax.scan(batch, state, jnp.arange(full))
+    if rest:
+      new = sgd_step(new, perm[full * size:], lr, jax.random.fold_in(epoch_key, full))
+    # Epochs past E (the padding of the last dispatch) leave the state unchanged.
+    return jax.tree.map(lambda a, b: jnp.where(index <= protocol.epochs, a, b), new, state), None
+
+  state, _ = jax.lax.scan(epoch, state, first + jnp.arange(count))
+  return state
+
+
+def test_accuracy(graphdef, params, x: jax.Array, labels: jax.Array, *,
+                  batch_size: int = 500) -> jax.Array:
+  """Accuracy (scalar) of the ConvNet `(graphdef, params)` on standardised images [N, H, W, C]."""
+  logits = jax.lax.map(lambda xb: nnx.merge(graphdef, params)(xb[None])[0], x,
+                       batch_size=batch_size)
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def check_synset(images, labels, split: TestSplit) -> None:
+  """Refuses a synthetic set the evaluator would score wrongly, naming the problem and the fix.
+
+  Args:
+    images: [N, H, W, C] float in [-1, 1], the shape of the test images.
+    labels: int [N] in [0, C), every class present with the same count.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  shape = split.x.shape[1:]
+  if images.ndim != 4 or images.shape[1:] != shape:
+    hint = ''
+    if images.ndim == 4 and images.shape[1:] == (shape[2], shape[0], shape[1]):
+      hint = ' It looks channels-first: transpose to [N, H, W, C].'
+    raise ValueError(f'Synthetic images have shape {images.shape}; the test split needs '
+                     f'[N, {shape[0]}, {shape[1]}, {shape[2]}] (channels last).{hint}')
+  if images.dtype == np.uint8 or not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f'Synthetic images are {images.dtype}; the evaluator takes float images in '
+                     '[-1, 1] (uint8 x maps to x / 127.5 - 1).')
+  if not np.all(np.isfinite(images)):
+    raise ValueError(f'Synthetic images hold {int((~np.isfinite(images)).sum())} NaN or Inf '
+                     'pixels; the set was not produced correctly.')
+  if images.min() < -1.5 or images.max() > 1.5:
+    raise ValueError(f'Synthetic pixels span [{images.min():.3g}, {images.max():.3g}]; the '
+                     'library range is [-1, 1] (uint8 x maps to x / 127.5 - 1).')
+  if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'Synthetic labels must be int [{len(images)}]; got {labels.dtype} '
+                     f'{labels.shape}.')
+  num_classes = split.num_classes
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f'Synthetic label {int(bad[0])} is out of range [0, {num_classes}).')
+  counts = np.bincount(labels, minlength=num_classes)
+  if counts.min() == 0:
+    raise ValueError(f'The synthetic set has no image of class {int(counts.argmin())}; every '
+                     f'one of the {num_classes} classes needs the same number of images.')
+  if counts.min() != counts.max():
+    raise ValueError(f'The synthetic set is unbalanced: images per class {counts.tolist()}; '
+                     'the protocol needs the same count (IPC) in every class.')
+
+
+def train_networks(images: jax.Array, labels: jax.Array, keys: jax.Array, protocol: Protocol,
+                   num_classes: int, *, on_progress: Callable[[int], None] | None = None):
+  """Trains one ConvNet per key together under `vmap`, `epochs_per_call` epochs per dispatch.
+
+  Args:
+    images: standardised images [N, H, W, C]. labels: int [N].
+    keys: [K] run keys. protocol, num_classes: as `train_network`.
+    on_progress: called with the epochs done by each network after each dispatch.
+
+  Returns:
+    (params, momentum), each leaf with a leading axis K.
+  """
+  total = protocol.epochs + 1
+  chunk = min(protocol.epochs_per_call, total)
+
+  @jax.jit
+  def init(keys, x, y):
+    return jax.vmap(lambda k: train_network(x, y, k, protocol, num_classes, epochs=(0, 0)))(keys)
+
+  @jax.jit
+  def train_chunk(state, keys, first, x, y):
+    run = lambda s, k: train_network(x, y, k, protocol, num_classes, epochs=(first, chunk),
+                                     state=s)
+    return jax.vmap(run)(state, keys)
+
+  state = init(keys, images, labels)
+  for first in range(0, total, chunk):
+    state = train_chunk(state, keys, jnp.int32(first), images, labels)
+    if on_progress is not None:
+      jax.block_until_ready(state)
+      on_progress(min(first + chunk, total))
+  return state
+
+
+def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: Protocol, *,
+                    on_progress: Callable[[int], None] | None = None) -> dict:
+  """Trains `protocol.runs` fresh ConvNets on a synthetic set and tests each on `split`.
+
+  Args:
+    images: synthetic images [N, H, W, C] in [-1, 1]. labels: int [N], balanced over classes.
+    split: the test split and train statistics (`test_split`).
+    key: jax.random key; run r uses `fold_in(key, r)`, so its accuracy depends only on it.
+    protocol: schedule and network.
+    on_progress: called with the number of epochs done, summed over runs, after each dispatch.
+
+  Returns:
+    {'accs': [R] test accuracies, 'mean', 'std', 'seconds_per_run'}.
+  """
+  check_synset(images, labels, split)
+  x, y = split.standardise(images), jnp.asarray(labels, jnp.int32)
+  test_x, test_y = split.standardise(split.x), jnp.asarray(split.label)
+  graphdef = make_net(x.shape[1:], split.num_classes, protocol, jax.random.key(0))[0]
+  accuracies = jax.jit(jax.vmap(lambda p, x, y: test_accuracy(graphdef, p, x, y),
+                                in_axes=(0, None, None)))
+  start = time.perf_counter()
+  accs = []
+  run_keys = jnp.stack([jax.random.fold_in(key, r) for r in range(protocol.runs)])
+  for lo in range(0, protocol.runs, protocol.runs_per_call):
+    keys = run_keys[lo:lo + protocol.runs_per_call]
+    progress = None if on_progress is None else (
+        lambda epochs, lo=lo, k=len(keys): on_progress((protocol.epochs + 1) * lo + epochs * k))
+    params, _ = train_networks(x, y, keys, protocol, split.num_classes, on_progress=progress)
+    accs.append(np.asarray(accuracies(params, test_x, test_y)))
+  seconds = time.perf_counter() - start
+  accs = np.concatenate(accs)
+  return {'accs': accs, 'mean': float(accs.mean()), 'std': float(accs.std()),
+          'seconds_per_run': seconds / protocol.runs}
+
+
+def epochs_total(protocol: Protocol) -> int:
+  """Epochs `evaluate_synset` trains over all runs (the length of its progress bar)."""
+  return protocol.runs * (protocol.epochs + 1)

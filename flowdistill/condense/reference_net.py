@@ -1,0 +1,78 @@
+"""The whole-data ConvNet of the protocol: the upper reference of every table, and the fixed
+feature space of the subset baselines. Trained once by the evaluator's own schedule and cached
+on disk, keyed by the data and the protocol."""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flowdistill.condense.evaluate import (
+  Protocol,
+  TestSplit,
+  make_net,
+  test_accuracy,
+  train_networks,
+)
+from flowdistill.eval.feature_net import cache_root, data_fingerprint
+
+
+class ReferenceNet:
+  """A trained ConvNet with batched, jitted `features(x)`; `test_accuracy` on the test split."""
+
+  def __init__(self, graphdef, params, split: TestSplit, test_accuracy: float):
+    self._params = params
+    self._split = split
+    self.test_accuracy = test_accuracy
+    self._features = jax.jit(lambda p, x: nnx.merge(graphdef, p).features(x))
+
+  def features(self, x, chunk: int = 1000) -> np.ndarray:
+    """Images [N, H, W, C] in [-1, 1] -> penultimate features [N, F] (the head's input)."""
+    return np.concatenate([
+        np.asarray(self._features(self._params, self._split.standardise(x[i:i + chunk])))
+        for i in range(0, len(x), chunk)])
+
+
+def load_or_train(train: dict, split: TestSplit, protocol: Protocol, *, seed: int = 0,
+                  cache_dir: str | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> ReferenceNet:
+  """The whole-data ConvNet: read from the cache, or trained on all of `train` and cached.
+
+  Args:
+    train: {'x': float images [N, H, W, C] in [-1, 1], 'label': int [N]}.
+    split: the test split and train statistics.
+    protocol: schedule and network (`protocol.epochs` over the whole split; `runs` unused).
+    seed: the network's key.
+    cache_dir: defaults to `cache_root()/reference_nets/<fingerprint of data and protocol>`.
+    on_progress: epochs done, after each dispatch (only when training).
+  """
+  settings = json.dumps({**dataclasses.asdict(protocol), 'runs': 1, 'seed': seed},
+                        sort_keys=True)
+  folder = cache_dir or os.path.join(cache_root(), 'reference_nets',
+                                     data_fingerprint(train['x'], train['label'], settings))
+  x = split.standardise(train['x'])
+  graphdef, template = make_net(x.shape[1:], split.num_classes, protocol, jax.random.key(seed))
+  checkpointer = ocp.StandardCheckpointer()
+  params_dir = os.path.join(folder, 'params')
+  if os.path.isdir(params_dir):
+    params = checkpointer.restore(params_dir, template)
+    with open(os.path.join(folder, 'info.json')) as f:
+      return ReferenceNet(graphdef, params, split, json.load(f)['test_accuracy'])
+  keys = jax.random.key(seed)[None]
+  params, _ = train_networks(x, jnp.asarray(train['label'], jnp.int32), keys, protocol,
+                             split.num_classes, on_progress=on_progress)
+  params = jax.tree.map(lambda p: p[0], params)
+  acc = float(jax.jit(lambda p, x, y: test_accuracy(graphdef, p, x, y))(
+      params, split.standardise(split.x), jnp.asarray(split.label)))
+  os.makedirs(folder, exist_ok=True)
+  checkpointer.save(params_dir, params)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(folder, 'info.json'), 'w') as f:
+    json.dump({'test_accuracy': acc, 'protocol': json.loads(settings)}, f)
+  return ReferenceNet(graphdef, params, split, acc)
