@@ -65,7 +65,7 @@ def dm_loss(syn: jax.Array, real: jax.Array, key: jax.Array, embed: Callable, *,
 
 
 def distribution_matching(train: dict, ipc: int, key: jax.Array, cfg: DMConfig,
-                          protocol: Protocol = Protocol(), *,
+                          protocol: Protocol | None = None, *,
                           on_progress: Callable[[int], None] | None = None) -> dict:
   """Learns IPC synthetic images per class by DM.
 
@@ -73,13 +73,15 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, cfg: DMConfig,
     train: {'x': float images [N, H, W, C] in [-1, 1], 'label': int [N]}.
     ipc: images per class.
     key: seeds the initial real images, the real batches, the networks and the augmentation.
-    cfg: DM settings. protocol: the ConvNet (width, depth, norm) whose embedding is matched.
+    cfg: DM settings. protocol: the ConvNet (width, depth, norm) whose embedding is matched
+      (default `Protocol()`, ConvNet-3).
     on_progress: called with the number of iterations done, every 10.
 
   Returns:
     {'x': images [C * IPC, H, W, C] in [-1, 1] (clipped), 'label': int [C * IPC] by class,
      'loss': float [iterations] per-step losses}.
   """
+  protocol = protocol or Protocol()
   x = np.asarray(train['x'], np.float32)
   labels = np.asarray(train['label'])
   check_ipc(labels, ipc)

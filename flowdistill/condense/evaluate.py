@@ -272,8 +272,9 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
   run_keys = jnp.stack([jax.random.fold_in(key, r) for r in range(protocol.runs)])
   for lo in range(0, protocol.runs, protocol.runs_per_call):
     keys = run_keys[lo:lo + protocol.runs_per_call]
+    done, group = (protocol.epochs + 1) * lo, len(keys)
     progress = None if on_progress is None else (
-        lambda epochs, lo=lo, k=len(keys): on_progress((protocol.epochs + 1) * lo + epochs * k))
+        lambda epochs, done=done, group=group: on_progress(done + epochs * group))
     params, _ = train_networks(x, y, keys, protocol, split.num_classes, on_progress=progress)
     accs.append(np.asarray(accuracies(params, test_x, test_y)))
   seconds = time.perf_counter() - start
