@@ -1,10 +1,10 @@
 """The dataset-distillation protocol (method 'dd_eval'): baselines and saved synthetic sets
 scored by ConvNet-3 trained with DSA, as in the DC/DSA/DM reference code.
 
-Arg: 'data[,cpu]' (`config.parse_arg` fields): data 'mnist' (default), 'cifar10' (3 channels,
-flip on, no ZCA; for an accelerator) or 'digits' (built-in 8x8, depth 2, for a quick look).
-`paper` (the default) keeps the reference values; `cpu` makes the named reductions below, each
-listed in results.md:
+Arg: 'data[,preset]' (`config.parse_arg` fields): data 'mnist' (default), 'cifar10' (3
+channels, flip on, no ZCA; for an accelerator) or 'digits' (built-in 8x8, depth 2, for a quick
+look); preset 'paper' (the default) keeps the reference values, 'cpu' makes the named
+reductions below, each listed in results.md:
 
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/dd_protocol.py:mnist,cpu --workdir=runs/dd-cpu
@@ -18,10 +18,14 @@ from flowdistill.config import MNIST_DATA, base_config, parse_arg
 # 1000, a 3-epoch whole-data ConvNet, and DM with 1000 iterations of 64 real images per class.
 CPU_DD = dict(runs=3, epochs=(300,), whole_data_epochs=3)
 CPU_DM = dict(dm_iterations=1000, dm_batch_real=64)
+PRESETS = ('paper', 'cpu')
 
 
 def get_config(arg: str = ''):
-  arg = parse_arg(arg, data='mnist', cpu=False)
+  arg = parse_arg(arg, data='mnist', preset='paper')
+  if arg.preset not in PRESETS:
+    raise ValueError(f'configs/dd_protocol.py: unknown preset {arg.preset!r}; choose one of '
+                     f'{PRESETS}.')
   config = base_config()
   config.method = 'dd_eval'
   config.model.name = 'unet'  # unused here; image data sets take the U-Net
@@ -35,7 +39,7 @@ def get_config(arg: str = ''):
   else:
     raise ValueError(f"configs/dd_protocol.py: data must be 'mnist', 'cifar10' or 'digits'; got "
                      f'{arg.data!r}.')
-  if arg.cpu:
+  if arg.preset == 'cpu':
     config.dd.update(preset='cpu', **CPU_DD)
     config.dd_eval.update(**CPU_DM)
   return config

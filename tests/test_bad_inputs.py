@@ -15,11 +15,14 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from flowdistill import experiments
-from flowdistill.config import base_config, validate
+from flowdistill.condense import evaluate as dd_evaluate
+from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources
 from flowdistill.experiments import common, fm_run
+from flowdistill.models.convnet import ConvNet
 from flowdistill.train import loop, parallel
 from flowdistill.train.checkpoint import (
   Checkpointer,
@@ -27,6 +30,8 @@ from flowdistill.train.checkpoint import (
   UnreadableCheckpointsError,
 )
 from flowdistill.train.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
@@ -305,3 +310,67 @@ def test_bad_input_gets_a_clear_error_and_keeps_checkpoints(good_run, tmp_path, 
     ckpt = Checkpointer(str(ctx['workdir'] / 'checkpoints'))
     assert ckpt.all_steps() == [3, 6]
     ckpt.close()
+
+
+# The dataset-distillation protocol: bad sets, IPCs and settings.
+
+
+def _dd_main(tmp_path, **sections):
+  config = load_config_file(os.path.join(ROOT, 'configs', 'dd_protocol.py'), 'digits')
+  config.dd_eval.update(baselines=('random',), whole_data=False)
+  for section, values in sections.items():
+    config[section].update(values)
+  _main(config, tmp_path / 'dd')
+
+
+def _score(x, label=None):
+  split = dd_evaluate.TestSplit(np.zeros((4, 8, 8, 1), np.float32), np.arange(4) % 2,
+                                np.zeros(1, np.float32), np.ones(1, np.float32))
+  label = np.arange(len(x)) % 2 if label is None else np.asarray(label)
+  dd_evaluate.evaluate_synset(x, label, split, jax.random.key(0), dd_evaluate.Protocol(runs=1))
+
+
+def _synset_file(tmp_path):
+  np.savez(tmp_path / 'set.npz', images=np.zeros((2, 8, 8, 1)), labels=np.arange(2))
+  _dd_main(tmp_path, dd_eval={'synsets': (str(tmp_path / 'set.npz'),)})
+
+
+_GOOD = np.zeros((4, 8, 8, 1), np.float32)
+DD_CASES = [
+    ('ipc-zero', lambda t: _dd_main(t, dd={'ipcs': (0,)}), ValueError,
+     r'config.dd.ipcs=\(0,\) must be images per class >= 1'),
+    ('ipc-above-smallest-class', lambda t: _dd_main(t, dd={'ipcs': (160,)}), ValueError,
+     r'IPC 160 is larger than class \d, which has only 14\d images; use IPC <= 14\d'),
+    ('runs-zero', lambda t: _dd_main(t, dd={'runs': 0}), ValueError,
+     r'config.dd.runs=0 must be >= 1'),
+    ('unknown-dsa-family', lambda t: _dd_main(t, dd={'strategy': 'color_blur'}), ValueError,
+     r"Unknown DSA family \['blur'\].*valid families are \('color', 'crop'"),
+    ('unknown-preset', lambda t: load_config_file(
+        os.path.join(ROOT, 'configs', 'dd_protocol.py'), 'mnist,gpu'), ValueError,
+     r"unknown preset 'gpu'; choose one of \('paper', 'cpu'\)"),
+    ('synset-file-without-x-and-label', _synset_file, ValueError,
+     r"set.npz lacks \['x', 'label'\] \(it has \['images', 'labels'\]\)"),
+    ('synset-lacks-a-class', lambda t: _score(_GOOD, [0, 0, 0, 0]), ValueError,
+     r'no image of class 1'),
+    ('synset-unbalanced', lambda t: _score(_GOOD[:3], [0, 0, 1]), ValueError,
+     r'unbalanced: images per class \[2, 1\]'),
+    ('synset-label-out-of-range', lambda t: _score(_GOOD, [0, 1, 2, 1]), ValueError,
+     r'Synthetic label 2 is out of range \[0, 2\)'),
+    ('synset-channels-first', lambda t: _score(np.zeros((4, 1, 8, 8), np.float32)), ValueError,
+     r'looks channels-first: transpose to \[N, H, W, C\]'),
+    ('synset-uint8', lambda t: _score(np.zeros((4, 8, 8, 1), np.uint8)), ValueError,
+     r'are uint8; the evaluator takes float images in \[-1, 1\]'),
+    ('synset-0-255-floats', lambda t: _score(np.full((4, 8, 8, 1), 200.0, np.float32)),
+     ValueError, r'pixels span \[200, 200\]; the library range is \[-1, 1\]'),
+    ('synset-nan', lambda t: _score(np.full((4, 8, 8, 1), np.nan, np.float32)), ValueError,
+     r'hold 256 NaN or Inf pixels'),
+    ('convnet-too-deep', lambda t: ConvNet((28, 28, 1), 10, depth=6, rngs=nnx.Rngs(0)),
+     ValueError, r'depth 6 halves images .* below 1x1 pixel; the largest depth that fits is 5'),
+]
+
+
+@pytest.mark.parametrize('case,error,message', [c[1:] for c in DD_CASES],
+                         ids=[c[0] for c in DD_CASES])
+def test_dataset_distillation_bad_input_gets_one_clear_error(tmp_path, case, error, message):
+  with pytest.raises(error, match=message):
+    case(tmp_path)

@@ -1,6 +1,8 @@
 """The dataset-distillation protocol: DSA, ConvNet-3, evaluate_synset, subsets and DM against
 closed forms and exact properties."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +11,15 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
+from flowdistill import experiments
 from flowdistill.condense import augment, dm, evaluate, subsets
 from flowdistill.condense.kmeans import kmeans
+from flowdistill.config import load_config_file, validate
 from flowdistill.data import images
+from flowdistill.experiments import dd_eval_run
 from flowdistill.models.convnet import ConvNet, InstanceNorm
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOMETRIC = ('crop', 'scale', 'rotate', 'flip', 'cutout')
 
 
@@ -244,3 +250,54 @@ def test_distribution_matching_lowers_its_loss_on_digits():
   assert out['x'].shape == (20, 8, 8, 1) and out['x'].min() >= -1 and out['x'].max() <= 1
   np.testing.assert_array_equal(out['label'], np.repeat(np.arange(10), 2))
   assert out['loss'][-10:].mean() < out['loss'][:10].mean()
+
+
+# the dd_eval experiment
+
+
+def _tiny_dd(config):
+  config.dd.update(runs=2, epochs=(3,), width=8, whole_data_epochs=1, epochs_per_call=2)
+  config.dd_eval.update(dm_iterations=3, dm_batch_real=8)
+  return config
+
+
+def test_dd_eval_scores_baselines_writes_the_table_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  config = _tiny_dd(load_config_file(os.path.join(ROOT, 'configs', 'dd_protocol.py'),
+                                     'digits,cpu'))
+  config.dd.ipcs = (2,)
+  validate(config)
+  result = experiments.get('dd_eval').run(config, str(tmp_path))
+  cells = {(c['set'], c['ipc']) for c in result['cells']}
+  assert cells == {(b, 2) for b in dd_eval_run.BASELINES}
+  assert 0 < result['whole_data']['test_accuracy'] <= 1
+  table = (tmp_path / 'results.md').read_text()
+  assert '| herding |' in table and "preset `cpu`" in table and '`dd.runs`: 2 (paper 20)' in table
+  assert (tmp_path / 'sets' / 'dm_ipc2.png').exists()
+  saved = np.load(tmp_path / 'sets' / 'k_center_ipc2.npz')
+  np.testing.assert_array_equal(np.bincount(saved['label']), [2] * 10)
+  # A rerun reads the finished cells back; a saved set is scored as a synset.
+  config.dd_eval.update(synsets=(str(tmp_path / 'sets' / 'k_center_ipc2.npz'),))
+  again = experiments.get('dd_eval').run(config, str(tmp_path))
+  old = {(c['set'], c['ipc']): c['accs'] for c in result['cells']}
+  for cell in again['cells']:
+    if cell['set'] == 'k_center_ipc2':
+      assert cell['ipc'] == 2
+    else:
+      assert cell['accs'] == old[(cell['set'], cell['ipc'])]
+
+
+def test_cifar10_config_builds_and_runs_on_a_tiny_rgb_set(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = {f'{k}_{s}': v for s, n in (('train', 40), ('test', 20)) for k, v in (
+      ('x', rng.integers(0, 256, (n, 32, 32, 3), np.uint8)), ('y', np.arange(n) % 10))}
+  np.savez(tmp_path / 'cifar.npz', **arrays)
+  config = _tiny_dd(load_config_file(os.path.join(ROOT, 'configs', 'dd_protocol.py'),
+                                     'cifar10'))
+  config.data.path = str(tmp_path / 'cifar.npz')
+  config.dd.update(ipcs=(1,), depth=1)
+  config.dd_eval.update(baselines=('random', 'dm'), whole_data=False)
+  validate(config)
+  result = experiments.get('dd_eval').run(config, str(tmp_path / 'run'))
+  assert result['preset']['protocol']['strategy'] == augment.RGB
+  assert len(result['cells']) == 2 and all(len(c['accs']) == 2 for c in result['cells'])
