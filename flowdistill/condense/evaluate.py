@@ -9,6 +9,7 @@ accuracy depends only on its key; runs are batched with `vmap` `runs_per_call` a
 """
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -213,9 +214,29 @@ def check_synset(images, labels, split: TestSplit) -> None:
                      'the protocol needs the same count (IPC) in every class.')
 
 
+@functools.partial(jax.jit, static_argnames=('protocol', 'num_classes'))
+def _init_networks(keys, images, labels, *, protocol, num_classes):
+  fresh = lambda k: train_network(images, labels, k, protocol, num_classes, epochs=(0, 0))
+  return jax.vmap(fresh)(keys)
+
+
+@functools.partial(jax.jit, static_argnames=('protocol', 'num_classes', 'count'))
+def _train_epochs(state, keys, first, images, labels, *, protocol, num_classes, count):
+  run = lambda s, k: train_network(images, labels, k, protocol, num_classes,
+                                   epochs=(first, count), state=s)
+  return jax.vmap(run)(state, keys)
+
+
+@functools.partial(jax.jit, static_argnames=('protocol', 'num_classes'))
+def _test_accuracies(params, images, labels, *, protocol, num_classes):
+  graphdef = make_net(images.shape[1:], num_classes, protocol, jax.random.key(0))[0]
+  return jax.vmap(lambda p: test_accuracy(graphdef, p, images, labels))(params)
+
+
 def train_networks(images: jax.Array, labels: jax.Array, keys: jax.Array, protocol: Protocol,
                    num_classes: int, *, on_progress: Callable[[int], None] | None = None):
-  """Trains one ConvNet per key together under `vmap`, `epochs_per_call` epochs per dispatch.
+  """Trains one ConvNet per key together under `vmap`, `epochs_per_call` epochs per dispatch
+  (compiled once per protocol and shapes, so the next set of the same size reuses it).
 
   Args:
     images: standardised images [N, H, W, C]. labels: int [N].
@@ -227,20 +248,11 @@ def train_networks(images: jax.Array, labels: jax.Array, keys: jax.Array, protoc
   """
   total = protocol.epochs + 1
   chunk = min(protocol.epochs_per_call, total)
-
-  @jax.jit
-  def init(keys, x, y):
-    return jax.vmap(lambda k: train_network(x, y, k, protocol, num_classes, epochs=(0, 0)))(keys)
-
-  @jax.jit
-  def train_chunk(state, keys, first, x, y):
-    run = lambda s, k: train_network(x, y, k, protocol, num_classes, epochs=(first, chunk),
-                                     state=s)
-    return jax.vmap(run)(state, keys)
-
-  state = init(keys, images, labels)
+  static = dict(protocol=protocol, num_classes=num_classes)
+  images, labels = jnp.asarray(images), jnp.asarray(labels)
+  state = _init_networks(keys, images, labels, **static)
   for first in range(0, total, chunk):
-    state = train_chunk(state, keys, jnp.int32(first), images, labels)
+    state = _train_epochs(state, keys, jnp.int32(first), images, labels, count=chunk, **static)
     if on_progress is not None:
       jax.block_until_ready(state)
       on_progress(min(first + chunk, total))
@@ -264,9 +276,6 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
   check_synset(images, labels, split)
   x, y = split.standardise(images), jnp.asarray(labels, jnp.int32)
   test_x, test_y = split.standardise(split.x), jnp.asarray(split.label)
-  graphdef = make_net(x.shape[1:], split.num_classes, protocol, jax.random.key(0))[0]
-  accuracies = jax.jit(jax.vmap(lambda p, x, y: test_accuracy(graphdef, p, x, y),
-                                in_axes=(0, None, None)))
   start = time.perf_counter()
   accs = []
   run_keys = jnp.stack([jax.random.fold_in(key, r) for r in range(protocol.runs)])
@@ -276,7 +285,8 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
     progress = None if on_progress is None else (
         lambda epochs, done=done, group=group: on_progress(done + epochs * group))
     params, _ = train_networks(x, y, keys, protocol, split.num_classes, on_progress=progress)
-    accs.append(np.asarray(accuracies(params, test_x, test_y)))
+    accs.append(np.asarray(_test_accuracies(params, test_x, test_y, protocol=protocol,
+                                            num_classes=split.num_classes)))
   seconds = time.perf_counter() - start
   accs = np.concatenate(accs)
   return {'accs': accs, 'mean': float(accs.mean()), 'std': float(accs.std()),
