@@ -55,8 +55,8 @@ def herding_order(points: np.ndarray, k: int) -> np.ndarray:
 
 
 def k_center_order(points: np.ndarray, k: int) -> np.ndarray:
-  """Greedy farthest-first traversal seeded by the mean: each pick maximises the distance to the
-  mean and the points picked so far.
+  """Greedy k-center (farthest-first traversal) started from the class mean: the first pick is
+  the row nearest the mean, each next one the row farthest from all rows picked so far.
 
   Args:
     points: [N, D]. k: picks.
@@ -64,13 +64,13 @@ def k_center_order(points: np.ndarray, k: int) -> np.ndarray:
   Returns:
     int [k] row indices in the order picked.
   """
-  nearest = np.linalg.norm(points - points.mean(0), axis=1)
-  picks = []
-  for _ in range(k):
+  first = int(np.linalg.norm(points - points.mean(0), axis=1).argmin())
+  picks = [first]
+  nearest = np.linalg.norm(points - points[first], axis=1)
+  for _ in range(1, k):
     j = int(nearest.argmax())
     picks.append(j)
     nearest = np.minimum(nearest, np.linalg.norm(points - points[j], axis=1))
-    nearest[j] = -np.inf
   return np.array(picks)
 
 
