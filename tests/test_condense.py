@@ -275,6 +275,9 @@ def test_dd_eval_scores_baselines_writes_the_table_and_resumes(tmp_path, monkeyp
   assert (tmp_path / 'sets' / 'dm_ipc2.png').exists()
   saved = np.load(tmp_path / 'sets' / 'k_center_ipc2.npz')
   np.testing.assert_array_equal(np.bincount(saved['label']), [2] * 10)
+  # The random baseline draws one subset per run, as the published figures average subsets.
+  first, second = (np.load(tmp_path / 'sets' / f'random_ipc2_subset{r}.npz')['x'] for r in (0, 1))
+  assert not np.array_equal(first, second)
   # A rerun reads the finished cells back; a saved set is scored as a synset.
   config.dd_eval.update(synsets=(str(tmp_path / 'sets' / 'k_center_ipc2.npz'),))
   again = experiments.get('dd_eval').run(config, str(tmp_path))

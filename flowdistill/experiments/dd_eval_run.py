@@ -6,6 +6,7 @@ Workdir layout (every cell resumable; rerunning the command skips finished cells
 
     WORKDIR/cells/<set>_ipc<n>.json     one set's accuracies, timing and settings
     WORKDIR/sets/<set>_ipc<n>.npz|png   the set scored (x, label) and its grid, IPC per row
+                                        (`random`: <set>_ipc<n>_subset<r>, one per run)
     WORKDIR/results.json, results.md    the table, the preset and its reductions
 
 The whole-data ConvNet (the reference row and the feature space of herding, k-center and
@@ -105,27 +106,44 @@ def _bar(desc: str, total: int):
                    leave=False)
 
 
-def _score(name: str, ipc: int, synset: dict, split, dd, ipc_index, key, workdir) -> dict:
-  """Evaluates one set, saves it and its grid, and returns the cell."""
-  proto = protocol(dd, ipc_index, channels=split.x.shape[-1])
-  os.makedirs(os.path.join(workdir, 'sets'), exist_ok=True)
-  stem = os.path.join(workdir, 'sets', f'{name}_ipc{ipc}')
+def _save(stem: str, synset: dict, ipc: int, num_classes: int) -> None:
   np.savez(stem + '.npz', x=synset['x'], label=synset['label'])
   order = np.argsort(synset['label'], kind='stable')
   columns = min(ipc, 10)
   grid = np.concatenate([synset['x'][order][synset['label'][order] == c][:columns]
-                         for c in range(split.num_classes)])
+                         for c in range(num_classes)])
   plots.image_grid(stem + '.png', grid, ncol=columns)
+
+
+def _score(name: str, ipc: int, synsets: list[dict], split, dd, ipc_index, key,
+           workdir) -> dict:
+  """Evaluates one set with R runs, or R sets (one per run, as the random baseline), saves each
+  set and its grid, and returns the cell."""
+  proto = protocol(dd, ipc_index, channels=split.x.shape[-1])
+  os.makedirs(os.path.join(workdir, 'sets'), exist_ok=True)
+  stem = os.path.join(workdir, 'sets', f'{name}_ipc{ipc}')
   bar = _bar(f'{name} IPC {ipc}', evaluate.epochs_total(proto))
-  result = evaluate.evaluate_synset(synset['x'], synset['label'], split, key, proto,
-                                    on_progress=lambda done: bar.update(done - bar.n))
+  one_each = len(synsets) > 1
+  accs, seconds = [], 0.0
+  for r, synset in enumerate(synsets):
+    _save(f'{stem}_subset{r}' if one_each else stem, synset, ipc, split.num_classes)
+    done = r * (proto.epochs + 1)
+    result = evaluate.evaluate_synset(
+        synset['x'], synset['label'], split, jax.random.fold_in(key, r) if one_each else key,
+        dataclasses.replace(proto, runs=1) if one_each else proto,
+        on_progress=lambda epochs, done=done: bar.update(done + epochs - bar.n))
+    accs += result['accs'].tolist()
+    seconds += result['seconds_per_run'] * len(result['accs'])
   bar.close()
-  return {'set': name, 'ipc': ipc, 'accs': result['accs'].tolist(), 'mean': result['mean'],
-          'std': result['std'], 'seconds_per_run': result['seconds_per_run'],
-          'runs': proto.runs, 'epochs': proto.epochs, **synset.get('extra', {})}
+  return {'set': name, 'ipc': ipc, 'accs': accs, 'mean': float(np.mean(accs)),
+          'std': float(np.std(accs)), 'seconds_per_run': seconds / len(accs),
+          'runs': proto.runs, 'epochs': proto.epochs, 'sets': len(synsets),
+          **synsets[0].get('extra', {})}
 
 
-def _baseline_set(name, ipc, dataset, features, config, key) -> dict:
+def _baseline_sets(name, ipc, dataset, features, config, key) -> list[dict]:
+  """The sets a baseline is scored on: one per run for `random` (the published figure averages
+  subsets, and at IPC 1 the subset drawn dominates the result), one otherwise."""
   labels = dataset.train['label']
   if name == 'dm':
     cfg = dm.DMConfig(iterations=config.dd_eval.dm_iterations, lr=config.dd_eval.dm_lr,
@@ -139,11 +157,14 @@ def _baseline_set(name, ipc, dataset, features, config, key) -> dict:
                                    protocol(config.dd, 0, channels=dataset.shape[-1]),
                                    on_progress=lambda done: bar.update(done - bar.n))
     bar.close()
-    return {'x': out['x'], 'label': out['label'],
-            'extra': {'dm_seconds': time.perf_counter() - start,
-                      'dm_final_loss': float(out['loss'][-10:].mean())}}
-  index = subsets.select(name, features, labels, ipc, seed=config.dd.seed)
-  return {'x': dataset.train['x'][index], 'label': labels[index]}
+    return [{'x': out['x'], 'label': out['label'],
+             'extra': {'dm_seconds': time.perf_counter() - start,
+                       'dm_final_loss': float(out['loss'][-10:].mean())}}]
+  seeds = [config.dd.seed]
+  if name == 'random':
+    seeds = [config.dd.seed * config.dd.runs + r for r in range(config.dd.runs)]
+  return [{'x': dataset.train['x'][index], 'label': labels[index]} for index in (
+      subsets.select(name, features, labels, ipc, seed=seed) for seed in seeds)]
 
 
 def _table(cells: list[dict], config, dataset_name: str) -> str:
@@ -188,9 +209,9 @@ def run(config, workdir: str) -> dict:
   jobs = [(os.path.splitext(os.path.basename(p))[0], None, p) for p in config.dd_eval.synsets]
   jobs += [(name, ipc, None) for ipc in ipcs for name in config.dd_eval.baselines]
   for name, ipc, path in jobs:
-    synset = load_synset(path) if path else None
-    if synset is not None:
-      ipc = int(np.bincount(synset['label']).max())
+    synsets = [load_synset(path)] if path else None
+    if synsets is not None:
+      ipc = int(np.bincount(synsets[0]['label']).max())
     cell_path = os.path.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
     if os.path.exists(cell_path):
       with open(cell_path) as f:
@@ -198,9 +219,9 @@ def run(config, workdir: str) -> dict:
       continue
     ipc_index = ipcs.index(ipc) if ipc in ipcs else 0
     set_key = jax.random.fold_in(key, ipc)
-    if synset is None:
-      synset = _baseline_set(name, ipc, dataset, features, config, set_key)
-    cell = _score(name, ipc, synset, split, dd, ipc_index, set_key, workdir)
+    if synsets is None:
+      synsets = _baseline_sets(name, ipc, dataset, features, config, set_key)
+    cell = _score(name, ipc, synsets, split, dd, ipc_index, set_key, workdir)
     with open(cell_path, 'w') as f:
       json.dump(cell, f, indent=2)
     cells.append(cell)
@@ -211,7 +232,8 @@ def run(config, workdir: str) -> dict:
             'wall_seconds': time.perf_counter() - start}
   lines = [f'# Dataset-distillation protocol: {dataset_name}, preset `{dd.preset}`', '',
            'Accuracy (%) of ConvNet-3 trained on each set: published · ours (mean ± std over '
-           f'{dd.runs} runs); s/run is seconds per evaluation run.', '',
+           f'{dd.runs} runs; `random` draws a new subset for each run); s/run is seconds per '
+           'evaluation run.', '',
            _table(cells, config, dataset_name), '']
   if whole is not None:
     pub = PUBLISHED.get(dataset_name, {}).get('whole')
