@@ -1,0 +1,120 @@
+"""PGFM: the guided sampler against its closed forms, prototypes, and the guidance checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowdistill import closed_form as cf
+from flowdistill import ode, paths
+from flowdistill.condense import pgfm
+
+SHAPE = (2, 2, 1)
+
+
+def _latents(n=16, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, *SHAPE))
+
+
+def _field(seed=3):
+  """A smooth nonlinear time-dependent velocity with no closed form."""
+  a = jax.random.normal(jax.random.key(seed), (4, 4))
+  return lambda z, t: (jnp.tanh(z.reshape(len(z), -1) @ a).reshape(z.shape) * (1 + t)
+                       - 0.5 * z)
+
+
+@pytest.mark.parametrize('solver,delta', [('euler', 0.0), ('euler', 0.2), ('heun', 0.2)])
+@pytest.mark.parametrize('steps', [1, 3, 8])
+def test_straight_full_weight_lands_on_the_exact_endpoint(solver, delta, steps):
+  """dz/dt = (p - z)/(1 - t + δ) ends at p + (z0 - p) δ/(1 + δ). Euler's step factors
+  (1 - t + δ - dt)/(1 - t + δ) telescope to that number for any N (δ = 0 lands on p); the
+  solution is linear in t, so Heun (δ > 0: it evaluates t = 1) is exact too."""
+  z0, p = _latents(), _latents(seed=1)
+  g = pgfm.Guidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=delta)
+  z1, info = ode.solve(pgfm.guided_velocity(_field(), p, g), z0, solver=solver, steps=steps)
+  np.testing.assert_allclose(z1, p + (z0 - p) * delta / (1 + delta), atol=2e-6)
+  assert info['nfe'] == steps * (2 if solver == 'heun' else 1)
+
+
+def test_heun_with_zero_delta_stays_finite_when_guidance_stops_before_one():
+  z0, p = _latents(), _latents(seed=1)
+  g = pgfm.Guidance(form='denoiser', w0=1.0, schedule='constant', t_stop=0.75, delta=0.0)
+  z1, _ = ode.solve(pgfm.guided_velocity(_field(), p, g), z0, solver='heun', steps=4)
+  assert np.isfinite(np.asarray(z1)).all()
+
+
+@pytest.mark.parametrize('guidance', [
+    pgfm.Guidance(form='denoiser', w0=0.0), pgfm.Guidance(form='straight', w0=0.7, t_stop=0.0),
+    pgfm.Guidance(form='denoiser', w0=2.0, schedule='cosine', t_stop=0.0)])
+@pytest.mark.parametrize('solver', ['euler', 'heun'])
+def test_zero_guidance_is_unguided_sampling_bit_for_bit(guidance, solver):
+  z0, p = _latents(), _latents(seed=1)
+  guided, _ = ode.solve(pgfm.guided_velocity(_field(), p, guidance), z0, solver=solver,
+                        steps=5)
+  plain, _ = ode.solve(_field(), z0, solver=solver, steps=5)
+  np.testing.assert_array_equal(guided, plain)
+
+
+@pytest.mark.parametrize('steps', [1, 4, 16])
+def test_denoiser_form_on_point_mass_data_lands_on_the_shifted_point(steps):
+  """With data at m the velocity is (m - z)/(1 - t) and ẑ1 = m, so the denoiser pull with
+  constant w turns it into the point-mass velocity of m + w (p - m)."""
+  m, p, w = _latents(seed=4), _latents(seed=1), 0.6
+  apply_fn = lambda params, z, t, cond=None: (m - z) / (1.0 - t)[:, None, None, None]
+  labels = jnp.zeros(len(m), jnp.int32)
+  g = pgfm.Guidance(form='denoiser', w0=w, schedule='constant', t_stop=1.0, delta=0.0)
+  z1, info = pgfm.sample(apply_fn, {}, jax.random.key(0), labels, p, g, steps=steps)
+  np.testing.assert_allclose(z1, m + w * (p - m), atol=1e-5)
+  assert info['nfe'] == steps
+
+
+@pytest.mark.parametrize('form', pgfm.FORMS)
+def test_guided_heun_on_gaussian_data_converges_to_dopri5(form):
+  path = paths.linear_path()
+  params = {'mean': jnp.full(SHAPE, 0.5), 'std': jnp.full(SHAPE, 0.7)}
+  v = ode.velocity_fn(cf.make_apply_fn(path), params)
+  z0, p = _latents(), _latents(seed=1)
+  g = pgfm.Guidance(form=form, w0=0.5, schedule='cosine', t_stop=1.0, delta=0.1)
+  ref, _ = ode.solve(pgfm.guided_velocity(v, p, g), z0, solver='dopri5', rtol=1e-7, atol=1e-7)
+  errors = [float(jnp.abs(ode.solve(pgfm.guided_velocity(v, p, g), z0, solver='heun',
+                                    steps=n)[0] - ref).max()) for n in (16, 32, 64)]
+  rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+  assert np.all(rates > 1.6), (errors, rates)
+
+
+def test_weight_schedules_start_at_w0_and_switch_off_at_t_stop():
+  t = jnp.array([0.0, 0.25, 0.5, 0.79, 0.8, 1.0])
+  for schedule, mid in (('constant', 0.4), ('linear', 0.4 * (1 - 0.5 / 0.8)),
+                        ('cosine', 0.4 * 0.5 * (1 + np.cos(np.pi * 0.5 / 0.8)))):
+    w = np.asarray(pgfm.weight(pgfm.Guidance(w0=0.4, schedule=schedule, t_stop=0.8), t))
+    assert w[0] == pytest.approx(0.4) and w[2] == pytest.approx(mid, rel=1e-6)
+    assert w[4] == 0 and w[5] == 0
+
+
+def test_class_prototypes_recover_well_separated_blob_centres():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(2, 3, *SHAPE)) * 10
+  latents = (centres[:, :, None] + 0.01 * rng.normal(size=(2, 3, 20, *SHAPE))).reshape(
+      -1, *SHAPE)
+  labels = np.repeat([0, 1], 60)
+  protos = pgfm.class_prototypes(latents, labels, 3, seed=0, n_init=2)
+  assert protos.shape == (2, 3, *SHAPE)
+  for c in range(2):
+    found = protos[c].reshape(3, -1)
+    truth = centres[c].reshape(3, -1)
+    gaps = np.linalg.norm(found[:, None] - truth[None], axis=-1)
+    assert np.all(gaps.min(0) < 0.05)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(t_stop=1.5), 't_stop'), (dict(delta=-0.1), 'delta'),
+    (dict(form='straight', w0=1.5), 'w0'), (dict(form='curved'), 'form'),
+    (dict(schedule='step'), 'schedule')])
+def test_bad_guidance_is_refused_by_name(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    pgfm.Guidance(**kwargs)
+
+
+def test_ipc_above_a_class_count_is_refused():
+  with pytest.raises(ValueError, match='class 1 has 2'):
+    pgfm.class_prototypes(np.zeros((5, *SHAPE)), np.array([0, 0, 0, 1, 1]), 3)
