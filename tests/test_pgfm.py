@@ -7,7 +7,8 @@ import pytest
 
 from flowdistill import closed_form as cf
 from flowdistill import ode, paths
-from flowdistill.condense import pgfm
+from flowdistill.condense import coverage, pgfm
+from flowdistill.condense import mode_guided_diffusion as mgd
 
 SHAPE = (2, 2, 1)
 
@@ -118,3 +119,88 @@ def test_bad_guidance_is_refused_by_name(kwargs, match):
 def test_ipc_above_a_class_count_is_refused():
   with pytest.raises(ValueError, match='class 1 has 2'):
     pgfm.class_prototypes(np.zeros((5, *SHAPE)), np.array([0, 0, 0, 1, 1]), 3)
+
+
+# The diffusion counterpart on the same network.
+
+GAUSS = {'mean': jnp.array([0.5, -1.0, 2.0, 0.0]), 'std': jnp.array([0.7, 0.3, 1.2, 1.0])}
+
+
+@pytest.mark.parametrize('sampler', mgd.SAMPLERS)
+def test_unguided_counterpart_reproduces_gaussian_data_moments(sampler):
+  n = 4000
+  apply_fn = cf.make_apply_fn(paths.linear_path())
+  x, info = mgd.sample(apply_fn, GAUSS, jax.random.key(0), jnp.zeros(n, jnp.int32), (4,),
+                       paths.linear_path(), steps=1000, sampler=sampler)
+  assert info['nfe'] == 1000
+  se_mean, se_std = GAUSS['std'] / np.sqrt(n), GAUSS['std'] / np.sqrt(2 * n)
+  np.testing.assert_array_less(np.abs(x.mean(0) - GAUSS['mean']), 4 * se_mean)
+  np.testing.assert_array_less(np.abs(x.std(0) - GAUSS['std']), 4 * se_std + 0.01)
+
+
+def test_mode_guidance_pulls_toward_the_prototype_and_stops_bit_for_bit():
+  n, path = 512, paths.linear_path()
+  apply_fn = cf.make_apply_fn(path)
+  labels, p = jnp.zeros(n, jnp.int32), jnp.full((n, 4), 3.0)
+  run = lambda **kw: mgd.sample(apply_fn, GAUSS, jax.random.key(1), labels, (4,), path,
+                                steps=50, prototypes=p, **kw)[0]
+  plain, off, guided = run(lam=0.0), run(lam=0.1, stop_step=0), run(lam=0.1, stop_step=25)
+  np.testing.assert_array_equal(off, plain)
+  gap = lambda x: float(jnp.linalg.norm(x - p, axis=1).mean())
+  assert gap(guided) < gap(plain) - 0.1
+
+
+def test_ancestral_step_reaches_the_data_estimate_at_t_one():
+  path, x, x1 = paths.linear_path(), _latents(), _latents(seed=2)
+  mean, std = mgd.ancestral_step(path, x, x1, jnp.float32(0.9), jnp.float32(1.0))
+  np.testing.assert_allclose(mean, x1, atol=1e-6)
+  np.testing.assert_allclose(std, 0.0, atol=1e-7)
+
+
+# Mode coverage, landing rate and diversity.
+
+def _modes(k, dim=12):
+  return [10.0 * np.eye(dim)[:k]]
+
+
+def test_uniform_draws_cover_one_minus_one_minus_one_over_k_to_the_k():
+  k, classes = 10, 400
+  rng = np.random.default_rng(0)
+  modes = _modes(k) * classes
+  picks = rng.integers(k, size=(classes, k))
+  points = modes[0][picks].reshape(classes * k, -1) + 0.1 * rng.normal(size=(classes * k, 12))
+  result = coverage.mode_coverage(points, np.repeat(np.arange(classes), k), modes)
+  se = np.std(result['per_class']) / np.sqrt(classes)
+  assert abs(result['mc'] - coverage.uniform_coverage(k)) < 3 * se
+  assert coverage.uniform_coverage(10) == pytest.approx(0.6513, abs=1e-4)
+
+
+def test_coverage_is_one_for_one_sample_per_mode_and_one_over_k_for_a_single_mode():
+  modes = _modes(5)
+  labels = np.zeros(5, int)
+  assert coverage.mode_coverage(modes[0] + 0.5, labels, modes)['mc'] == 1.0
+  assert coverage.mode_coverage(np.repeat(modes[0][:1], 5, 0), labels, modes)['mc'] == 0.2
+
+
+def test_class_modes_are_the_real_clusters():
+  rng = np.random.default_rng(1)
+  real = np.concatenate([_modes(3)[0][rng.integers(3, size=60)] + 0.01 * rng.normal(size=(60, 12))
+                         for _ in range(2)])
+  modes = coverage.class_modes(real, np.repeat([0, 1], 60), 3)
+  assert len(modes) == 2 and modes[1].shape == (3, 12)
+  assert coverage.mode_coverage(_modes(3)[0], np.zeros(3, int), modes[:1])['mc'] == 1.0
+
+
+def test_landing_rate_counts_samples_nearest_their_assigned_prototype():
+  protos = np.stack([_modes(3)[0], -_modes(3)[0]])  # [C=2, K=3, 12]
+  samples = np.concatenate([protos[0] + 0.1, protos[1][::-1] + 0.1])
+  labels, assigned = np.repeat([0, 1], 3), np.array([0, 1, 2, 0, 1, 2])
+  assert coverage.landing_rate(samples, labels, assigned, protos) == pytest.approx(4 / 6)
+
+
+def test_diversity_is_one_for_real_points_and_zero_for_a_collapsed_set():
+  rng = np.random.default_rng(2)
+  real = rng.normal(size=(200, 5))
+  labels = np.repeat([0, 1], 100)
+  assert coverage.diversity(real, labels, real, labels) == pytest.approx(1.0)
+  assert coverage.diversity(np.zeros((4, 5)), np.array([0, 0, 1, 1]), real, labels) == 0.0

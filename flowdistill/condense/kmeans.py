@@ -3,7 +3,7 @@
 import numpy as np
 
 
-def _sq_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def sq_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
   """[N, D], [K, D] -> squared distances [N, K] (clipped at 0 against rounding)."""
   d = (points**2).sum(1)[:, None] + (centres**2).sum(1)[None] - 2 * points @ centres.T
   return np.maximum(d, 0)
@@ -12,12 +12,12 @@ def _sq_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
 def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
   """k-means++ seeding: each next centre drawn with probability ∝ squared distance. [K, D]."""
   centres = [points[rng.integers(len(points))]]
-  closest = _sq_distances(points, centres[0][None])[:, 0]
+  closest = sq_distances(points, centres[0][None])[:, 0]
   for _ in range(1, k):
     total = closest.sum()
     index = rng.choice(len(points), p=closest / total) if total > 0 else rng.integers(len(points))
     centres.append(points[index])
-    closest = np.minimum(closest, _sq_distances(points, points[index][None])[:, 0])
+    closest = np.minimum(closest, sq_distances(points, points[index][None])[:, 0])
   return np.stack(centres)
 
 
@@ -42,7 +42,7 @@ def kmeans(points: np.ndarray, k: int, *, seed: int = 0, n_init: int = 1,
     centres = kmeans_plus_plus(points, k, rng)
     assignment = None
     for _ in range(iters):
-      new = _sq_distances(points, centres).argmin(1)
+      new = sq_distances(points, centres).argmin(1)
       if assignment is not None and np.array_equal(new, assignment):
         break
       assignment = new
@@ -51,7 +51,7 @@ def kmeans(points: np.ndarray, k: int, *, seed: int = 0, n_init: int = 1,
         # An emptied cluster keeps its centre rather than becoming NaN.
         if len(members):
           centres[j] = members.mean(0)
-    inertia = float(_sq_distances(points, centres)[np.arange(len(points)), assignment].sum())
+    inertia = float(sq_distances(points, centres)[np.arange(len(points)), assignment].sum())
     if best is None or inertia < best[2]:
       best = (centres, assignment, inertia)
   return best
