@@ -1,0 +1,178 @@
+"""The frozen VAE of PGFM: trained once per data set by the library, cached on disk and
+fingerprinted like the feature network, with the latent scale of Stable Diffusion's recipe.
+
+Loss per image: `Σ (x − x̂)² + β KL(q(z|x) || N(0, I))`. After training, the scale
+`s = 1 / std` of the posterior means over the train split is stored with the weights, so the
+latents `s · mean(x)` that flow matching sees have unit standard deviation (SD's 0.18215 is the
+same quantity for its autoencoder), and a latent is decoded as `decode(z / s)`.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flowdistill.eval.feature_net import cache_root, data_fingerprint
+from flowdistill.models.vae import VAE
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """Training settings (config `pgfm.vae_*`); all of them key the cache."""
+  beta: float = 0.01
+  steps: int = 6000
+  batch_size: int = 128
+  lr: float = 1e-3
+  latent_channels: int = 4
+  widths: tuple[int, ...] = (16, 32, 64)
+  seed: int = 0
+
+
+def kl_divergence(mean, logvar):
+  """KL(N(mean, exp(logvar)) || N(0, I)) summed over all but the batch axis -> [B]."""
+  terms = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  return terms.reshape(terms.shape[0], -1).sum(-1)
+
+
+def vae_loss(model: VAE, x, key, beta: float):
+  """(mean loss, metrics) of one batch x [B, H, W, C]: reconstruction of a posterior sample
+  (squared error summed over pixels) + β KL."""
+  mean, logvar = model.encode(x)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+  recon = jnp.square(model.decode(z) - x).reshape(x.shape[0], -1).sum(-1)
+  kl = kl_divergence(mean, logvar)
+  return jnp.mean(recon + beta * kl), {'recon': recon.mean(), 'kl': kl.mean()}
+
+
+class FrozenVAE:
+  """A trained VAE with batched, jitted `encode`, `decode` and `latents`.
+
+  Attributes:
+    scale: s = 1 / std of the train posterior means. fingerprint: the cache key (data and
+      settings), stored with everything derived from this VAE. latent_shape: (h, w, c).
+    info: what was recorded at training time (losses, reconstruction error).
+  """
+
+  def __init__(self, model: VAE, scale: float, fingerprint: str, info: dict):
+    graphdef, state = nnx.split(model)
+    self._params = nnx.to_pure_dict(state)
+    self.scale = float(scale)
+    self.fingerprint = fingerprint
+    self.latent_shape = model.latent_shape
+    self.info = info
+    self._encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(x))
+    self._decode = jax.jit(lambda p, z: nnx.merge(graphdef, p).decode(z))
+
+  @staticmethod
+  def _batched(fn, x, chunk):
+    outs = [fn(jnp.asarray(x[i:i + chunk])) for i in range(0, len(x), chunk)]
+    return jax.tree.map(lambda *a: np.concatenate([np.asarray(b) for b in a]), *outs)
+
+  def encode(self, x, chunk: int = 1000):
+    """Images [N, H, W, C] in [-1, 1] -> (mean, logvar), each [N, h, w, c] (unscaled)."""
+    return self._batched(lambda b: self._encode(self._params, b), x, chunk)
+
+  def decode(self, z, chunk: int = 1000):
+    """Unscaled latents [N, h, w, c] -> images [N, H, W, C] clipped to [-1, 1]."""
+    return np.clip(self._batched(lambda b: self._decode(self._params, b), z, chunk), -1, 1)
+
+  def latents(self, x, *, mode: str = 'mean', key=None) -> np.ndarray:
+    """Scaled latents `s · mean(x)` ('mean') or `s · z`, z ~ q(z|x) ('sample', needs key)."""
+    mean, logvar = self.encode(x)
+    if mode == 'mean':
+      return self.scale * mean
+    if mode != 'sample':
+      raise ValueError(f"Latent mode must be 'mean' or 'sample'; got {mode!r}.")
+    if key is None:
+      raise ValueError("Latent mode 'sample' needs a key.")
+    noise = np.asarray(jax.random.normal(key, mean.shape))
+    return self.scale * (mean + np.exp(0.5 * logvar) * noise)
+
+  def decode_scaled(self, z) -> np.ndarray:
+    """Scaled latents [N, h, w, c] (what flow matching makes) -> images: `decode(z / s)`."""
+    return self.decode(np.asarray(z) / self.scale)
+
+
+def train_vae(images, config: VAEConfig, *,
+              on_progress: Callable[[int], None] | None = None) -> tuple[VAE, dict]:
+  """Adam (cosine decay) on minibatches drawn with replacement.
+
+  Args:
+    images: [N, H, W, C] in [-1, 1].
+    on_progress: called with the steps done, every 100 steps.
+
+  Returns:
+    (model, metrics {'loss', 'recon', 'kl'}: numpy [steps]).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  key = jax.random.key(config.seed)
+  model = VAE(images.shape[1:], latent_channels=config.latent_channels,
+              widths=config.widths, rngs=nnx.Rngs(jax.random.fold_in(key, 0)))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  opt = optax.adam(optax.cosine_decay_schedule(config.lr, config.steps, alpha=0.05))
+  data_key = jax.random.fold_in(key, 1)
+
+  def loss_fn(params, x, k):
+    return vae_loss(nnx.merge(graphdef, params), x, k, config.beta)
+
+  @jax.jit
+  def step(params, opt_state, images, i):
+    k = jax.random.fold_in(data_key, i)
+    idx = jax.random.randint(k, (config.batch_size,), 0, images.shape[0])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, images[idx], jax.random.fold_in(k, 1))
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {'loss': loss, **metrics}
+
+  opt_state = opt.init(params)
+  history = []
+  for i in range(config.steps):
+    params, opt_state, metrics = step(params, opt_state, images, jnp.int32(i))
+    history.append(metrics)
+    if on_progress is not None and ((i + 1) % 100 == 0 or i + 1 == config.steps):
+      on_progress(i + 1)
+  metrics = {k: np.asarray(jnp.stack([h[k] for h in history])) for k in history[0]}
+  return nnx.merge(graphdef, params), metrics
+
+
+def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> FrozenVAE:
+  """The VAE of this data set and config: read from the cache, or trained and cached.
+
+  Args:
+    train: {'x': images [N, H, W, C] in [-1, 1], 'label': int [N]}.
+    cache_dir: defaults to `cache_root()/vaes/<fingerprint of data and config>`.
+  """
+  settings = json.dumps(dataclasses.asdict(config), sort_keys=True)
+  fingerprint = data_fingerprint(train['x'], train['label'], settings)
+  folder = cache_dir or os.path.join(cache_root(), 'vaes', fingerprint)
+  template = VAE(train['x'].shape[1:], latent_channels=config.latent_channels,
+                 widths=config.widths, rngs=nnx.Rngs(0))
+  checkpointer = ocp.StandardCheckpointer()
+  params_dir = os.path.join(folder, 'params')
+  if os.path.isdir(params_dir):
+    graphdef, state = nnx.split(template)
+    params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
+    with open(os.path.join(folder, 'info.json')) as f:
+      info = json.load(f)
+    return FrozenVAE(nnx.merge(graphdef, params), info['scale'], fingerprint, info)
+  model, metrics = train_vae(train['x'], config, on_progress=on_progress)
+  unscaled = FrozenVAE(model, 1.0, fingerprint, {})
+  means = unscaled.encode(train['x'])[0]
+  tail = slice(-min(100, config.steps), None)
+  info = {'scale': float(1.0 / means.std()), 'config': json.loads(settings),
+          **{f'final_{k}': float(v[tail].mean()) for k, v in metrics.items()}}
+  os.makedirs(folder, exist_ok=True)
+  checkpointer.save(params_dir, nnx.to_pure_dict(nnx.split(model)[1]))
+  checkpointer.wait_until_finished()
+  with open(os.path.join(folder, 'info.json'), 'w') as f:
+    json.dump(info, f)
+  return FrozenVAE(model, info['scale'], fingerprint, info)

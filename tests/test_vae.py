@@ -1,0 +1,61 @@
+"""The frozen VAE of PGFM: shapes, the KL term, the latent scale and the cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flowdistill.condense import vae
+from flowdistill.data import images
+from flowdistill.models.vae import VAE
+
+
+@pytest.mark.parametrize('shape,latent', [((28, 28, 1), (8, 8, 4)), ((32, 32, 3), (8, 8, 4)),
+                                          ((8, 8, 1), (2, 2, 4))])
+def test_latent_and_reconstruction_shapes(shape, latent):
+  model = VAE(shape, rngs=nnx.Rngs(0))
+  x = jnp.zeros((2, *shape))
+  mean, logvar = model.encode(x)
+  assert model.latent_shape == latent and mean.shape == logvar.shape == (2, *latent)
+  assert model.decode(mean).shape == x.shape
+
+
+def test_kl_matches_a_monte_carlo_estimate_of_log_q_minus_log_p():
+  key = jax.random.key(0)
+  mean = jax.random.normal(key, (3, 2, 2, 1))
+  logvar = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (3, 2, 2, 1))
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.fold_in(key, 2),
+                                                       (20000, *mean.shape))
+  log_q = -0.5 * ((z - mean)**2 / jnp.exp(logvar) + logvar + jnp.log(2 * jnp.pi))
+  log_p = -0.5 * (z**2 + jnp.log(2 * jnp.pi))
+  samples = (log_q - log_p).reshape(20000, 3, -1).sum(-1)
+  se = samples.std(0) / np.sqrt(20000)
+  np.testing.assert_array_less(jnp.abs(samples.mean(0) - vae.kl_divergence(mean, logvar)),
+                               4 * se)
+
+
+def _digits():
+  x, y = images.load('digits', 'train')
+  return {'x': images.to_float(x), 'label': y}
+
+
+def test_trained_vae_reconstructs_scales_to_unit_std_and_is_cached(tmp_path):
+  train = _digits()
+  config = vae.VAEConfig(steps=300, batch_size=64, lr=3e-3)
+  frozen = vae.load_or_train(train, config, cache_dir=str(tmp_path))
+  assert frozen.info['final_recon'] < 0.5 * vae_loss_at_init(train['x'], config)
+  z = frozen.latents(train['x'])
+  assert z.shape == (len(train['x']), 2, 2, 4)
+  assert z.std() == pytest.approx(1.0, rel=1e-4)
+  recon = frozen.decode_scaled(z)
+  assert recon.shape == train['x'].shape and np.abs(recon).max() <= 1
+  again = vae.load_or_train(train, config, cache_dir=str(tmp_path))
+  assert again.scale == frozen.scale and again.fingerprint == frozen.fingerprint
+  np.testing.assert_array_equal(again.latents(train['x']), z)
+
+
+def vae_loss_at_init(x, config):
+  model = VAE(x.shape[1:], rngs=nnx.Rngs(config.seed))
+  return float(vae.vae_loss(model, jnp.asarray(x[:256]), jax.random.key(0), config.beta)[1]
+               ['recon'])
