@@ -18,7 +18,13 @@ import ml_collections
 from flowdistill import experiments, ode, paths, timesampling
 from flowdistill.condense.augment import parse_strategy
 from flowdistill.couplings import METHODS as COUPLINGS
-from flowdistill.data.sources import IMAGE_SOURCES, SOURCES, TABULAR_SOURCES, TOY_SOURCES
+from flowdistill.data.sources import (
+  IMAGE_SOURCES,
+  LATENT_SOURCES,
+  SOURCES,
+  TABULAR_SOURCES,
+  TOY_SOURCES,
+)
 from flowdistill.experiments.common import check_choice, check_positive
 from flowdistill.train import state as train_state
 
@@ -199,8 +205,8 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if flat['data.source'] in TOY_SOURCES + TABULAR_SOURCES and flat['model.name'] != 'mlp':
     raise ValueError(f'config.model.name must be "mlp" for config.data.source='
                      f'{flat["data.source"]!r}.')
-  if flat['data.source'] in IMAGE_SOURCES and flat['model.name'] != 'unet':
-    raise ValueError(f'config.model.name must be "unet" for image data '
+  if flat['data.source'] in IMAGE_SOURCES + LATENT_SOURCES and flat['model.name'] != 'unet':
+    raise ValueError(f'config.model.name must be "unet" for image and latent data '
                      f'(config.data.source={flat["data.source"]!r}).')
   if flat['data.source'] == 'toy' and flat['data.conditional']:
     raise ValueError('config.data.conditional needs labelled (image) data.')

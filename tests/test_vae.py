@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowdistill.condense import vae
+from flowdistill.condense import latents, vae
+from flowdistill.config import base_config, validate
 from flowdistill.data import images
+from flowdistill.experiments import fm_run
 from flowdistill.models.vae import VAE
 
 
@@ -59,3 +61,28 @@ def vae_loss_at_init(x, config):
   model = VAE(x.shape[1:], rngs=nnx.Rngs(config.seed))
   return float(vae.vae_loss(model, jnp.asarray(x[:256]), jax.random.key(0), config.beta)[1]
                ['recon'])
+
+
+def test_latent_cache_feeds_the_trainer_and_refuses_another_vae(tmp_path, monkeypatch):
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  train = _digits()
+  x, y = images.load('digits', 'test')
+  test = {'x': images.to_float(x), 'label': y}
+  frozen = vae.load_or_train(train, vae.VAEConfig(steps=5))
+  cached = latents.load_or_encode(frozen, train, test)
+  path = latents.cache_path(frozen, 'mean')
+  np.testing.assert_allclose(cached['train']['x'], frozen.latents(train['x']), rtol=1e-6)
+  assert cached['fingerprint'] == frozen.fingerprint and cached['scale'] == frozen.scale
+
+  config = base_config()
+  config.data.update(source='latent', path=path, batch_size=16, conditional=True)
+  config.model.update(name='unet', channels=(8, 8), attention=False, time_dim=8)
+  config.fm.label_dropout = 0.1
+  config.train.update(steps=2, ckpt_every=2, log_every=1)
+  validate(config)
+  dataset, _, state = fm_run.train(config, str(tmp_path / 'latent-fm'))
+  assert dataset.shape == (2, 2, 4) and dataset.num_classes == 10 and int(state.step) == 2
+
+  other = vae.load_or_train(train, vae.VAEConfig(steps=5, seed=1))
+  with pytest.raises(ValueError, match=f'VAE {frozen.fingerprint}.*{other.fingerprint}'):
+    latents.load_or_encode(other, train, test, path=path)

@@ -14,7 +14,8 @@ from flowdistill.data.pipeline import BatchIterator
 TOY_SOURCES = ('toy',)
 TABULAR_SOURCES = ('tabular',)
 IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
-SOURCES = TOY_SOURCES + TABULAR_SOURCES + IMAGE_SOURCES
+LATENT_SOURCES = ('latent',)  # a cache of scaled VAE latents (`condense/latents.py`)
+SOURCES = TOY_SOURCES + TABULAR_SOURCES + IMAGE_SOURCES + LATENT_SOURCES
 
 
 @dataclasses.dataclass
@@ -83,6 +84,15 @@ def load(data_config) -> Dataset:
     return Dataset(shape=(tabular.dim(data_config.name),), tabular=data_config.name,
                    **tabular.splits(data_config.name))
   path = data_path(data_config)
+  if data_config.source == 'latent':
+    from flowdistill.condense import latents  # the VAE stack, only when asked for
+    if not path:
+      raise ValueError("config.data.source='latent' needs config.data.path: the latent cache "
+                       '(.npz) written by flowdistill.condense.latents.load_or_encode.')
+    splits = latents.load(path)
+    num_classes = int(splits['train']['label'].max()) + 1
+    return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes,
+                   train=splits['train'], test=splits['test'])
   splits = {}
   for split in ('train', 'test'):
     x, y = images.load(data_config.source, split, path)

@@ -38,7 +38,7 @@ class Method:
   run: Callable
   defaults: dict | None = None
   validate: Callable[[dict], None] = lambda flat: None
-  sources: tuple[str, ...] = sources.TOY_SOURCES + sources.IMAGE_SOURCES
+  sources: tuple[str, ...] = sources.TOY_SOURCES + sources.IMAGE_SOURCES + sources.LATENT_SOURCES
 
 
 def check_positive(flat: dict, ints=(), floats=()) -> None:
