@@ -1,15 +1,20 @@
 """PGFM: the guided sampler against its closed forms, prototypes, and the guidance checks."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flowdistill import closed_form as cf
-from flowdistill import ode, paths
+from flowdistill import experiments, ode, paths
 from flowdistill.condense import coverage, pgfm
 from flowdistill.condense import mode_guided_diffusion as mgd
+from flowdistill.config import load_config_file, validate
+from flowdistill.experiments import pgfm_run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (2, 2, 1)
 
 
@@ -204,3 +209,40 @@ def test_diversity_is_one_for_real_points_and_zero_for_a_collapsed_set():
   labels = np.repeat([0, 1], 100)
   assert coverage.diversity(real, labels, real, labels) == pytest.approx(1.0)
   assert coverage.diversity(np.zeros((4, 5)), np.array([0, 0, 1, 1]), real, labels) == 0.0
+
+
+# The experiment end to end on the built-in digits.
+
+def test_pgfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits,cpu')
+  config.dd.update(ipcs=(2,), runs=2, epochs=(2,), width=8, epochs_per_call=3)
+  config.pgfm.update(vae_steps=20, check_samples=20, steps=2)
+  config.model.update(channels=(8, 8), time_dim=8)
+  config.train.update(steps=4, ckpt_every=4, log_every=2)
+  config.eval.classifier_steps = 20
+  validate(config)
+  result = experiments.get('pgfm').run(config, str(tmp_path / 'run'))
+  cells = {c['set']: c for c in result['cells']}
+  assert set(cells) == set(pgfm_run.SETS) and all(len(c['accs']) == 2 for c in cells.values())
+  assert cells['pgfm']['nfe'] == 2 and cells['prototypes']['landing_rate'] == 1.0
+  assert all(0 < c['mc_feature'] <= 1 for c in cells.values())
+  assert 0 <= result['unguided_label_accuracy'] <= 1
+  saved = np.load(tmp_path / 'run' / 'sets' / 'pgfm_ipc2.npz')
+  assert saved['x'].shape == (20, 8, 8, 1) and np.abs(saved['x']).max() <= 1
+  assert '| pgfm | 2 |' in (tmp_path / 'run' / 'results.md').read_text()
+  again = experiments.get('pgfm').run(config, str(tmp_path / 'run'))
+  assert [c['accs'] for c in again['cells']] == [c['accs'] for c in result['cells']]
+
+
+def test_pgfm_config_refuses_bad_guidance_and_unconditional_flows():
+  config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
+  config.pgfm.t_stop = 1.2
+  with pytest.raises(ValueError, match='t_stop'):
+    validate(config)
+  config.pgfm.t_stop = 0.9
+  config.data.conditional, config.fm.label_dropout = False, 0.0
+  with pytest.raises(ValueError, match='class-conditional'):
+    validate(config)
+  with pytest.raises(ValueError, match='unknown preset'):
+    load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'mnist,fast')

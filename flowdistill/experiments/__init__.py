@@ -4,12 +4,19 @@ sources). `config.base_config()` and `config.validate()` and the command line re
 registry, so adding a method is its module plus one entry below.
 """
 
-from flowdistill.experiments import dd_eval_run, flow_map_run, fm_run, local_fm_run, reflow_run
+from flowdistill.experiments import (
+  dd_eval_run,
+  flow_map_run,
+  fm_run,
+  local_fm_run,
+  pgfm_run,
+  reflow_run,
+)
 from flowdistill.experiments.common import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     fm_run.METHOD, flow_map_run.METHOD, local_fm_run.METHOD, reflow_run.METHOD,
-    dd_eval_run.METHOD,
+    dd_eval_run.METHOD, pgfm_run.METHOD,
 )}
 
 

@@ -115,7 +115,7 @@ def _save(stem: str, synset: dict, ipc: int, num_classes: int) -> None:
   plots.image_grid(stem + '.png', grid, ncol=columns)
 
 
-def _score(name: str, ipc: int, synsets: list[dict], split, dd, ipc_index, key,
+def score(name: str, ipc: int, synsets: list[dict], split, dd, ipc_index, key,
            workdir) -> dict:
   """Evaluates one set with R runs, or R sets (one per run, as the random baseline), saves each
   set and its grid, and returns the cell."""
@@ -141,7 +141,7 @@ def _score(name: str, ipc: int, synsets: list[dict], split, dd, ipc_index, key,
           **synsets[0].get('extra', {})}
 
 
-def _baseline_sets(name, ipc, dataset, features, config, key) -> list[dict]:
+def baseline_sets(name, ipc, dataset, features, config, key) -> list[dict]:
   """The sets a baseline is scored on: one per run for `random` (the published figure averages
   subsets, and at IPC 1 the subset drawn dominates the result), one otherwise."""
   labels = dataset.train['label']
@@ -220,8 +220,8 @@ def run(config, workdir: str) -> dict:
     ipc_index = ipcs.index(ipc) if ipc in ipcs else 0
     set_key = jax.random.fold_in(key, ipc)
     if synsets is None:
-      synsets = _baseline_sets(name, ipc, dataset, features, config, set_key)
-    cell = _score(name, ipc, synsets, split, dd, ipc_index, set_key, workdir)
+      synsets = baseline_sets(name, ipc, dataset, features, config, set_key)
+    cell = score(name, ipc, synsets, split, dd, ipc_index, set_key, workdir)
     with open(cell_path, 'w') as f:
       json.dump(cell, f, indent=2)
     cells.append(cell)
