@@ -19,6 +19,7 @@ from flax import nnx
 
 from flowdistill import experiments
 from flowdistill.condense import evaluate as dd_evaluate
+from flowdistill.condense import latents, pgfm
 from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources
 from flowdistill.experiments import common, fm_run
@@ -367,6 +368,49 @@ DD_CASES = [
     ('convnet-too-deep', lambda t: ConvNet((28, 28, 1), 10, depth=6, rngs=nnx.Rngs(0)),
      ValueError, r'depth 6 halves images .* below 1x1 pixel; the largest depth that fits is 5'),
 ]
+
+
+def _pgfm_validate(**values):
+  config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
+  config.pgfm.update(values)
+  validate(config)
+
+
+def _foreign_latent_cache(tmp_path):
+  path = tmp_path / 'latents.npz'
+  np.savez(path, x_train=np.zeros((2, 2, 2, 4)), label_train=[0, 1], x_test=np.zeros((2, 2, 2, 4)),
+           label_test=[0, 1], fingerprint='aaaa', scale=1.0)
+  latents.load(str(path), fingerprint='bbbb')
+
+
+PGFM_CASES = [
+    ('t-stop-outside-0-1', lambda t: _pgfm_validate(t_stop=1.5), ValueError,
+     r'pgfm.t_stop must lie in \[0, 1\]; got 1.5'),
+    ('negative-delta', lambda t: _pgfm_validate(delta=-0.1), ValueError,
+     r'pgfm.delta must be >= 0'),
+    ('straight-w0-above-1', lambda t: _pgfm_validate(form='straight', w0=1.5), ValueError,
+     r'pgfm.w0 must be \[0, 1\] for the straight form'),
+    ('unknown-guidance-form', lambda t: _pgfm_validate(form='curved'), ValueError,
+     r"Unknown guidance form 'curved' \(config pgfm.form\); choose one of"),
+    ('unknown-schedule', lambda t: _pgfm_validate(schedule='step'), ValueError,
+     r"Unknown guidance schedule 'step'"),
+    ('zero-sampling-steps', lambda t: _pgfm_validate(steps=0), ValueError,
+     r'config.pgfm.steps=0 must be >= 1'),
+    ('ipc-above-class-latents', lambda t: pgfm.class_prototypes(
+        np.zeros((3, 2, 2, 4)), np.array([0, 0, 1]), 2), ValueError,
+     r'IPC must be in \[1, 1\] \(class 1 has 1 latents\); got 2'),
+    ('latent-cache-of-another-vae', _foreign_latent_cache, ValueError,
+     r'latents of VAE aaaa, but the VAE in use is bbbb; delete the file'),
+    ('latent-cache-missing', lambda t: latents.load(str(t / 'none.npz')), FileNotFoundError,
+     r'none.npz does not exist; make it with flowdistill.condense.latents.load_or_encode'),
+]
+
+
+@pytest.mark.parametrize('case,error,message', [c[1:] for c in PGFM_CASES],
+                         ids=[c[0] for c in PGFM_CASES])
+def test_pgfm_bad_input_gets_one_clear_error(tmp_path, case, error, message):
+  with pytest.raises(error, match=message):
+    case(tmp_path)
 
 
 @pytest.mark.parametrize('case,error,message', [c[1:] for c in DD_CASES],
