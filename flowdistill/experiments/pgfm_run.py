@@ -6,6 +6,7 @@ Stages, each cached or checkpointed so a rerun resumes where the last one stoppe
 
     VAE            `$FLOWDISTILL_CACHE/vaes/<fingerprint>` (trained once per data and settings)
     latents        `$FLOWDISTILL_CACHE/latents/<VAE fingerprint>-<mode>.npz`
+    WORKDIR/config.json  this run's config
     WORKDIR/latent_fm/   the class-conditional latent flow-matching run (config.model/train/fm)
     WORKDIR/prototypes_ipc<n>.npz   k-means prototypes, with the VAE fingerprint
     WORKDIR/cells/<set>_ipc<n>.json WORKDIR/sets/   scored sets, as `dd_eval` writes them
@@ -113,6 +114,9 @@ def _prototypes(workdir, lat, ipc, config, fingerprint) -> np.ndarray:
 
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json())  # what benchmarks/pgfm_efficiency.py rebuilds the run from
   dataset = sources.load(config.data)
   p = config.pgfm
   bar = tqdm.tqdm(total=p.vae_steps, desc='VAE', unit='step', leave=False,
