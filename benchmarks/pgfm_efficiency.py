@@ -21,15 +21,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from flowdistill.condense import coverage, evaluate, pgfm, vae
+from flowdistill.condense import coverage, evaluate, pgfm
 from flowdistill.condense import mode_guided_diffusion as mgd
-from flowdistill.data import sources
-from flowdistill.eval import feature_net
 from flowdistill.experiments import common, dd_eval_run, pgfm_run
-from flowdistill.train.teacher import load_trained
 
 
 def _timed(fn, *args):
@@ -53,18 +49,13 @@ def main():
   parser.add_argument('--out', default='benchmarks/out/pgfm_efficiency.json')
   args = parser.parse_args()
 
-  with open(os.path.join(args.workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  dataset = sources.load(config.data)
-  frozen = vae.load_or_train(dataset.train, pgfm_run.vae_config(config.pgfm, config.seed))
-  flow = load_trained(os.path.join(args.workdir, 'latent_fm'))
-  with np.load(os.path.join(args.workdir, f'prototypes_ipc{args.ipc}.npz')) as f:
-    protos = f['prototypes']
+  done = pgfm_run.load_finished(args.workdir)
+  config, dataset, frozen, flow, judge = (done.config, done.dataset, done.frozen, done.flow,
+                                          done.judge)
+  protos = done.prototypes(args.ipc)
   num_classes = dataset.num_classes
   labels = jnp.asarray(np.repeat(np.arange(num_classes), args.ipc), jnp.int32)
   targets = jnp.asarray(protos.reshape(-1, *protos.shape[2:]))
-  judge = feature_net.load_or_train(dataset.train, dataset.test,
-                                    steps=config.eval.classifier_steps, seed=config.seed)
   modes = coverage.class_modes(judge.features(dataset.train['x']), dataset.train['label'],
                                args.ipc, seed=config.dd.seed)
   split = evaluate.test_split(dataset.train, dataset.test)

@@ -88,6 +88,17 @@ def test_guided_heun_on_gaussian_data_converges_to_dopri5(form):
   assert np.all(rates > 1.6), (errors, rates)
 
 
+def test_the_two_forms_are_one_field_at_zero_delta():
+  """(p - ẑ1)/(1 - t) = (p - z)/(1 - t) - v, so with δ = 0 the denoiser pull is the straight
+  blend; δ > 0 tells them apart."""
+  z, p, t = _latents(), _latents(seed=1), jnp.float32(0.3)
+  fields = {(form, d): pgfm.guided_velocity(_field(), p, pgfm.Guidance(
+      form=form, w0=0.7, schedule='constant', t_stop=1.0, delta=d))(z, t)
+      for form in pgfm.FORMS for d in (0.0, 0.1)}
+  np.testing.assert_allclose(fields['straight', 0.0], fields['denoiser', 0.0], atol=1e-6)
+  assert float(jnp.abs(fields['straight', 0.1] - fields['denoiser', 0.1]).max()) > 1e-3
+
+
 def test_weight_schedules_start_at_w0_and_switch_off_at_t_stop():
   t = jnp.array([0.0, 0.25, 0.5, 0.79, 0.8, 1.0])
   for schedule, mid in (('constant', 0.4), ('linear', 0.4 * (1 - 0.5 / 0.8)),

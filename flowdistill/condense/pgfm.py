@@ -7,7 +7,9 @@ The seed gives only an abstract; this is the library's reading of it, every choi
     straight:  v_g = (1 - w(t)) v_θ(z, t, c) + w(t) (p - z) / (1 - t + δ)
     denoiser:  v_g = v_θ(z, t, c) + w(t) (p - ẑ1) / (1 - t + δ),   ẑ1 = z + (1 - t) v_θ
 
-toward its prototype p = p_{c,j} (k-means with K = IPC on the class's scaled latents). `w(t)`
+toward its prototype p = p_{c,j} (k-means with K = IPC on the class's scaled latents). At δ = 0
+the two forms are one field, `(p − ẑ1)/(1 − t) = (p − z)/(1 − t) − v_θ`; δ > 0 separates them
+(the denoiser form keeps more of v_θ early on). `w(t)`
 decays from `w0` (constant, linear or cosine over [0, t_stop]) and is 0 for t >= t_stop, where
 the sampler is the plain conditional flow. Straight with w ≡ 1 is the straight line to p; the
 denoiser form shifts the model's data estimate toward p and keeps the learned velocity.

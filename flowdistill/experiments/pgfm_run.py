@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
 
@@ -31,6 +32,7 @@ from flowdistill.condense import coverage, evaluate, latents, pgfm, vae
 from flowdistill.data import sources
 from flowdistill.eval import feature_net, report
 from flowdistill.experiments import common, dd_eval_run, fm_run
+from flowdistill.train.teacher import Trained, load_trained
 
 SETS = ('pgfm', 'unguided', 'prototypes', 'random')
 DEFAULTS = dict(
@@ -110,6 +112,43 @@ def _prototypes(workdir, lat, ipc, config, fingerprint) -> np.ndarray:
                                  seed=config.dd.seed, n_init=config.pgfm.prototype_n_init)
   np.savez(path, prototypes=protos, fingerprint=fingerprint)
   return protos
+
+
+@dataclasses.dataclass
+class FinishedRun:
+  """A finished `pgfm` workdir read back: its config, the image data, the frozen VAE, the
+  scaled latents, the latent flow and the feature net that judges samples."""
+  config: ml_collections.ConfigDict
+  dataset: sources.Dataset
+  frozen: vae.FrozenVAE
+  latents: dict
+  flow: Trained
+  judge: feature_net.FeatureNet
+
+  workdir: str
+
+  def prototypes(self, ipc: int) -> np.ndarray:
+    """[C, IPC, h, w, c], as the run saved them (computed and saved now if it did not)."""
+    return _prototypes(self.workdir, self.latents, ipc, self.config, self.frozen.fingerprint)
+
+
+def load_finished(workdir: str) -> FinishedRun:
+  """Reads back what `run` trained in `workdir` (nothing is retrained: the VAE and the
+  latents come from their caches, the flow from `workdir/latent_fm`)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: run method="pgfm" with '
+                            f'--workdir={workdir} first.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  dataset = sources.load(config.data)
+  frozen = vae.load_or_train(dataset.train, vae_config(config.pgfm, config.seed))
+  lat = latents.load_or_encode(frozen, dataset.train, dataset.test, mode=config.pgfm.latent,
+                               seed=config.seed)
+  flow = load_trained(os.path.join(workdir, 'latent_fm'))
+  judge = feature_net.load_or_train(dataset.train, dataset.test,
+                                    steps=config.eval.classifier_steps, seed=config.seed)
+  return FinishedRun(config, dataset, frozen, lat, flow, judge, workdir)
 
 
 def run(config, workdir: str) -> dict:
