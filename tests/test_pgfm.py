@@ -13,6 +13,7 @@ from flowdistill.condense import coverage, pgfm
 from flowdistill.condense import mode_guided_diffusion as mgd
 from flowdistill.config import load_config_file, validate
 from flowdistill.experiments import pgfm_run
+from flowdistill.fewstep import flow_map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (2, 2, 1)
@@ -257,3 +258,30 @@ def test_pgfm_config_refuses_bad_guidance_and_unconditional_flows():
     validate(config)
   with pytest.raises(ValueError, match='unknown preset'):
     load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'mnist,fast')
+
+
+def _gaussian_flow_map():
+  path = paths.linear_path()
+  params = {'mean': jnp.full(SHAPE, 0.5), 'std': jnp.full(SHAPE, 0.7)}
+  return cf.make_apply_fn(path), params
+
+
+def test_unguided_jumps_are_the_flow_map_jumps_bit_for_bit():
+  apply_fn, params = _gaussian_flow_map()
+  labels, p = jnp.zeros(16, jnp.int32), _latents(seed=1)
+  guided, info = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p,
+                                  pgfm.Guidance(w0=0.0), steps=3)
+  plain, _ = flow_map.jump(apply_fn, params, ode.noise(jax.random.key(0), 16, SHAPE),
+                           ode.time_grid(3), labels)
+  np.testing.assert_array_equal(guided, plain)
+  assert info['nfe'] == 3
+
+
+@pytest.mark.parametrize('steps', [1, 2, 4])
+def test_straight_full_weight_jumps_land_on_the_exact_endpoint(steps):
+  apply_fn, params = _gaussian_flow_map()
+  labels, p = jnp.zeros(16, jnp.int32), _latents(seed=1)
+  g = pgfm.Guidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=0.1)
+  z1, _ = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p, g, steps=steps)
+  z0 = ode.noise(jax.random.key(0), 16, SHAPE)
+  np.testing.assert_allclose(z1, p + (z0 - p) * 0.1 / 1.1, atol=2e-6)
