@@ -6,7 +6,9 @@ cached VAE). For each sampler family and step count N it synthesises the IPC set
 synthesis after compilation, trains `--runs` ConvNet-3 on it (`--epochs`, DSA) and measures
 mode coverage in the feature-net space. q* is the best accuracy of either family; N* the
 smallest N of a family within 0.5 points of q*; efficiency is (NFE · s per NFE) at N* of the
-counterpart over the same for PGFM.
+counterpart over the same for PGFM. `--student` adds a flow-map student of the latent flow
+(method `flow_map`, `--config.teacher.workdir=WORKDIR/latent_fm`, data.source='latent'),
+guided once per jump (`pgfm.jump_sample`), at 1, 2 and 4 NFE.
 
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/pgfm_efficiency.py \
     --workdir runs/pgfm-mnist-cpu --ipc 10
@@ -26,6 +28,7 @@ import numpy as np
 from flowdistill.condense import coverage, evaluate, pgfm
 from flowdistill.condense import mode_guided_diffusion as mgd
 from flowdistill.experiments import common, dd_eval_run, pgfm_run
+from flowdistill.train.teacher import load_trained
 
 
 def _timed(fn, *args):
@@ -46,6 +49,9 @@ def main():
   parser.add_argument('--stop-fraction', type=float, default=0.5)
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--epochs', type=int, default=300)
+  parser.add_argument('--student', default='',
+                      help='workdir of a flow-map student (method flow_map) of latent_fm/')
+  parser.add_argument('--student-steps', type=int, nargs='+', default=[1, 2, 4])
   parser.add_argument('--out', default='benchmarks/out/pgfm_efficiency.json')
   args = parser.parse_args()
 
@@ -77,12 +83,21 @@ def main():
                       stop_step=round(args.stop_fraction * steps))[0]
 
   rows = []
-  families = [('pgfm', pgfm_sample, args.pgfm_steps,
+  families = [('pgfm', pgfm_sample, flow.params, args.pgfm_steps,
                2 if config.pgfm.solver in ('heun', 'midpoint') else 1),
-              ('counterpart', counterpart_sample, args.counterpart_steps, 1)]
-  for family, fn, grid, per_step in families:
+              ('counterpart', counterpart_sample, flow.params, args.counterpart_steps, 1)]
+  if args.student:
+    student = load_trained(args.student)
+
+    @functools.partial(jax.jit, static_argnames='steps')
+    def student_sample(params, steps):
+      return pgfm.jump_sample(student.apply_fn, params, key, labels, targets, guidance,
+                              steps=steps)[0]
+
+    families.append(('flow_map', student_sample, student.params, args.student_steps, 1))
+  for family, fn, params, grid, per_step in families:
     for steps in grid:
-      z, seconds = _timed(functools.partial(fn, steps=steps), flow.params)
+      z, seconds = _timed(functools.partial(fn, steps=steps), params)
       images = frozen.decode_scaled(z)
       result = evaluate.evaluate_synset(images, np.asarray(labels), split,
                                         jax.random.fold_in(key, steps), protocol)
