@@ -115,6 +115,35 @@ def test_patch_convolution_matches_lax_conv():
   np.testing.assert_allclose(conv(x), ref + conv.bias[...], atol=1e-5)
 
 
+@pytest.mark.parametrize('channels', [1, 3])
+def test_first_block_statistics_from_the_patch_covariance_equal_conv_then_norm(channels):
+  """The fused first block (instance norm from the [9C, 9C] patch covariance) is conv -> norm:
+  same values and same parameter gradients (the conv bias, which the norm cancels, gets 0)."""
+  net = ConvNet((12, 12, channels), 3, width=8, depth=2, rngs=nnx.Rngs(1))
+  conv, norm = net.convs[0], net.norms[0]
+  norm.scale[...] = jnp.linspace(0.5, 1.5, 8)
+  x = 0.5 + _batch(n=3, size=12, channels=channels)
+  np.testing.assert_allclose(conv.instance_normalised(x, norm), norm(conv(x)), atol=2e-5)
+  graphdef, params = nnx.split(net)
+  r = jax.random.normal(jax.random.key(4), (3, 3))
+
+  def loss(params, fused):
+    model = nnx.merge(graphdef, params)
+    if fused:
+      return jnp.sum(model(x) * r)
+    h = x
+    for conv, norm in zip(model.convs, model.norms):
+      h = nnx.avg_pool(nnx.relu(norm(conv(h))), (2, 2), strides=(2, 2))
+    return jnp.sum(model.head(h.reshape(3, -1)) * r)
+
+  fused, plain = (jax.grad(loss)(params, flag) for flag in (True, False))
+  assert float(jnp.abs(fused['convs'][0]['bias']).max()) == 0.0
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(a, b, atol=2e-4 * float(jnp.abs(b).max()) + 1e-6)
+  logits = net(x)
+  np.testing.assert_allclose(net(x, inference=True), logits, rtol=1e-4, atol=1e-5)
+
+
 # evaluate_synset
 
 

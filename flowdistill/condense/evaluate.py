@@ -169,7 +169,7 @@ def train_network(images: jax.Array, labels: jax.Array, key: jax.Array, protocol
 def test_accuracy(graphdef, params, x: jax.Array, labels: jax.Array, *,
                   batch_size: int = 500) -> jax.Array:
   """Accuracy (scalar) of the ConvNet `(graphdef, params)` on standardised images [N, H, W, C]."""
-  logits = jax.lax.map(lambda xb: nnx.merge(graphdef, params)(xb[None])[0], x,
+  logits = jax.lax.map(lambda xb: nnx.merge(graphdef, params)(xb[None], inference=True)[0], x,
                        batch_size=batch_size)
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 

@@ -30,7 +30,7 @@ class ReferenceNet:
     self._params = params
     self._split = split
     self.test_accuracy = test_accuracy
-    self._features = jax.jit(lambda p, x: nnx.merge(graphdef, p).features(x))
+    self._features = jax.jit(lambda p, x: nnx.merge(graphdef, p).features(x, inference=True))
 
   def features(self, x, chunk: int = 1000) -> np.ndarray:
     """Images [N, H, W, C] in [-1, 1] -> penultimate features [N, F] (the head's input)."""
