@@ -285,3 +285,13 @@ def test_straight_full_weight_jumps_land_on_the_exact_endpoint(steps):
   z1, _ = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p, g, steps=steps)
   z0 = ode.noise(jax.random.key(0), 16, SHAPE)
   np.testing.assert_allclose(z1, p + (z0 - p) * 0.1 / 1.1, atol=2e-6)
+
+
+def test_per_class_frechet_is_zero_for_the_real_features_and_none_at_one_per_class():
+  rng = np.random.default_rng(3)
+  real = rng.normal(size=(60, 3))
+  labels = np.repeat([0, 1], 30)
+  assert coverage.per_class_frechet(real, labels, real, labels) == pytest.approx(0, abs=1e-9)
+  assert coverage.per_class_frechet(real[:2], np.array([0, 1]), real, labels) is None
+  shifted = coverage.per_class_frechet(real + np.array([2.0, 0, 0]), labels, real, labels)
+  assert shifted == pytest.approx(4.0, rel=1e-6)

@@ -8,6 +8,7 @@
   were assigned.
 - diversity: mean pairwise distance within each synthetic class over the same for the real
   class, averaged over classes (1 = as spread as the data).
+- per-class Fréchet distance between synthetic and real features, averaged over classes.
 
 Points are flattened to [N, D]; labels are int [N] in [0, C).
 """
@@ -15,6 +16,7 @@ Points are flattened to [N, D]; labels are int [N] in [0, C).
 import numpy as np
 
 from flowdistill.condense.kmeans import kmeans, sq_distances
+from flowdistill.eval.metrics import frechet_distance
 
 
 def _flat(points) -> np.ndarray:
@@ -78,3 +80,14 @@ def diversity(synthetic, labels, real, real_labels, *, max_real: int = 1000,
     rows = rng.choice(rows, min(max_real, len(rows)), replace=False)
     ratios.append(_mean_pairwise(synthetic[labels == c]) / _mean_pairwise(real[rows]))
   return float(np.mean(ratios))
+
+
+def per_class_frechet(synthetic, labels, real, real_labels) -> float | None:
+  """Mean over classes of the Fréchet distance between the synthetic and the real features of
+  the class ([N, D] each); None below 2 synthetic points per class (no covariance)."""
+  synthetic, labels = _flat(synthetic), np.asarray(labels)
+  real, real_labels = _flat(real), np.asarray(real_labels)
+  if np.bincount(labels).min() < 2:
+    return None
+  return float(np.mean([frechet_distance(synthetic[labels == c], real[real_labels == c])
+                        for c in range(real_labels.max() + 1)]))

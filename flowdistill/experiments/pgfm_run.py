@@ -223,8 +223,10 @@ def run(config, workdir: str) -> dict:
         synsets = [{'x': frozen.decode_scaled(z), 'label': labels}]
         z = [z]
       first = synsets[0]
-      extra['mc_feature'] = coverage.mode_coverage(judge.features(first['x']), first['label'],
-                                                   feature_modes)['mc']
+      features = judge.features(first['x'])
+      extra['mc_feature'] = coverage.mode_coverage(features, first['label'], feature_modes)['mc']
+      extra['fd_per_class'] = coverage.per_class_frechet(features, first['label'], real_features,
+                                                         dataset.train['label'])
       extra['mc_latent'] = coverage.mode_coverage(z[0], first['label'], latent_modes)['mc']
       extra['diversity'] = coverage.diversity(z[0], first['label'], lat['train']['x'],
                                               lat['train']['label'])
@@ -251,6 +253,7 @@ def _markdown(result: dict, config) -> str:
                  'accuracy %': f'{100 * c["mean"]:.1f} ± {100 * c["std"]:.1f}',
                  'MC feature': c.get('mc_feature'), 'MC latent': c.get('mc_latent'),
                  'landing': c.get('landing_rate', ''), 'diversity': c.get('diversity'),
+                 'FD per class': c.get('fd_per_class') or '',
                  'NFE': c.get('nfe', ''), 's/run': c['seconds_per_run']})
   g = result['guidance']
   lines = [f'# PGFM on {config.data.source}, preset `{config.dd.preset}`', '',
@@ -258,7 +261,8 @@ def _markdown(result: dict, config) -> str:
            f'δ = {g["delta"]}; {config.pgfm.solver}, {config.pgfm.steps} steps. Accuracy of '
            f'ConvNet-3 trained on each set (mean ± std over {config.dd.runs} runs).', '',
            report.markdown_table(rows, ['set', 'IPC', 'accuracy %', 'MC feature', 'MC latent',
-                                        'landing', 'diversity', 'NFE', 's/run']), '',
+                                        'landing', 'diversity', 'FD per class', 'NFE', 's/run']),
+           '',
            f'VAE: scale {result["vae"]["scale"]:.4f}, the feature net labels '
            f'{100 * result["vae"]["recon_label_accuracy"]:.2f} % of test reconstructions '
            'correctly. Unguided latent-FM samples: label accuracy '
