@@ -71,8 +71,9 @@ class Conv3x3(nnx.Module):
     A channel's output is a linear map of the patches, so its per-sample mean and variance
     over positions are `w·mean(P) + bias` and `wᵀ Cov(P) w`, from the [9 in, 9 in] patch
     covariance; the normalisation then folds into per-sample weights. The same function as
-    conv -> instance norm (the conv bias cancels); 1.4x faster for the first ConvNet block,
-    whose [B, 32, 32, 128] output is memory-bound on a CPU. Cheap only for few input channels.
+    conv -> instance norm (the conv bias cancels). The first block's [B, 32, 32, 128] output is
+    memory-bound on a CPU; this makes the ConvNet-3 training step 1.9x faster at batch 10 and
+    1.1x at 100 (benchmarks/RESULTS.md). Cheap only for few input channels.
     """
     patches = self.patches(x)
     b, height, width, k = patches.shape
