@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowdistill.condense import coverage, evaluate, pgfm
-from flowdistill.experiments import dd_eval_run, pgfm_run
+from flowdistill.experiments import pgfm_run
 
 
 def main():
@@ -37,16 +37,10 @@ def main():
   args = parser.parse_args()
 
   done = pgfm_run.load_finished(args.workdir)
-  config, dataset, frozen, judge = done.config, done.dataset, done.frozen, done.judge
-  protos = done.prototypes(args.ipc)
-  labels = np.repeat(np.arange(dataset.num_classes), args.ipc).astype(np.int32)
-  assigned = np.tile(np.arange(args.ipc), dataset.num_classes)
-  targets = jnp.asarray(protos.reshape(-1, *protos.shape[2:]))
-  modes = coverage.class_modes(judge.features(dataset.train['x']), dataset.train['label'],
-                               args.ipc, seed=config.dd.seed)
-  split = evaluate.test_split(dataset.train, dataset.test)
-  protocol = dataclasses.replace(dd_eval_run.protocol(config.dd, 0, channels=dataset.shape[-1]),
-                                 runs=args.runs, epochs=args.epochs)
+  config, frozen, judge = done.config, done.frozen, done.judge
+  task = done.scoring(args.ipc, runs=args.runs, epochs=args.epochs)
+  labels, assigned, protos, targets, modes, split, protocol = (task[k] for k in (
+      'labels', 'assigned', 'prototypes', 'targets', 'modes', 'split', 'protocol'))
   key = jax.random.key(config.seed)
   base = pgfm_run.guidance(config.pgfm)
 

@@ -15,7 +15,6 @@ FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/pgfm_efficiency.py 
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -27,7 +26,7 @@ import numpy as np
 
 from flowdistill.condense import coverage, evaluate, pgfm
 from flowdistill.condense import mode_guided_diffusion as mgd
-from flowdistill.experiments import common, dd_eval_run, pgfm_run
+from flowdistill.experiments import common, pgfm_run
 from flowdistill.train.teacher import load_trained
 
 
@@ -56,17 +55,10 @@ def main():
   args = parser.parse_args()
 
   done = pgfm_run.load_finished(args.workdir)
-  config, dataset, frozen, flow, judge = (done.config, done.dataset, done.frozen, done.flow,
-                                          done.judge)
-  protos = done.prototypes(args.ipc)
-  num_classes = dataset.num_classes
-  labels = jnp.asarray(np.repeat(np.arange(num_classes), args.ipc), jnp.int32)
-  targets = jnp.asarray(protos.reshape(-1, *protos.shape[2:]))
-  modes = coverage.class_modes(judge.features(dataset.train['x']), dataset.train['label'],
-                               args.ipc, seed=config.dd.seed)
-  split = evaluate.test_split(dataset.train, dataset.test)
-  protocol = dataclasses.replace(dd_eval_run.protocol(config.dd, 0, channels=dataset.shape[-1]),
-                                 runs=args.runs, epochs=args.epochs)
+  config, frozen, flow, judge = done.config, done.frozen, done.flow, done.judge
+  task = done.scoring(args.ipc, runs=args.runs, epochs=args.epochs)
+  labels, targets, modes, split, protocol = (jnp.asarray(task['labels']), task['targets'],
+                                             task['modes'], task['split'], task['protocol'])
   path = common.build_path(config.path)
   key = jax.random.key(config.seed)
   guidance = pgfm_run.guidance(config.pgfm)

@@ -131,6 +131,23 @@ class FinishedRun:
     """[C, IPC, h, w, c], as the run saved them (computed and saved now if it did not)."""
     return _prototypes(self.workdir, self.latents, ipc, self.config, self.frozen.fingerprint)
 
+  def scoring(self, ipc: int, *, runs: int, epochs: int) -> dict:
+    """What a benchmark needs to make and score one set of IPC per class: 'labels' int
+    [C * IPC], 'assigned' (each sample's prototype index in its class), 'prototypes'
+    [C, IPC, ...], 'targets' (each sample's prototype, [C * IPC, ...]), feature-space 'modes',
+    the test 'split' and the evaluator 'protocol' with `runs` and `epochs`."""
+    protos = self.prototypes(ipc)
+    classes = self.dataset.num_classes
+    train = self.dataset.train
+    protocol = dd_eval_run.protocol(self.config.dd, 0, channels=self.dataset.shape[-1])
+    return {'labels': np.repeat(np.arange(classes), ipc).astype(np.int32),
+            'assigned': np.tile(np.arange(ipc), classes), 'prototypes': protos,
+            'targets': jnp.asarray(protos.reshape(-1, *protos.shape[2:])),
+            'modes': coverage.class_modes(self.judge.features(train['x']), train['label'], ipc,
+                                          seed=self.config.dd.seed),
+            'split': evaluate.test_split(train, self.dataset.test),
+            'protocol': dataclasses.replace(protocol, runs=runs, epochs=epochs)}
+
 
 def load_finished(workdir: str) -> FinishedRun:
   """Reads back what `run` trained in `workdir` (nothing is retrained: the VAE and the
