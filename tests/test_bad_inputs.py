@@ -19,10 +19,10 @@ from flax import nnx
 
 from flowdistill import experiments
 from flowdistill.condense import evaluate as dd_evaluate
-from flowdistill.condense import latents, pgfm
+from flowdistill.condense import latents, pgfm, vae
 from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources
-from flowdistill.experiments import common, fm_run
+from flowdistill.experiments import common, fm_run, pgfm_run
 from flowdistill.models.convnet import ConvNet
 from flowdistill.train import loop, parallel
 from flowdistill.train.checkpoint import (
@@ -370,9 +370,11 @@ DD_CASES = [
 ]
 
 
-def _pgfm_validate(**values):
+def _pgfm_validate(sections=None, **values):
   config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
   config.pgfm.update(values)
+  for section, settings in (sections or {}).items():
+    config[section].update(settings)
   validate(config)
 
 
@@ -381,6 +383,12 @@ def _foreign_latent_cache(tmp_path):
   np.savez(path, x_train=np.zeros((2, 2, 2, 4)), label_train=[0, 1], x_test=np.zeros((2, 2, 2, 4)),
            label_test=[0, 1], fingerprint='aaaa', scale=1.0)
   latents.load(str(path), fingerprint='bbbb')
+
+
+def _foreign_prototypes(tmp_path):
+  np.savez(tmp_path / 'prototypes_ipc1.npz', prototypes=np.zeros((2, 1, 2, 2, 4)),
+           fingerprint='aaaa')
+  pgfm_run.load_or_make_prototypes(str(tmp_path), None, 1, None, 'bbbb')
 
 
 PGFM_CASES = [
@@ -401,6 +409,13 @@ PGFM_CASES = [
      r'IPC must be in \[1, 1\] \(class 1 has 1 latents\); got 2'),
     ('latent-cache-of-another-vae', _foreign_latent_cache, ValueError,
      r'latents of VAE aaaa, but the VAE in use is bbbb; delete the file'),
+    ('ipc-below-1', lambda t: pgfm.class_prototypes(np.zeros((3, 2, 2, 4)), np.zeros(3, int), 0),
+     ValueError, r'IPC must be in \[1, 3\] \(class 0 has 3 latents\); got 0'),
+    ('prototypes-of-another-vae', _foreign_prototypes, ValueError,
+     r'prototypes of VAE aaaa, but the VAE in use is bbbb; delete it'),
+    ('unconditional-pgfm', lambda t: _pgfm_validate(
+        {'data': {'conditional': False}, 'fm': {'label_dropout': 0.0}}), ValueError,
+     r'pgfm" needs a class-conditional latent flow: set config.data.conditional=True'),
     ('latent-cache-missing', lambda t: latents.load(str(t / 'none.npz')), FileNotFoundError,
      r'none.npz does not exist; make it with flowdistill.condense.latents.load_or_encode'),
 ]
@@ -411,6 +426,37 @@ PGFM_CASES = [
 def test_pgfm_bad_input_gets_one_clear_error(tmp_path, case, error, message):
   with pytest.raises(error, match=message):
     case(tmp_path)
+
+
+def test_pgfm_finished_run_refuses_missing_or_foreign_parts(tmp_path, monkeypatch, good_run):
+  """What the PGFM benchmarks read back (`load_finished`): each missing or foreign stage is
+  named with the command that makes it, in the order the run makes them."""
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
+  config.pgfm.vae_steps = 2
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(config.to_json())
+  make = r'train it with `python -m flowdistill.main --config=configs/pgfm.py:digits'
+  with pytest.raises(FileNotFoundError, match=r'No VAE of this run is cached .*' + make):
+    pgfm_run.load_finished(str(workdir))
+  dataset = sources.load(config.data)
+  frozen = vae.load_or_train(dataset.train, pgfm_run.vae_config(config.pgfm, config.seed))
+  with pytest.raises(FileNotFoundError, match=r'latent_fm holds no latent flow; ' + make):
+    pgfm_run.load_finished(str(workdir))
+  shutil.copytree(good_run, workdir / 'latent_fm')
+  with pytest.raises(ValueError, match=r'models data of shape \(2,\), but the VAE latents have '
+                     r'shape \(2, 2, 4\): it was trained on another VAE'):
+    pgfm_run.load_finished(str(workdir))
+  shutil.rmtree(workdir / 'latent_fm')
+  unconditional = base_config()
+  unconditional.data.update(source='latent', path=latents.cache_path(frozen, 'mean'),
+                            batch_size=16)
+  unconditional.model.update(name='unet', channels=(8, 8), attention=False, time_dim=8)
+  unconditional.train.update(steps=1, ckpt_every=1)
+  fm_run.train(unconditional, str(workdir / 'latent_fm'))
+  with pytest.raises(ValueError, match=r'latent_fm is not class-conditional; PGFM guides'):
+    pgfm_run.load_finished(str(workdir))
 
 
 @pytest.mark.parametrize('case,error,message', [c[1:] for c in DD_CASES],

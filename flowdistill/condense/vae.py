@@ -143,35 +143,57 @@ def train_vae(images, config: VAEConfig, *,
   return nnx.merge(graphdef, params), metrics
 
 
+def cache_folder(train: dict, config: VAEConfig) -> tuple[str, str]:
+  """(fingerprint, `cache_root()/vaes/<fingerprint>`) of this data set and config."""
+  settings = json.dumps(dataclasses.asdict(config), sort_keys=True)
+  fingerprint = data_fingerprint(train['x'], train['label'], settings)
+  return fingerprint, os.path.join(cache_root(), 'vaes', fingerprint)
+
+
+def load_cached(train: dict, config: VAEConfig, *,
+                cache_dir: str | None = None) -> FrozenVAE | None:
+  """The cached VAE of this data set and config, or None where none was trained yet.
+
+  Args:
+    train: {'x': images [N, H, W, C] in [-1, 1], 'label': int [N]}.
+    cache_dir: defaults to `cache_folder(train, config)[1]`.
+  """
+  fingerprint, folder = cache_folder(train, config)
+  folder = cache_dir or folder
+  params_dir = os.path.join(folder, 'params')
+  if not os.path.isdir(params_dir):
+    return None
+  template = VAE(train['x'].shape[1:], latent_channels=config.latent_channels,
+                 widths=config.widths, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(template)
+  params = ocp.StandardCheckpointer().restore(params_dir, nnx.to_pure_dict(state))
+  with open(os.path.join(folder, 'info.json')) as f:
+    info = json.load(f)
+  return FrozenVAE(nnx.merge(graphdef, params), info['scale'], fingerprint, info)
+
+
 def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = None,
                   on_progress: Callable[[int], None] | None = None) -> FrozenVAE:
   """The VAE of this data set and config: read from the cache, or trained and cached.
 
   Args:
     train: {'x': images [N, H, W, C] in [-1, 1], 'label': int [N]}.
-    cache_dir: defaults to `cache_root()/vaes/<fingerprint of data and config>`.
+    cache_dir: defaults to `cache_folder(train, config)[1]`.
   """
-  settings = json.dumps(dataclasses.asdict(config), sort_keys=True)
-  fingerprint = data_fingerprint(train['x'], train['label'], settings)
-  folder = cache_dir or os.path.join(cache_root(), 'vaes', fingerprint)
-  template = VAE(train['x'].shape[1:], latent_channels=config.latent_channels,
-                 widths=config.widths, rngs=nnx.Rngs(0))
-  checkpointer = ocp.StandardCheckpointer()
-  params_dir = os.path.join(folder, 'params')
-  if os.path.isdir(params_dir):
-    graphdef, state = nnx.split(template)
-    params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
-    with open(os.path.join(folder, 'info.json')) as f:
-      info = json.load(f)
-    return FrozenVAE(nnx.merge(graphdef, params), info['scale'], fingerprint, info)
+  cached = load_cached(train, config, cache_dir=cache_dir)
+  if cached is not None:
+    return cached
+  fingerprint, folder = cache_folder(train, config)
+  folder = cache_dir or folder
   model, metrics = train_vae(train['x'], config, on_progress=on_progress)
   unscaled = FrozenVAE(model, 1.0, fingerprint, {})
   means = unscaled.encode(train['x'])[0]
   tail = slice(-min(100, config.steps), None)
-  info = {'scale': float(1.0 / means.std()), 'config': json.loads(settings),
+  info = {'scale': float(1.0 / means.std()), 'config': dataclasses.asdict(config),
           **{f'final_{k}': float(v[tail].mean()) for k, v in metrics.items()}}
   os.makedirs(folder, exist_ok=True)
-  checkpointer.save(params_dir, nnx.to_pure_dict(nnx.split(model)[1]))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(folder, 'params'), nnx.to_pure_dict(nnx.split(model)[1]))
   checkpointer.wait_until_finished()
   with open(os.path.join(folder, 'info.json'), 'w') as f:
     json.dump(info, f)

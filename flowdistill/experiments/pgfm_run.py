@@ -100,7 +100,10 @@ def _sampler(apply_fn, config, num_classes: int):
   return sample
 
 
-def _prototypes(workdir, lat, ipc, config, fingerprint) -> np.ndarray:
+def load_or_make_prototypes(workdir: str, lat: dict, ipc: int, config,
+                            fingerprint: str) -> np.ndarray:
+  """`workdir/prototypes_ipc<ipc>.npz` [C, IPC, h, w, c], computed from the latents `lat` and
+  saved where missing; refused where another VAE (`fingerprint`) made it."""
   path = os.path.join(workdir, f'prototypes_ipc{ipc}.npz')
   if os.path.isfile(path):
     with np.load(path) as f:
@@ -129,7 +132,8 @@ class FinishedRun:
 
   def prototypes(self, ipc: int) -> np.ndarray:
     """[C, IPC, h, w, c], as the run saved them (computed and saved now if it did not)."""
-    return _prototypes(self.workdir, self.latents, ipc, self.config, self.frozen.fingerprint)
+    return load_or_make_prototypes(self.workdir, self.latents, ipc, self.config,
+                                   self.frozen.fingerprint)
 
   def scoring(self, ipc: int, *, runs: int, epochs: int) -> dict:
     """What a benchmark needs to make and score one set of IPC per class: 'labels' int
@@ -149,6 +153,18 @@ class FinishedRun:
             'protocol': dataclasses.replace(protocol, runs=runs, epochs=epochs)}
 
 
+def check_flow(flow: Trained, latent_shape: tuple[int, ...], where: str) -> None:
+  """Refuses a latent flow PGFM cannot guide: unconditional, or made for other latents."""
+  if tuple(flow.data_shape) != tuple(latent_shape):
+    raise ValueError(f'The flow in {where} models data of shape {tuple(flow.data_shape)}, but '
+                     f'the VAE latents have shape {tuple(latent_shape)}: it was trained on '
+                     f'another VAE\'s latents. Delete {where} and rerun method="pgfm" to '
+                     'train it on these.')
+  if not flow.num_classes:
+    raise ValueError(f'The flow in {where} is not class-conditional; PGFM guides a flow '
+                     'trained with config.data.conditional=True (method="pgfm" trains one).')
+
+
 def load_finished(workdir: str) -> FinishedRun:
   """Reads back what `run` trained in `workdir` (nothing is retrained: the VAE and the
   latents come from their caches, the flow from `workdir/latent_fm`)."""
@@ -158,11 +174,22 @@ def load_finished(workdir: str) -> FinishedRun:
                             f'--workdir={workdir} first.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  make = (f'`python -m flowdistill.main --config=configs/pgfm.py:{config.data.source} '
+          f'--workdir={workdir}` (with the config of that run)')
   dataset = sources.load(config.data)
-  frozen = vae.load_or_train(dataset.train, vae_config(config.pgfm, config.seed))
+  settings = vae_config(config.pgfm, config.seed)
+  frozen = vae.load_cached(dataset.train, settings)
+  if frozen is None:
+    folder = vae.cache_folder(dataset.train, settings)[1]
+    raise FileNotFoundError(f'No VAE of this run is cached ({folder} does not exist); train it '
+                            f'with {make}.')
+  flow_dir = os.path.join(workdir, 'latent_fm')
+  if not os.path.isdir(os.path.join(flow_dir, 'checkpoints')):
+    raise FileNotFoundError(f'{flow_dir} holds no latent flow; train it with {make}.')
   lat = latents.load_or_encode(frozen, dataset.train, dataset.test, mode=config.pgfm.latent,
                                seed=config.seed)
-  flow = load_trained(os.path.join(workdir, 'latent_fm'))
+  flow = load_trained(flow_dir)
+  check_flow(flow, lat['train']['x'].shape[1:], flow_dir)
   judge = feature_net.load_or_train(dataset.train, dataset.test,
                                     steps=config.eval.classifier_steps, seed=config.seed)
   return FinishedRun(config, dataset, frozen, lat, flow, judge, workdir)
@@ -207,7 +234,7 @@ def run(config, workdir: str) -> dict:
   cells = []
   os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
   for ipc_index, ipc in enumerate(config.dd.ipcs):
-    protos = _prototypes(workdir, lat, ipc, config, frozen.fingerprint)
+    protos = load_or_make_prototypes(workdir, lat, ipc, config, frozen.fingerprint)
     flat_protos = protos.reshape(-1, *protos.shape[2:])
     labels = np.repeat(np.arange(num_classes), ipc).astype(np.int32)
     assigned = np.tile(np.arange(ipc), num_classes)
