@@ -14,6 +14,7 @@ from flowdistill.condense import mode_guided_diffusion as mgd
 from flowdistill.config import load_config_file, validate
 from flowdistill.experiments import pgfm_run
 from flowdistill.fewstep import flow_map
+from flowdistill.train.teacher import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (2, 2, 1)
@@ -245,6 +246,22 @@ def test_pgfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   assert '| pgfm | 2 |' in (tmp_path / 'run' / 'results.md').read_text()
   again = experiments.get('pgfm').run(config, str(tmp_path / 'run'))
   assert [c['accs'] for c in again['cells']] == [c['accs'] for c in result['cells']]
+
+  student = load_config_file(os.path.join(ROOT, 'configs', 'pgfm_student.py'),
+                             str(tmp_path / 'run'))
+  student.train.update(steps=2, ckpt_every=2, log_every=1)
+  student.eval.update(num_samples=20, nll_samples=4, classifier_steps=20, map_steps=(1,),
+                      euler_steps=(1,), plot=False)
+  validate(student)
+  experiments.get('flow_map').run(student, str(tmp_path / 'student'))
+  done = pgfm_run.load_finished(str(tmp_path / 'run'))
+  jumps = load_trained(str(tmp_path / 'student'))
+  assert jumps.two_time and jumps.data_shape == done.flow.data_shape
+  task = done.scoring(2, runs=1, epochs=1)
+  z, info = pgfm.jump_sample(jumps.apply_fn, jumps.params, jax.random.key(0),
+                             jnp.asarray(task['labels']), task['targets'],
+                             pgfm_run.guidance(config.pgfm), steps=2)
+  assert z.shape == task['targets'].shape and bool(jnp.isfinite(z).all()) and info['nfe'] == 2
 
 
 def test_pgfm_config_refuses_bad_guidance_and_unconditional_flows():

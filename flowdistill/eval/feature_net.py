@@ -57,6 +57,15 @@ class FeatureNet:
     return self._batched(self._logits, x).argmax(-1)
 
 
+def _stages(hw) -> tuple[int, ...]:
+  """Conv widths: two halving stages (32, 64), fewer where H or W does not halve twice (the
+  2x2 latents of 8x8 digits)."""
+  channels = (32, 64)
+  while any(n % 2 ** len(channels) for n in hw):
+    channels = channels[:-1]
+  return channels
+
+
 def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
                   cache_dir: str | None = None) -> FeatureNet:
   """The feature network for this data set: read from the cache, or trained and cached.
@@ -67,9 +76,10 @@ def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
     cache_dir: defaults to `cache_root()/feature_nets/<fingerprint of the data>`.
   """
   num_classes = int(train['label'].max()) + 1
+  channels = _stages(train['x'].shape[1:3])
   folder = cache_dir or os.path.join(cache_root(), 'feature_nets',
                                      data_fingerprint(train['x'], train['label'], str(steps)))
-  template = Classifier(train['x'].shape[1:], num_classes, rngs=nnx.Rngs(0))
+  template = Classifier(train['x'].shape[1:], num_classes, channels=channels, rngs=nnx.Rngs(0))
   checkpointer = ocp.StandardCheckpointer()
   params_dir = os.path.join(folder, 'params')
   if os.path.isdir(params_dir):
@@ -79,7 +89,7 @@ def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
     with open(os.path.join(folder, 'info.json')) as f:
       return FeatureNet(classifier, json.load(f)['test_accuracy'])
   classifier, _ = train_classifier(train['x'], train['label'], jax.random.key(seed),
-                                   steps=steps, num_classes=num_classes)
+                                   steps=steps, num_classes=num_classes, channels=channels)
   acc = accuracy(classifier, test['x'], test['label'])
   os.makedirs(folder, exist_ok=True)
   checkpointer.save(params_dir, nnx.to_pure_dict(nnx.split(classifier)[1]))

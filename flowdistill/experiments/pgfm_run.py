@@ -7,7 +7,8 @@ Stages, each cached or checkpointed so a rerun resumes where the last one stoppe
     VAE            `$FLOWDISTILL_CACHE/vaes/<fingerprint>` (trained once per data and settings)
     latents        `$FLOWDISTILL_CACHE/latents/<VAE fingerprint>-<mode>.npz`
     WORKDIR/config.json  this run's config
-    WORKDIR/latent_fm/   the class-conditional latent flow-matching run (config.model/train/fm)
+    WORKDIR/latent_fm/   the class-conditional latent flow-matching run (config.model/train/fm;
+                         its own config.json)
     WORKDIR/prototypes_ipc<n>.npz   k-means prototypes, with the VAE fingerprint
     WORKDIR/cells/<set>_ipc<n>.json WORKDIR/sets/   scored sets, as `dd_eval` writes them
 
@@ -210,6 +211,9 @@ def run(config, workdir: str) -> dict:
   lat = latents.load_or_encode(frozen, dataset.train, dataset.test, mode=p.latent,
                                seed=config.seed)
   fm_config = _latent_fm_config(config, latents.cache_path(frozen, p.latent))
+  os.makedirs(os.path.join(workdir, 'latent_fm'), exist_ok=True)
+  with open(os.path.join(workdir, 'latent_fm', 'config.json'), 'w') as f:
+    f.write(fm_config.to_json())  # what configs/pgfm_student.py builds a student from
   _, apply_fn, state = fm_run.train(fm_config, os.path.join(workdir, 'latent_fm'))
   if jax.process_index() != 0:
     return {}
