@@ -1,0 +1,175 @@
+"""The SFM/LGM evaluator: linear probes on a frozen backbone, trained on a synthetic set.
+
+`normal`: a fresh head (W ~ N(0, 0.01²), b = 0) trained with Adam (lr 1e-3·bs/256, cosine to 0,
+no weight decay, batch min(100, |S|)) on the features of the synthetic images, augmented anew
+each epoch; accuracy on the whole test split at the last epoch only (no option selects an epoch
+by its test accuracy). `ci` (classifier inheritance): the golden head W* of the distillation
+backbone φ_d is kept, and only a linear projector P: D_e -> D_d is trained on the synthetic
+images, by MSE(P φ_e(aug s), φ_d(aug s)); predictions are argmax W* P φ_e(x). `kd`: a fresh head
+on φ_e distilled from W* φ_d at temperature T (α CE + (1 − α) T² KL). R runs are trained at once
+under `vmap`; each run's result depends only on its key.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+MODES = ('normal', 'ci', 'kd')
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeProtocol:
+  """runs: R heads (or projectors) per set. epochs: passes over the augmented synthetic set.
+  batch_size: at most this many images per step. kd_temperature, kd_alpha: the `kd` mode."""
+  runs: int = 5
+  epochs: int = 1000
+  batch_size: int = 100
+  lr_per_256: float = 1e-3
+  head_std: float = 0.01
+  mode: str = 'normal'
+  kd_temperature: float = 4.0
+  kd_alpha: float = 0.5
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'Unknown linear-probe mode {self.mode!r} (config sfm.eval_mode); choose '
+                       f'one of {MODES}.')
+    for name in ('runs', 'epochs', 'batch_size'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'ProbeProtocol.{name} must be >= 1; got {getattr(self, name)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """A linear classifier on features [N, D]: logits = features @ weight + bias."""
+  weight: jax.Array  # [D, C]
+  bias: jax.Array    # [C]
+
+  def logits(self, features):
+    return features @ self.weight + self.bias
+
+
+jax.tree_util.register_dataclass(Head, data_fields=['weight', 'bias'], meta_fields=[])
+
+
+def cross_entropy(logits, labels):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def train_golden_head(features: np.ndarray, labels: np.ndarray, num_classes: int, key, *,
+                      epochs: int = 20, batch_size: int = 256, lr: float = 1e-3) -> Head:
+  """W* of classifier inheritance: a linear head on all train features [N, D] (Adam, cosine)."""
+  features, labels = jnp.asarray(features), jnp.asarray(labels, jnp.int32)
+  n, dim = features.shape
+  per_epoch = n // batch_size
+  opt = optax.adam(optax.cosine_decay_schedule(lr, epochs * per_epoch))
+  head = Head(jnp.zeros((dim, num_classes)), jnp.zeros((num_classes,)))
+
+  def epoch(carry, k):
+    order = jax.random.permutation(k, n)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
+
+    def step(carry, idx):
+      head, state = carry
+      grads = jax.grad(lambda h: cross_entropy(h.logits(features[idx]), labels[idx]))(head)
+      updates, state = opt.update(grads, state, head)
+      return (optax.apply_updates(head, updates), state), None
+
+    return jax.lax.scan(step, carry, order)[0], None
+
+  (head, _), _ = jax.jit(lambda c, ks: jax.lax.scan(epoch, c, ks))(
+      (head, opt.init(head)), jax.random.split(key, epochs))
+  return head
+
+
+def accuracy(logits: jax.Array, labels) -> float:
+  return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))
+
+
+def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classes: int,
+               protocol: ProbeProtocol, *, augment: Callable, teacher_embed: Callable | None = None,
+               golden: Head | None = None) -> Callable:
+  """`train(key) -> trained pytree` of one run (a `Head`, or the projector [D_e, D_d] for
+  `ci`), to be vmapped over keys.
+
+  Args:
+    embed: frozen evaluation backbone φ_e, images [B, H, W, C] -> [B, D_e].
+    images, labels: the synthetic set [N, H, W, C], int [N].
+    augment: `(images, key) -> images`, applied anew each epoch.
+    teacher_embed, golden: φ_d and W* (modes `ci` and `kd`).
+  """
+  n = images.shape[0]
+  batch = min(protocol.batch_size, n)
+  per_epoch = n // batch
+  lr = protocol.lr_per_256 * batch / 256
+  opt = optax.adam(optax.cosine_decay_schedule(lr, protocol.epochs * per_epoch))
+  mode = protocol.mode
+  if mode != 'normal' and (teacher_embed is None or golden is None):
+    raise ValueError(f"Linear-probe mode {mode!r} needs the distillation backbone and its golden "
+                     'head W*.')
+
+  def loss(params, feats, targets, idx):
+    if mode == 'ci':
+      return jnp.mean(jnp.square(feats[idx] @ params - targets[idx]))
+    logits = params.logits(feats[idx])
+    ce = cross_entropy(logits, labels[idx])
+    if mode == 'normal':
+      return ce
+    t = protocol.kd_temperature
+    soft = jax.nn.softmax(targets[idx] / t)
+    kl = jnp.mean(jnp.sum(soft * (jnp.log(soft + 1e-12) - jax.nn.log_softmax(logits / t)), -1))
+    return protocol.kd_alpha * ce + (1 - protocol.kd_alpha) * t * t * kl
+
+  def train(key):
+    k_init, k_epochs = jax.random.split(key)
+    if mode == 'ci':
+      dim_e = embed(images[:1]).shape[-1]
+      params = protocol.head_std * jax.random.normal(k_init, (dim_e, golden.weight.shape[0]))
+    else:
+      dim_e = embed(images[:1]).shape[-1]
+      params = Head(protocol.head_std * jax.random.normal(k_init, (dim_e, num_classes)),
+                    jnp.zeros((num_classes,)))
+
+    def epoch(carry, k):
+      k_aug, k_order = jax.random.split(k)
+      seen = augment(images, k_aug)
+      feats = embed(seen)
+      targets = (jnp.zeros((n, 0)) if mode == 'normal' else
+                 teacher_embed(seen) if mode == 'ci' else golden.logits(teacher_embed(seen)))
+      order = jax.random.permutation(k_order, n)[:per_epoch * batch].reshape(per_epoch, batch)
+
+      def step(carry, idx):
+        params, state = carry
+        grads = jax.grad(loss)(params, feats, targets, idx)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+      return jax.lax.scan(step, carry, order)[0], None
+
+    (params, _), _ = jax.lax.scan(epoch, (params, opt.init(params)),
+                                  jax.random.split(k_epochs, protocol.epochs))
+    return params
+
+  return train
+
+
+def evaluate_probe(embed: Callable, images, labels, test_features: np.ndarray, test_labels,
+                   num_classes: int, key, protocol: ProbeProtocol, *, augment: Callable,
+                   teacher_embed: Callable | None = None, golden: Head | None = None) -> dict:
+  """{'accs' [R], 'mean', 'std'} of R probes trained on the synthetic set, tested on
+  `test_features` [M, D_e] (φ_e of the whole test split, no augmentation) at the last epoch."""
+  train = make_probe(embed, jnp.asarray(images), jnp.asarray(labels, jnp.int32), num_classes,
+                     protocol, augment=augment, teacher_embed=teacher_embed, golden=golden)
+  trained = jax.jit(jax.vmap(train))(jax.random.split(key, protocol.runs))
+  test_features = jnp.asarray(test_features)
+
+  def logits(params):
+    return golden.logits(test_features @ params) if protocol.mode == 'ci' else params.logits(
+        test_features)
+
+  accs = np.array([accuracy(logits(jax.tree.map(lambda a, r=r: a[r], trained)), test_labels)
+                   for r in range(protocol.runs)])
+  return {'accs': accs.tolist(), 'mean': float(accs.mean()), 'std': float(accs.std())}

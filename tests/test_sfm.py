@@ -1,0 +1,185 @@
+"""SFM, LGM, the SimCLR backbone, the linear-probe evaluator and the image parameterisation,
+against closed forms: the zero-head cross-entropy gradient, the denominators, NT-Xent at equal
+embeddings, the least-squares projector, Adam restarts at pyramid growth."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from flowdistill.condense import image_param, linear_probe, sfm, ssl
+
+C, M, D = 4, 6, 5
+
+
+def _features(key=0, n=C * M):
+  """Balanced labelled features: [C·M, D], labels repeat(arange(C), M)."""
+  x = jax.random.normal(jax.random.key(key), (n, D)) + jnp.repeat(jnp.eye(C, D) * 3, n // C, 0)
+  return x, jnp.repeat(jnp.arange(C), n // C)
+
+
+def _identity(images, key):
+  del key
+  return images
+
+
+def _linear_backbone(params, x):
+  return x.reshape(x.shape[0], -1) @ params
+
+
+def test_zero_head_gradient_is_the_statistical_flow():
+  x, y = _features()
+  real = sfm.real_statistics(x, y, C)
+  g = sfm.head_gradient(x, y, jnp.zeros((D, C)), jnp.zeros((C,)))
+  np.testing.assert_allclose(g[:D * C].reshape(D, C), (C - 1) / C**2 * real['flow'].T,
+                             atol=1e-6)
+  np.testing.assert_allclose(g[D * C:], 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize('ipc', [1, 3])
+def test_lgm_at_zero_head_on_the_full_real_set_is_the_sfm_loss(ipc):
+  x, y = _features()
+  real = sfm.real_statistics(x, y, C)
+  syn, syn_y = _features(key=1, n=C * ipc)
+  zero_w, zero_b = jnp.zeros((D, C)), jnp.zeros((C,))
+  lgm = sfm.cosine_distance(sfm.head_gradient(x, y, zero_w, zero_b),
+                            sfm.head_gradient(syn, syn_y, zero_w, zero_b))
+  loss, _ = sfm.make_sfm_loss(_linear_backbone, real, C, ipc, augment=_identity)(
+      syn, jax.random.key(0), jnp.eye(D))
+  np.testing.assert_allclose(loss, lgm, rtol=1e-5, atol=1e-6)
+  if ipc == 1:
+    reference, _ = sfm.make_sfm_loss(_linear_backbone, real, C, ipc, augment=_identity,
+                                     denominator='reference')(syn, jax.random.key(0), jnp.eye(D))
+    np.testing.assert_allclose(reference, lgm, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_denominator_scales_the_other_class_mean():
+  syn, syn_y = _features(n=C * 3)
+  classes = sfm.synthetic_statistics(syn, syn_y, C, 3, 'classes')
+  reference = sfm.synthetic_statistics(syn, syn_y, C, 3, 'reference')
+  np.testing.assert_allclose(reference['nu'], classes['nu'] * (C - 1) / (C * 3 - 1), rtol=1e-6)
+  one, one_y = _features(n=C)
+  np.testing.assert_array_equal(sfm.synthetic_statistics(one, one_y, C, 1, 'reference')['nu'],
+                                sfm.synthetic_statistics(one, one_y, C, 1, 'classes')['nu'])
+
+
+def test_sfm_is_zero_at_the_real_means_and_invariant_to_feature_scale():
+  x, y = _features()
+  real = sfm.real_statistics(x, y, C)
+  offsets = jnp.array([[1.0], [-1.0]]) * jnp.ones((1, D))
+  syn = (real['mu'][:, None, :] + offsets[None]).reshape(C * 2, D)
+  loss_fn = sfm.make_sfm_loss(_linear_backbone, real, C, 2, augment=_identity)
+  assert float(loss_fn(syn, jax.random.key(0), jnp.eye(D))[0]) == pytest.approx(0.0, abs=1e-6)
+  other, _ = _features(key=2, n=C * 2)
+  base = loss_fn(other, jax.random.key(0), jnp.eye(D))[0]
+  scaled = sfm.make_sfm_loss(_linear_backbone, sfm.real_statistics(3 * x, y, C), C, 2,
+                             augment=_identity)(other, jax.random.key(0), 3 * jnp.eye(D))[0]
+  np.testing.assert_allclose(scaled, base, rtol=1e-5)
+  assert float(base) > 0.01
+
+
+def test_decoupled_loss_is_zero_at_the_real_statistics_only():
+  x, y = _features()
+  real = sfm.real_statistics(x, y, C)
+  loss_fn = sfm.make_sfm_decouple_loss(_linear_backbone, real, C, 1, augment=_identity)
+  assert float(loss_fn(real['mu'], jax.random.key(0), jnp.eye(D))[0]) == pytest.approx(0, abs=1e-9)
+  assert float(loss_fn(real['mu'] + 1, jax.random.key(0), jnp.eye(D))[0]) == pytest.approx(
+      0.5 * 1 + 0.5 * 1, rel=1e-5)
+
+
+def test_lgm_inner_gradient_matches_finite_differences_and_outer_gradient_checks():
+  x, y = _features()
+  w = 0.3 * jax.random.normal(jax.random.key(3), (D, C))
+  b = 0.1 * jnp.arange(C, dtype=jnp.float32)
+  g = sfm.head_gradient(x, y, w, b)
+
+  def ce(w):
+    return linear_probe.cross_entropy(x @ w + b, y)
+
+  eps = 1e-2
+  for i, j in [(0, 0), (2, 3), (4, 1)]:
+    bump = jnp.zeros((D, C)).at[i, j].set(eps)
+    numeric = (ce(w + bump) - ce(w - bump)) / (2 * eps)
+    np.testing.assert_allclose(g[i * C + j], numeric, rtol=2e-2, atol=1e-4)
+
+  loss_fn = sfm.make_lgm_loss(_linear_backbone, C, 1, augment=_identity, copies=2, head_std=0.5)
+  index = jnp.asarray(sfm.class_index_table(np.asarray(y), C))
+  syn, _ = _features(key=4, n=C)
+  check_grads(lambda s: loss_fn(s, jax.random.key(0), jnp.eye(D), x, index)[0], (syn,),
+              order=1, modes=('rev',), atol=1e-2, rtol=1e-2)
+
+
+def test_nt_xent_of_equal_embeddings_is_log_two_n_minus_one():
+  n = 5
+  z = jnp.ones((n, 3))
+  assert float(ssl.nt_xent(z, z, 0.5)) == pytest.approx(math.log(2 * n - 1), rel=1e-6)
+  apart = jnp.eye(n, 8)
+  assert float(ssl.nt_xent(apart, apart, 0.1)) < 1e-3
+
+
+def test_ci_projector_reaches_the_least_squares_solution_and_the_identity():
+  key = jax.random.key(5)
+  images = jax.random.normal(key, (40, D))
+  embed = lambda x: x  # noqa: E731
+  mix = jnp.eye(D) + 0.3 * jax.random.normal(jax.random.key(6), (D, D))
+  teacher = lambda x: x @ mix  # noqa: E731
+  golden = linear_probe.Head(jnp.ones((D, C)), jnp.zeros((C,)))
+  protocol = linear_probe.ProbeProtocol(runs=1, epochs=3000, batch_size=40, lr_per_256=0.2,
+                                        mode='ci', head_std=0.0)
+  for target, expected in ((embed, jnp.eye(D)), (teacher, mix)):
+    train = linear_probe.make_probe(embed, images, jnp.zeros(40, jnp.int32), C, protocol,
+                                    augment=_identity, teacher_embed=target, golden=golden)
+    projector = jax.jit(train)(jax.random.key(0))
+    lstsq = np.linalg.lstsq(np.asarray(images), np.asarray(target(images)), rcond=None)[0]
+    np.testing.assert_allclose(lstsq, expected, atol=1e-5)
+    np.testing.assert_allclose(projector, lstsq, atol=2e-3)
+
+
+def test_normal_probe_learns_separable_features_and_is_deterministic():
+  x, y = _features(n=C * 20)
+  protocol = linear_probe.ProbeProtocol(runs=2, epochs=200, lr_per_256=5.0)
+  result = linear_probe.evaluate_probe(lambda z: z, x, y, x, y, C, jax.random.key(0), protocol,
+                                       augment=_identity)
+  again = linear_probe.evaluate_probe(lambda z: z, x, y, x, y, C, jax.random.key(0), protocol,
+                                      augment=_identity)
+  assert result['mean'] > 0.95 and result['accs'] == again['accs']
+
+
+def test_pyramid_restarts_adam_at_each_growth_and_renders_in_range():
+  assert image_param.pyramid_sizes(28) == (1, 2, 4, 8, 16, 28)
+  target = jnp.linspace(-0.5, 0.5, 8 * 8).reshape(1, 8, 8, 1)
+
+  def loss_fn(images, key):
+    del key
+    return jnp.mean(jnp.square(images - target)), {}
+
+  images, history = image_param.distill(loss_fn, (8, 8, 1), 1, jax.random.key(0), steps=70,
+                                        lr=0.05, mode='pyramid', grow_every=20)
+  sizes = image_param.pyramid_sizes(8)
+  assert sizes == (1, 2, 4, 8)
+  np.testing.assert_array_equal(history['adam_count'],
+                                np.concatenate([np.arange(1, 21)] * 3 + [np.arange(1, 11)]))
+  assert np.abs(images).max() < 1 and history['loss'][-1] < history['loss'][0]
+
+
+def test_real_initialisation_renders_the_real_images():
+  real = np.asarray(jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-0.9,
+                                       maxval=0.9))
+  levels = image_param.grow([], 8, 2, (8, 8, 3), jax.random.key(1), real=real)
+  np.testing.assert_allclose(image_param.render(levels, (8, 8, 3)), real, atol=1e-5)
+  pyramid = []
+  for size in image_param.pyramid_sizes(8):
+    pyramid = image_param.grow(pyramid, size, 2, (8, 8, 3), jax.random.key(1), real=real)
+  np.testing.assert_allclose(image_param.render(pyramid, (8, 8, 3)), real, atol=1e-4)
+
+
+def test_views_keep_shape_and_background_and_are_differentiable():
+  x = -jnp.ones((3, 12, 12, 1)).at[:, 4:8, 4:8].set(1.0)
+  ratios = ssl.ViewRatios(noise=0.0)
+  out = ssl.view(x, jax.random.key(0), ratios)
+  assert out.shape == x.shape and float(out[:, 0, 0].max()) == pytest.approx(-1.0)
+  grad = jax.grad(lambda x: ssl.view(x, jax.random.key(0), ratios).sum())(x)
+  assert float(jnp.abs(grad).sum()) > 0
