@@ -3,6 +3,7 @@ against closed forms: the zero-head cross-entropy gradient, the denominators, NT
 embeddings, the least-squares projector, Adam restarts at pyramid growth."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,12 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from flowdistill import experiments
 from flowdistill.condense import image_param, linear_probe, sfm, ssl
+from flowdistill.config import load_config_file, validate
+from flowdistill.experiments import sfm_run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, M, D = 4, 6, 5
 
 
@@ -183,3 +188,23 @@ def test_views_keep_shape_and_background_and_are_differentiable():
   assert out.shape == x.shape and float(out[:, 0, 0].max()) == pytest.approx(-1.0)
   grad = jax.grad(lambda x: ssl.view(x, jax.random.key(0), ratios).sum())(x)
   assert float(jnp.abs(grad).sum()) > 0
+
+
+def test_sfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), 'digits,cpu')
+  config.dd.update(ipcs=(2,))
+  config.sfm.update(ssl_steps=3, ssl_batch_size=16, ssl_widths=(8, 16), eval_widths=(8, 12),
+                    steps=3, probe_epochs=2, probe_runs=2, golden_epochs=1, lgm_copies=2)
+  validate(config)
+  result = experiments.get('sfm').run(config, str(tmp_path / 'run'))
+  cells = {c['method']: c for c in result['cells']}
+  assert set(cells) == set(sfm_run.METHODS)
+  assert set(cells['sfm']['probes']) == set(linear_probe.MODES)
+  assert set(cells['random']['probes']) == {'normal'}
+  assert all(len(r['accs']) == 2 for c in cells.values() for r in c['probes'].values())
+  assert cells['lgm']['xla_temp_bytes'] > cells['sfm']['xla_temp_bytes'] > 0
+  saved = np.load(tmp_path / 'run' / 'sets' / 'sfm_ipc2.npz')
+  assert saved['x'].shape == (20, 8, 8, 1) and np.abs(saved['x']).max() <= 1
+  again = experiments.get('sfm').run(config, str(tmp_path / 'run'))
+  assert [c['probes'] for c in again['cells']] == [c['probes'] for c in result['cells']]

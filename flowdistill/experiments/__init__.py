@@ -11,12 +11,13 @@ from flowdistill.experiments import (
   local_fm_run,
   pgfm_run,
   reflow_run,
+  sfm_run,
 )
 from flowdistill.experiments.common import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     fm_run.METHOD, flow_map_run.METHOD, local_fm_run.METHOD, reflow_run.METHOD,
-    dd_eval_run.METHOD, pgfm_run.METHOD,
+    dd_eval_run.METHOD, pgfm_run.METHOD, sfm_run.METHOD,
 )}
 
 

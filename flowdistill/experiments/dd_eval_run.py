@@ -106,7 +106,8 @@ def _bar(desc: str, total: int):
                    leave=False)
 
 
-def _save(stem: str, synset: dict, ipc: int, num_classes: int) -> None:
+def save_set(stem: str, synset: dict, ipc: int, num_classes: int) -> None:
+  """`stem`.npz (x, label) and `stem`.png (a grid, IPC per row, at most 10 columns)."""
   np.savez(stem + '.npz', x=synset['x'], label=synset['label'])
   order = np.argsort(synset['label'], kind='stable')
   columns = min(ipc, 10)
@@ -126,7 +127,7 @@ def score(name: str, ipc: int, synsets: list[dict], split, dd, ipc_index, key,
   one_each = len(synsets) > 1
   accs, seconds = [], 0.0
   for r, synset in enumerate(synsets):
-    _save(f'{stem}_subset{r}' if one_each else stem, synset, ipc, split.num_classes)
+    save_set(f'{stem}_subset{r}' if one_each else stem, synset, ipc, split.num_classes)
     done = r * (proto.epochs + 1)
     result = evaluate.evaluate_synset(
         synset['x'], synset['label'], split, jax.random.fold_in(key, r) if one_each else key,

@@ -5,6 +5,7 @@ later one with stride 2), then a global average pool: features [B, widths[-1]] (
 default widths). Any image size works; `lax.conv` via `nnx.Conv`.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -21,7 +22,7 @@ class ConvEncoder(nnx.Module):
     self.convs = nnx.List([
         nnx.Conv(a, b, (3, 3), strides=1 if i == 0 else 2, padding='SAME', rngs=rngs)
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))])
-    self.norms = nnx.List([nnx.GroupNorm(b, num_groups=min(8, b), rngs=rngs) for b in widths])
+    self.norms = nnx.List([nnx.GroupNorm(b, num_groups=math.gcd(8, b), rngs=rngs) for b in widths])
     self.feature_dim = widths[-1]
 
   def __call__(self, x: jax.Array) -> jax.Array:

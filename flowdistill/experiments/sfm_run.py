@@ -1,0 +1,284 @@
+"""Experiment `sfm`: distil images for linear probes on a frozen self-supervised backbone with
+statistical flow matching (METHODS.md §5), next to linear gradient matching and real subsets,
+and score every set with the linear-probe protocol (normal, classifier inheritance, KD).
+
+Stages, each cached so a rerun resumes where the last one stopped:
+
+    backbones   `$FLOWDISTILL_CACHE/ssl/<fingerprint>` φ_d (distillation) and φ_e (evaluation:
+                another seed and width), SimCLR on the train split
+    statistics  `<φ_d folder>/statistics.npz` μ, ν, F and the golden head W* (with φ_d's
+                fingerprint)
+    WORKDIR/cells/<method>_ipc<n>.json   accuracies per probe mode and the cost of the step
+    WORKDIR/sets/<method>_ipc<n>.npz|png the set scored
+"""
+
+import dataclasses
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from flowdistill.condense import image_param, linear_probe, sfm, ssl, subsets
+from flowdistill.data import sources
+from flowdistill.eval import report
+from flowdistill.experiments import common, dd_eval_run
+from flowdistill.models.encoder import ConvEncoder
+
+METHODS = ('random', 'kmeans_nearest', 'lgm', 'sfm', 'sfm_decouple')
+DISTILLED = ('lgm', 'sfm', 'sfm_decouple')
+DEFAULTS = dict(
+    ssl_widths=(32, 64, 128, 256), ssl_steps=3000, ssl_batch_size=256, ssl_lr=1e-3,
+    ssl_temperature=0.5,
+    eval_widths=(32, 64, 128, 192),   # φ_e of cross-backbone evaluation (seed + 1)
+    methods=METHODS,
+    param='pixels', init='noise', steps=5000, lr=2e-3, grow_every=200,
+    copies=1,                         # A for sfm / sfm_decouple
+    lgm_copies=10,                    # A for lgm
+    nontarget_denominator='classes',  # sfm.DENOMINATORS
+    decouple_alpha=0.5,
+    eval_modes=linear_probe.MODES,    # probes of each distilled set
+    probe_runs=5, probe_epochs=1000, probe_batch_size=100, kd_temperature=4.0, kd_alpha=0.5,
+    golden_epochs=20,
+)
+
+
+def validate(flat: dict) -> None:
+  for key, options in (('sfm.methods', METHODS), ('sfm.eval_modes', linear_probe.MODES)):
+    unknown = [m for m in flat[key] if m not in options]
+    if unknown:
+      raise ValueError(f'config.{key} has {unknown}; choose from {list(options)}.')
+  common.check_choice(flat, 'sfm.param', image_param.MODES)
+  common.check_choice(flat, 'sfm.init', image_param.INITS)
+  common.check_choice(flat, 'sfm.nontarget_denominator', sfm.DENOMINATORS)
+  common.check_positive(flat, ints=('sfm.ssl_steps', 'sfm.steps', 'sfm.grow_every', 'sfm.copies',
+                                    'sfm.lgm_copies', 'sfm.probe_runs', 'sfm.probe_epochs',
+                                    'sfm.probe_batch_size', 'sfm.golden_epochs'),
+                        floats=('sfm.ssl_lr', 'sfm.ssl_temperature', 'sfm.lr',
+                                'sfm.kd_temperature'))
+  if flat['sfm.ssl_batch_size'] < 2:
+    raise ValueError(f'config.sfm.ssl_batch_size={flat["sfm.ssl_batch_size"]} must be >= 2 '
+                     '(NT-Xent needs negatives).')
+  if not 0 <= flat['sfm.decouple_alpha'] <= 1 or not 0 <= flat['sfm.kd_alpha'] <= 1:
+    raise ValueError('config.sfm.decouple_alpha and config.sfm.kd_alpha must lie in [0, 1].')
+
+
+def ssl_configs(p, seed: int) -> tuple[ssl.SSLConfig, ssl.SSLConfig]:
+  """(φ_d, φ_e) settings: the evaluation backbone has another seed and width."""
+  d = ssl.SSLConfig(widths=tuple(p.ssl_widths), temperature=p.ssl_temperature,
+                    steps=p.ssl_steps, batch_size=p.ssl_batch_size, lr=p.ssl_lr, seed=seed)
+  return d, dataclasses.replace(d, widths=tuple(p.eval_widths), seed=seed + 1)
+
+
+def probe_protocol(p, mode: str = 'normal') -> linear_probe.ProbeProtocol:
+  return linear_probe.ProbeProtocol(runs=p.probe_runs, epochs=p.probe_epochs,
+                                    batch_size=p.probe_batch_size, mode=mode,
+                                    kd_temperature=p.kd_temperature, kd_alpha=p.kd_alpha)
+
+
+def load_statistics(path: str, fingerprint: str) -> dict | None:
+  """{'mu', 'nu', 'flow', 'golden': Head, 'golden_accuracy'} from `path`, or None if missing;
+  refuses a file made with another backbone."""
+  if not os.path.isfile(path):
+    return None
+  with np.load(path) as f:
+    if str(f['fingerprint']) != fingerprint:
+      raise ValueError(f'{path} holds statistics of backbone {f["fingerprint"]}, but the '
+                       f'backbone in use is {fingerprint}; delete the file and rerun '
+                       'method="sfm" to recompute them.')
+    return {'mu': jnp.asarray(f['mu']), 'nu': jnp.asarray(f['nu']),
+            'flow': jnp.asarray(f['flow']),
+            'golden': linear_probe.Head(jnp.asarray(f['weight']), jnp.asarray(f['bias'])),
+            'golden_accuracy': float(f['golden_accuracy'])}
+
+
+def statistics(backbone: ssl.FrozenBackbone, dataset, p, seed: int) -> dict:
+  """Real statistics and the golden head of `backbone`, cached beside it."""
+  path = os.path.join(ssl.cache_folder(dataset.train, _config_of(backbone))[1],
+                      'statistics.npz')
+  cached = load_statistics(path, backbone.fingerprint)
+  if cached is not None:
+    return cached
+  train_features = backbone.features(dataset.train['x'])
+  real = sfm.real_statistics(train_features, dataset.train['label'], dataset.num_classes)
+  golden = linear_probe.train_golden_head(train_features, dataset.train['label'],
+                                          dataset.num_classes, jax.random.key(seed),
+                                          epochs=p.golden_epochs)
+  accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
+                                   dataset.test['label'])
+  np.savez(path, fingerprint=backbone.fingerprint, weight=golden.weight, bias=golden.bias,
+           golden_accuracy=accuracy, **{k: np.asarray(v) for k, v in real.items()})
+  return load_statistics(path, backbone.fingerprint)
+
+
+def _config_of(backbone: ssl.FrozenBackbone) -> ssl.SSLConfig:
+  c = dict(backbone.info['config'])
+  return ssl.SSLConfig(**{**c, 'widths': tuple(c['widths']), 'views': ssl.ViewRatios(
+      **c['views'])})
+
+
+def _augment(images, key):
+  return ssl.view(images, key)
+
+
+def step_cost(loss_fn, images, key, *args) -> dict:
+  """XLA memory of the compiled loss-and-gradient step: temp and argument bytes."""
+  grad = jax.jit(jax.value_and_grad(lambda x, k, *a: loss_fn(x, k, *a)[0]))
+  memory = grad.lower(images, key, *args).compile().memory_analysis()
+  return {'xla_temp_bytes': int(memory.temp_size_in_bytes),
+          'xla_argument_bytes': int(memory.argument_size_in_bytes)}
+
+
+def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.ndarray, dict]:
+  """One distilled set [C·IPC, H, W, C] and its cost record."""
+  classes, shape = dataset.num_classes, dataset.shape
+  labels = np.repeat(np.arange(classes), ipc)
+  if name == 'lgm':
+    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=_augment,
+                                copies=p.lgm_copies)
+    args = (backbone.params, jnp.asarray(dataset.train['x']),
+            jnp.asarray(sfm.class_index_table(dataset.train['label'], classes)))
+  else:
+    factory = sfm.make_sfm_loss if name == 'sfm' else sfm.make_sfm_decouple_loss
+    extra = {} if name == 'sfm' else {'alpha': p.decouple_alpha}
+    loss_fn = factory(backbone.apply, real, classes, ipc, augment=_augment, copies=p.copies,
+                      denominator=p.nontarget_denominator, **extra)
+    args = (backbone.params,)
+  init = None
+  if p.init == 'real':
+    init = dataset.train['x'][subsets.select('random', None, dataset.train['label'], ipc,
+                                             seed=0)]
+  cost = step_cost(loss_fn, jnp.zeros((classes * ipc, *shape)), key, *args)
+  bar = tqdm.tqdm(total=p.steps, desc=f'{name} IPC {ipc}', unit='step', leave=False,
+                  disable=jax.process_index() > 0)
+  start = time.perf_counter()
+  marks = []
+
+  def progress(done, loss):
+    marks.append((done, time.perf_counter() - start))
+    bar.update(done - bar.n)
+
+  images, history = image_param.distill(
+      loss_fn, shape, classes * ipc, key, steps=p.steps, lr=p.lr, mode=p.param,
+      grow_every=p.grow_every, real=init, loss_args=args, on_progress=progress)
+  bar.close()
+  total = time.perf_counter() - start
+  first_done, first_seconds = marks[0]
+  steady = ((total - first_seconds) / (p.steps - first_done) if p.steps > first_done
+            else total / p.steps)
+  cost.update(seconds_per_step=steady, distill_seconds=total,
+              peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              final_loss=float(history['loss'][-10:].mean()))
+  return images, {'labels': labels, **cost}
+
+
+def run(config, workdir: str) -> dict:
+  start = time.perf_counter()
+  os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
+  dataset = sources.load(config.data)
+  p = config.sfm
+  sfm.check_classes(dataset.num_classes)
+  d_config, e_config = ssl_configs(p, config.seed)
+  backbones = {}
+  for role, settings in (('distill', d_config), ('evaluate', e_config)):
+    bar = tqdm.tqdm(total=settings.steps, desc=f'SimCLR ({role})', unit='step', leave=False,
+                    disable=jax.process_index() > 0)
+    backbones[role] = ssl.load_or_train(dataset.train, settings,
+                                        on_progress=lambda done, bar=bar: bar.update(done - bar.n))
+    bar.close()
+  phi_d, phi_e = backbones['distill'], backbones['evaluate']
+  real = statistics(phi_d, dataset, p, config.seed)
+  test_features = {'distill': phi_d.features(dataset.test['x']),
+                   'evaluate': phi_e.features(dataset.test['x'])}
+  random_encoder = ssl.FrozenBackbone(
+      ConvEncoder(dataset.shape[-1], widths=d_config.widths, rngs=nnx.Rngs(config.seed)),
+      'random-init', {})
+  control = linear_probe.train_golden_head(
+      random_encoder.features(dataset.train['x']), dataset.train['label'], dataset.num_classes,
+      jax.random.key(config.seed), epochs=p.golden_epochs)
+  control_accuracy = linear_probe.accuracy(
+      control.logits(random_encoder.features(dataset.test['x'])), dataset.test['label'])
+  embed_d = lambda x: phi_d.apply(phi_d.params, x)  # noqa: E731
+  embed_e = lambda x: phi_e.apply(phi_e.params, x)  # noqa: E731
+  key = jax.random.key(config.dd.seed)
+  features = phi_d.features(dataset.train['x'])
+  cells = []
+  for ipc in config.dd.ipcs:
+    for name in p.methods:
+      path = os.path.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          cells.append(json.load(f))
+        continue
+      set_key = jax.random.fold_in(jax.random.fold_in(key, ipc), METHODS.index(name))
+      if name in DISTILLED:
+        images, cell = distil(name, ipc, phi_d, real, dataset, p, set_key)
+        labels = cell.pop('labels')
+      else:
+        index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
+        images, labels, cell = dataset.train['x'][index], dataset.train['label'][index], {}
+      stem = os.path.join(workdir, 'sets', f'{name}_ipc{ipc}')
+      os.makedirs(os.path.dirname(stem), exist_ok=True)
+      dd_eval_run.save_set(stem, {'x': np.asarray(images), 'label': np.asarray(labels)}, ipc,
+                           dataset.num_classes)
+      modes = p.eval_modes if name in DISTILLED else ('normal',)
+      cell.update(method=name, ipc=ipc, probes={})
+      for mode in modes:
+        t0 = time.perf_counter()
+        result = linear_probe.evaluate_probe(
+            embed_d if mode == 'normal' else embed_e, images, labels,
+            test_features['distill' if mode == 'normal' else 'evaluate'],
+            dataset.test['label'], dataset.num_classes, jax.random.fold_in(set_key, 7),
+            probe_protocol(p, mode), augment=_augment, teacher_embed=embed_d,
+            golden=real['golden'])
+        cell['probes'][mode] = dict(result, seconds=time.perf_counter() - t0)
+      if 'ci' in modes:
+        cell['ci_storage_floats'] = int(real['golden'].weight.size + real['golden'].bias.size
+                                        + phi_e.feature_dim * phi_d.feature_dim)
+      with open(path, 'w') as f:
+        json.dump(cell, f, indent=2)
+      cells.append(cell)
+  result = {'cells': cells, 'golden_accuracy': real['golden_accuracy'],
+            'random_encoder_accuracy': control_accuracy,
+            'backbones': {role: {'fingerprint': b.fingerprint, **b.info}
+                          for role, b in backbones.items()},
+            'wall_seconds': time.perf_counter() - start}
+  report.save_results(workdir, result, _markdown(result, config))
+  return result
+
+
+def _markdown(result: dict, config) -> str:
+  rows = []
+  for c in result['cells']:
+    row = {'method': c['method'], 'IPC': c['ipc']}
+    for mode, r in c['probes'].items():
+      row[f'{mode} %'] = f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}'
+    row['s/step'] = c.get('seconds_per_step', '')
+    row['XLA temp MiB'] = (f'{c["xla_temp_bytes"] / 2**20:.1f}' if 'xla_temp_bytes' in c
+                           else '')
+    row['total min'] = f'{c["distill_seconds"] / 60:.1f}' if 'distill_seconds' in c else ''
+    rows.append(row)
+  columns = ['method', 'IPC'] + [f'{m} %' for m in linear_probe.MODES] + [
+      's/step', 'XLA temp MiB', 'total min']
+  for row in rows:
+    for col in columns:
+      row.setdefault(col, '')
+  backbone = result['backbones']['distill']
+  return '\n'.join([
+      f'# SFM on {config.data.source}', '',
+      f'Linear-probe accuracy (mean ± std over {config.sfm.probe_runs} runs, '
+      f'{config.sfm.probe_epochs} epochs); `normal`: a fresh head on φ_d, `ci`: the golden head '
+      'W* of φ_d through a projector trained on φ_e, `kd`: a fresh head on φ_e distilled from W*.',
+      '', report.markdown_table(rows, columns), '',
+      f'All real images (the golden head W* on φ_d): {100 * result["golden_accuracy"]:.2f} %; '
+      f'the same encoder at random init: {100 * result["random_encoder_accuracy"]:.2f} %. '
+      f'SimCLR pre-training: {backbone["train_seconds"] / 60:.1f} min.', '',
+      f'Wall-clock time of this command: {result["wall_seconds"]:.0f} s.'])
+
+
+METHOD = common.Method('sfm', run, DEFAULTS, validate, sources=sources.IMAGE_SOURCES)
