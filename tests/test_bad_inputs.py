@@ -12,6 +12,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -19,10 +20,10 @@ from flax import nnx
 
 from flowdistill import experiments
 from flowdistill.condense import evaluate as dd_evaluate
-from flowdistill.condense import latents, pgfm, vae
+from flowdistill.condense import latents, linear_probe, pgfm, sfm, vae
 from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources
-from flowdistill.experiments import common, fm_run, pgfm_run
+from flowdistill.experiments import common, fm_run, pgfm_run, sfm_run
 from flowdistill.models.convnet import ConvNet
 from flowdistill.train import loop, parallel
 from flowdistill.train.checkpoint import (
@@ -457,6 +458,64 @@ def test_pgfm_finished_run_refuses_missing_or_foreign_parts(tmp_path, monkeypatc
   fm_run.train(unconditional, str(workdir / 'latent_fm'))
   with pytest.raises(ValueError, match=r'latent_fm is not class-conditional; PGFM guides'):
     pgfm_run.load_finished(str(workdir))
+
+
+def _sfm_validate(**values):
+  config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), 'digits')
+  config.sfm.update(values)
+  validate(config)
+
+
+def _foreign_statistics(tmp_path):
+  path = tmp_path / 'statistics.npz'
+  np.savez(path, fingerprint='aaaa', mu=np.zeros((2, 3)), nu=np.zeros((2, 3)),
+           flow=np.zeros((2, 3)), weight=np.zeros((3, 2)), bias=np.zeros(2), golden_accuracy=0.5)
+  sfm_run.load_statistics(str(path), 'bbbb')
+
+
+def _probe(images, **kwargs):
+  x = jnp.asarray(images)
+  golden = linear_probe.Head(jnp.zeros((kwargs.pop('golden_dim', 3), 2)), jnp.zeros(2))
+  protocol = linear_probe.ProbeProtocol(runs=1, epochs=1, **kwargs)
+  linear_probe.evaluate_probe(lambda z: z.reshape(len(z), -1), x, np.arange(2),
+                              np.zeros((2, 3)), np.arange(2), 2, jax.random.key(0), protocol,
+                              augment=lambda z, k: z, teacher_embed=lambda z: z.reshape(
+                                  len(z), -1), golden=golden)
+
+
+SFM_CASES = [
+    ('statistics-of-another-backbone', _foreign_statistics, ValueError,
+     r'statistics of backbone aaaa, but the backbone in use is bbbb; delete the file and rerun '
+     r'method="sfm"'),
+    ('one-class', lambda t: sfm.real_statistics(np.zeros((3, 2)), np.zeros(3, int), 1),
+     ValueError, r'at least 2 classes \(ν_c, the mean of the other classes, is undefined for '
+     r'C = 1\)'),
+    ('ipc-0', lambda t: sfm.make_sfm_loss(None, {}, 2, 0, augment=None), ValueError,
+     r'IPC \(images per class\) must be >= 1; got 0'),
+    ('zero-copies', lambda t: _sfm_validate(copies=0), ValueError,
+     r'config.sfm.copies=0 must be >= 1'),
+    ('lgm-zero-copies', lambda t: sfm.make_lgm_loss(None, 2, 1, augment=None, copies=0),
+     ValueError, r'augmented copies A must be >= 1; got 0'),
+    ('projector-dims-mismatch', lambda t: _probe(np.zeros((2, 3)), mode='ci', golden_dim=4),
+     ValueError, r'golden head W\* takes 4 features but the distillation backbone gives 3'),
+    ('unknown-method', lambda t: _sfm_validate(methods=('sfm', 'mtt')), ValueError,
+     r"config.sfm.methods has \['mtt'\]"),
+    ('unknown-denominator', lambda t: _sfm_validate(nontarget_denominator='all'), ValueError,
+     r"config.sfm.nontarget_denominator='all' is not one of"),
+    ('unknown-ci-mode', lambda t: _sfm_validate(eval_modes=('normal', 'inherit')), ValueError,
+     r"config.sfm.eval_modes has \['inherit'\]"),
+    ('probe-epoch-chosen-on-test', lambda t: _sfm_validate(probe_best_epoch=True), ValueError,
+     r'Unknown config key config.sfm.probe_best_epoch'),
+    ('images-out-of-range', lambda t: _probe(np.full((2, 3), 2.0)), ValueError,
+     r'Synthetic images must lie in \[-1, 1\]; got values in \[2, 2\]'),
+]
+
+
+@pytest.mark.parametrize('case,error,message', [c[1:] for c in SFM_CASES],
+                         ids=[c[0] for c in SFM_CASES])
+def test_sfm_bad_input_gets_one_clear_error(tmp_path, case, error, message):
+  with pytest.raises(error, match=message):
+    case(tmp_path)
 
 
 @pytest.mark.parametrize('case,error,message', [c[1:] for c in DD_CASES],

@@ -110,6 +110,10 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
   if mode != 'normal' and (teacher_embed is None or golden is None):
     raise ValueError(f"Linear-probe mode {mode!r} needs the distillation backbone and its golden "
                      'head W*.')
+  if mode != 'normal' and teacher_embed(images[:1]).shape[-1] != golden.weight.shape[0]:
+    raise ValueError(f'The golden head W* takes {golden.weight.shape[0]} features but the '
+                     f'distillation backbone gives {teacher_embed(images[:1]).shape[-1]}: the '
+                     'projector would map to the wrong space; use the W* of that backbone.')
 
   def loss(params, feats, targets, idx):
     if mode == 'ci':
@@ -161,6 +165,9 @@ def evaluate_probe(embed: Callable, images, labels, test_features: np.ndarray, t
                    teacher_embed: Callable | None = None, golden: Head | None = None) -> dict:
   """{'accs' [R], 'mean', 'std'} of R probes trained on the synthetic set, tested on
   `test_features` [M, D_e] (φ_e of the whole test split, no augmentation) at the last epoch."""
+  if float(np.min(images)) < -1 or float(np.max(images)) > 1:
+    raise ValueError(f'Synthetic images must lie in [-1, 1]; got values in [{np.min(images):.3g}, '
+                     f'{np.max(images):.3g}]. Map them with 2 x - 1 from [0, 1], or clip.')
   train = make_probe(embed, jnp.asarray(images), jnp.asarray(labels, jnp.int32), num_classes,
                      protocol, augment=augment, teacher_embed=teacher_embed, golden=golden)
   trained = jax.jit(jax.vmap(train))(jax.random.split(key, protocol.runs))

@@ -75,6 +75,11 @@ def check_copies(copies: int) -> None:
     raise ValueError(f'The number of augmented copies A must be >= 1; got {copies}.')
 
 
+def check_ipc(ipc: int) -> None:
+  if ipc < 1:
+    raise ValueError(f'IPC (images per class) must be >= 1; got {ipc}.')
+
+
 def make_sfm_loss(apply: Callable, real: dict, num_classes: int, ipc: int, *,
                   augment: Callable, copies: int = 1, denominator: str = 'classes') -> Callable:
   """`loss_fn(images, key, backbone_params) -> (1 − cos(F_real, F_syn), metrics)`.
@@ -85,6 +90,7 @@ def make_sfm_loss(apply: Callable, real: dict, num_classes: int, ipc: int, *,
   """
   check_classes(num_classes)
   check_copies(copies)
+  check_ipc(ipc)
   labels = jnp.repeat(jnp.arange(num_classes), ipc)
 
   def loss_fn(images, key, params):
@@ -102,6 +108,7 @@ def make_sfm_decouple_loss(apply: Callable, real: dict, num_classes: int, ipc: i
   """`loss_fn(images, key, backbone_params) -> (α MSE(μ, μ̃) + (1 − α) MSE(ν, ν̃), metrics)`."""
   check_classes(num_classes)
   check_copies(copies)
+  check_ipc(ipc)
   labels = jnp.repeat(jnp.arange(num_classes), ipc)
 
   def loss_fn(images, key, params):
@@ -145,6 +152,7 @@ def make_lgm_loss(apply: Callable, num_classes: int, ipc: int, *, augment: Calla
   gradient."""
   check_classes(num_classes)
   check_copies(copies)
+  check_ipc(ipc)
   syn_labels = jnp.tile(jnp.repeat(jnp.arange(num_classes), ipc), copies)
   real_labels = jnp.repeat(jnp.arange(num_classes), ipc * copies)
 
