@@ -145,6 +145,7 @@ def test_ci_projector_reaches_the_least_squares_solution_and_the_identity():
 
 def test_normal_probe_learns_separable_features_and_is_deterministic():
   x, y = _features(n=C * 20)
+  x = x / jnp.abs(x).max()  # images lie in [-1, 1]
   protocol = linear_probe.ProbeProtocol(runs=2, epochs=200, lr_per_256=5.0)
   result = linear_probe.evaluate_probe(lambda z: z, x, y, x, y, C, jax.random.key(0), protocol,
                                        augment=_identity)

@@ -62,13 +62,14 @@ def grow(levels: list, size: int, count: int, image_shape, key, *,
 
 def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e-3,
             mode: str = 'pixels', grow_every: int = 200, real: np.ndarray | None = None,
-            loss_args: tuple = (), on_progress=None):
+            loss_args: tuple = (), on_progress=None, progress_every: int = 100):
   """Adam on the parameterised images.
 
   Args:
     loss_fn: `(images [count, H, W, C], key, *loss_args) -> (scalar, metrics)`.
     real: initial images [count, H, W, C] in [-1, 1] (init 'real'), or None (noise).
-    on_progress: called with (steps done, metrics of the last step) after each phase chunk.
+    on_progress: called every `progress_every` steps and at the end with (steps done, last
+      loss, `images()` -> the current images [count, H, W, C] numpy).
 
   Returns:
     (images [count, H, W, C] numpy, {'loss': [steps], 'adam_count': [steps]}).
@@ -99,8 +100,9 @@ def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e
       levels, opt_state, loss, count_now = step(levels, opt_state, jnp.int32(i), *loss_args)
       losses.append(loss)
       counts.append(count_now)
-    if on_progress is not None and end > phase * grow_every:
-      on_progress(end, float(losses[-1]))
+      if on_progress is not None and ((i + 1) % progress_every == 0 or i + 1 == steps):
+        on_progress(i + 1, float(loss),
+                    lambda levels=levels: np.asarray(render(levels, image_shape)))
     if end >= steps:
       break
   history = {'loss': np.asarray(jnp.stack(losses)), 'adam_count': np.asarray(jnp.stack(counts))}

@@ -122,7 +122,7 @@ def _config_of(backbone: ssl.FrozenBackbone) -> ssl.SSLConfig:
       **c['views'])})
 
 
-def _augment(images, key):
+def augment(images, key):
   return ssl.view(images, key)
 
 
@@ -134,21 +134,28 @@ def step_cost(loss_fn, images, key, *args) -> dict:
           'xla_argument_bytes': int(memory.argument_size_in_bytes)}
 
 
-def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.ndarray, dict]:
-  """One distilled set [C·IPC, H, W, C] and its cost record."""
-  classes, shape = dataset.num_classes, dataset.shape
-  labels = np.repeat(np.arange(classes), ipc)
+def make_loss(name: str, ipc: int, backbone, real, dataset, p) -> tuple:
+  """(loss_fn, loss_args) of a distillation method: `loss_fn(images, key, *loss_args)`."""
+  classes = dataset.num_classes
   if name == 'lgm':
-    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=_augment,
+    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=augment,
                                 copies=p.lgm_copies)
     args = (backbone.params, jnp.asarray(dataset.train['x']),
             jnp.asarray(sfm.class_index_table(dataset.train['label'], classes)))
   else:
     factory = sfm.make_sfm_loss if name == 'sfm' else sfm.make_sfm_decouple_loss
     extra = {} if name == 'sfm' else {'alpha': p.decouple_alpha}
-    loss_fn = factory(backbone.apply, real, classes, ipc, augment=_augment, copies=p.copies,
+    loss_fn = factory(backbone.apply, real, classes, ipc, augment=augment, copies=p.copies,
                       denominator=p.nontarget_denominator, **extra)
     args = (backbone.params,)
+  return loss_fn, args
+
+
+def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.ndarray, dict]:
+  """One distilled set [C·IPC, H, W, C] and its cost record."""
+  classes, shape = dataset.num_classes, dataset.shape
+  labels = np.repeat(np.arange(classes), ipc)
+  loss_fn, args = make_loss(name, ipc, backbone, real, dataset, p)
   init = None
   if p.init == 'real':
     init = dataset.train['x'][subsets.select('random', None, dataset.train['label'], ipc,
@@ -159,7 +166,8 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.nda
   start = time.perf_counter()
   marks = []
 
-  def progress(done, loss):
+  def progress(done, loss, images):
+    del loss, images
     marks.append((done, time.perf_counter() - start))
     bar.update(done - bar.n)
 
@@ -177,21 +185,37 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.nda
   return images, {'labels': labels, **cost}
 
 
+def backbones(dataset, config, *, train: bool = True) -> dict:
+  """{'distill': φ_d, 'evaluate': φ_e} of this config, pre-trained where missing (`train`) or
+  refused with the command that trains them."""
+  out = {}
+  for role, settings in zip(('distill', 'evaluate'), ssl_configs(config.sfm, config.seed)):
+    if not train:
+      out[role] = ssl.load_cached(dataset.train, settings)
+      if out[role] is None:
+        folder = ssl.cache_folder(dataset.train, settings)[1]
+        raise FileNotFoundError(
+            f'No {role} backbone of this config is cached ({folder} does not exist); pre-train '
+            f'it with `python -m flowdistill.main --config=configs/sfm.py:{config.data.source} '
+            '--workdir=...` (the same config).')
+      continue
+    bar = tqdm.tqdm(total=settings.steps, desc=f'SimCLR ({role})', unit='step', leave=False,
+                    disable=jax.process_index() > 0)
+    out[role] = ssl.load_or_train(dataset.train, settings,
+                                  on_progress=lambda done, bar=bar: bar.update(done - bar.n))
+    bar.close()
+  return out
+
+
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
   dataset = sources.load(config.data)
   p = config.sfm
   sfm.check_classes(dataset.num_classes)
-  d_config, e_config = ssl_configs(p, config.seed)
-  backbones = {}
-  for role, settings in (('distill', d_config), ('evaluate', e_config)):
-    bar = tqdm.tqdm(total=settings.steps, desc=f'SimCLR ({role})', unit='step', leave=False,
-                    disable=jax.process_index() > 0)
-    backbones[role] = ssl.load_or_train(dataset.train, settings,
-                                        on_progress=lambda done, bar=bar: bar.update(done - bar.n))
-    bar.close()
-  phi_d, phi_e = backbones['distill'], backbones['evaluate']
+  d_config = ssl_configs(p, config.seed)[0]
+  nets = backbones(dataset, config)
+  phi_d, phi_e = nets['distill'], nets['evaluate']
   real = statistics(phi_d, dataset, p, config.seed)
   test_features = {'distill': phi_d.features(dataset.test['x']),
                    'evaluate': phi_e.features(dataset.test['x'])}
@@ -234,7 +258,7 @@ def run(config, workdir: str) -> dict:
             embed_d if mode == 'normal' else embed_e, images, labels,
             test_features['distill' if mode == 'normal' else 'evaluate'],
             dataset.test['label'], dataset.num_classes, jax.random.fold_in(set_key, 7),
-            probe_protocol(p, mode), augment=_augment, teacher_embed=embed_d,
+            probe_protocol(p, mode), augment=augment, teacher_embed=embed_d,
             golden=real['golden'])
         cell['probes'][mode] = dict(result, seconds=time.perf_counter() - t0)
       if 'ci' in modes:
@@ -246,7 +270,7 @@ def run(config, workdir: str) -> dict:
   result = {'cells': cells, 'golden_accuracy': real['golden_accuracy'],
             'random_encoder_accuracy': control_accuracy,
             'backbones': {role: {'fingerprint': b.fingerprint, **b.info}
-                          for role, b in backbones.items()},
+                          for role, b in nets.items()},
             'wall_seconds': time.perf_counter() - start}
   report.save_results(workdir, result, _markdown(result, config))
   return result
