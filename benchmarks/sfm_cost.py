@@ -46,7 +46,7 @@ def main():
   dataset = sources.load(config.data)
   nets = sfm_run.backbones(dataset, config, train=False)
   phi = nets['distill']
-  real = sfm_run.statistics(phi, dataset, p, config.seed)
+  real = sfm_run.statistics(phi, dataset, config)
   test_features = phi.features(dataset.test['x'])
   labels = np.repeat(np.arange(dataset.num_classes), args.ipc)
   count = len(labels)

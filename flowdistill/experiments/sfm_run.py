@@ -97,29 +97,24 @@ def load_statistics(path: str, fingerprint: str) -> dict | None:
             'golden_accuracy': float(f['golden_accuracy'])}
 
 
-def statistics(backbone: ssl.FrozenBackbone, dataset, p, seed: int) -> dict:
-  """Real statistics and the golden head of `backbone`, cached beside it."""
-  path = os.path.join(ssl.cache_folder(dataset.train, _config_of(backbone))[1],
-                      'statistics.npz')
+def statistics(backbone: ssl.FrozenBackbone, dataset, config) -> dict:
+  """Real statistics and the golden head of φ_d (`backbone`), cached beside it."""
+  p = config.sfm
+  settings = ssl_configs(p, config.seed)[0]
+  path = os.path.join(ssl.cache_folder(dataset.train, settings)[1], 'statistics.npz')
   cached = load_statistics(path, backbone.fingerprint)
   if cached is not None:
     return cached
   train_features = backbone.features(dataset.train['x'])
   real = sfm.real_statistics(train_features, dataset.train['label'], dataset.num_classes)
   golden = linear_probe.train_golden_head(train_features, dataset.train['label'],
-                                          dataset.num_classes, jax.random.key(seed),
+                                          dataset.num_classes, jax.random.key(config.seed),
                                           epochs=p.golden_epochs)
   accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
                                    dataset.test['label'])
   np.savez(path, fingerprint=backbone.fingerprint, weight=golden.weight, bias=golden.bias,
            golden_accuracy=accuracy, **{k: np.asarray(v) for k, v in real.items()})
   return load_statistics(path, backbone.fingerprint)
-
-
-def _config_of(backbone: ssl.FrozenBackbone) -> ssl.SSLConfig:
-  c = dict(backbone.info['config'])
-  return ssl.SSLConfig(**{**c, 'widths': tuple(c['widths']), 'views': ssl.ViewRatios(
-      **c['views'])})
 
 
 def augment(images, key):
@@ -216,7 +211,7 @@ def run(config, workdir: str) -> dict:
   d_config = ssl_configs(p, config.seed)[0]
   nets = backbones(dataset, config)
   phi_d, phi_e = nets['distill'], nets['evaluate']
-  real = statistics(phi_d, dataset, p, config.seed)
+  real = statistics(phi_d, dataset, config)
   test_features = {'distill': phi_d.features(dataset.test['x']),
                    'evaluate': phi_e.features(dataset.test['x'])}
   random_encoder = ssl.FrozenBackbone(
