@@ -1,5 +1,6 @@
-"""PGFM ablation over the guidance form, w0 and t_stop: accuracy of ConvNet-3 trained on each
-synthetic set, mode coverage (feature-net space), landing rate and diversity, at one IPC.
+"""PGFM ablation over the guidance form, w0, t_stop (and optionally the schedule): accuracy of
+ConvNet-3 trained on each synthetic set, mode coverage (feature-net space), landing rate and
+diversity, at one IPC.
 
 Reads a finished `method='pgfm'` workdir (nothing is retrained); every other guidance setting
 (schedule, δ, solver, steps) is the run's.
@@ -31,6 +32,8 @@ def main():
   parser.add_argument('--forms', nargs='+', default=list(pgfm.FORMS))
   parser.add_argument('--w0s', type=float, nargs='+', default=[0.25, 0.5, 1.0])
   parser.add_argument('--t-stops', type=float, nargs='+', default=[0.6, 0.9, 1.0])
+  parser.add_argument('--schedules', nargs='+', default=None,
+                      help="w(t) schedules (default: the run's)")
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--epochs', type=int, default=300)
   parser.add_argument('--out', default='benchmarks/out/pgfm_ablation.json')
@@ -50,16 +53,18 @@ def main():
                        solver=config.pgfm.solver, steps=config.pgfm.steps)[0]
 
   rows = []
-  for form, w0, t_stop in itertools.product(args.forms, args.w0s, args.t_stops):
+  schedules = args.schedules or [base.schedule]
+  for form, schedule, w0, t_stop in itertools.product(args.forms, schedules, args.w0s,
+                                                      args.t_stops):
     if form == 'straight' and w0 > 1:
       continue
-    guidance = dataclasses.replace(base, form=form, w0=w0, t_stop=t_stop)
+    guidance = dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop)
     z = np.asarray(sample(done.flow.params, guidance))
     images = frozen.decode_scaled(z)
     result = evaluate.evaluate_synset(images, labels, split, jax.random.fold_in(key, 1),
                                       protocol)
-    row = {'form': form, 'w0': w0, 't_stop': t_stop, 'accuracy': result['mean'],
-           'std': result['std'],
+    row = {'form': form, 'schedule': schedule, 'w0': w0, 't_stop': t_stop,
+           'accuracy': result['mean'], 'std': result['std'],
            'mc': coverage.mode_coverage(judge.features(images), labels, modes)['mc'],
            'landing_rate': coverage.landing_rate(z, labels, assigned, protos),
            'diversity': coverage.diversity(z, labels, done.latents['train']['x'],
@@ -69,10 +74,11 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump({'args': vars(args), 'rows': rows}, f, indent=2)
-  print('| form | w0 | t_stop | accuracy % | MC | landing | diversity |')
-  print('|---|---|---|---|---|---|---|')
+  print('| form | schedule | w0 | t_stop | accuracy % | MC | landing | diversity |')
+  print('|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["form"]} | {r["w0"]} | {r["t_stop"]} | {100 * r["accuracy"]:.1f} ± '
+    print(f'| {r["form"]} | {r["schedule"]} | {r["w0"]} | {r["t_stop"]} | '
+          f'{100 * r["accuracy"]:.1f} ± '
           f'{100 * r["std"]:.1f} | {r["mc"]:.3f} | {r["landing_rate"]:.3f} | '
           f'{r["diversity"]:.3f} |')
 
