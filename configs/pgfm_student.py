@@ -33,7 +33,8 @@ def get_config(arg: str = ''):
   config.teacher.workdir = flow_dir
   config.flow_map.update(loss='lmd', scheme='ordered')
   config.optim.update(lr=2e-4, schedule='cosine', warmup_steps=200)
-  config.train.update(steps=1000, log_every=100, ckpt_every=250, ema_rates=(0.999,))
+  config.train.update(steps=1000, log_every=100, ckpt_every=250, ema_rates=(0.99,),
+                      eval_ema=0.99)  # 0.999 would keep 37 % of the warm start after 1000 steps
   config.eval.update(dict(MNIST_EVAL, nll_samples=64), map_steps=(1, 2, 4, 8),
                      euler_steps=(1, 2, 4, 8, 100), classifier_steps=1500, guidance=1.0)
   return config
