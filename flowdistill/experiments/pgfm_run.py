@@ -40,7 +40,7 @@ DEFAULTS = dict(
     vae_beta=1e-3, vae_steps=6000, vae_batch_size=128, vae_lr=1e-3, vae_latent_channels=4,
     vae_widths=(16, 32, 64),
     latent='mean',             # latents of the train split: posterior 'mean' or a 'sample'
-    form='denoiser', w0=0.5, schedule='linear', t_stop=0.9, delta=0.05,  # pgfm.Guidance
+    form='denoiser', w0=1.0, schedule='constant', t_stop=1.0, delta=0.05,  # pgfm.Guidance
     solver='euler', steps=8,   # the guided sampler
     cfg=1.0,                   # classifier-free guidance weight (1: the conditional model)
     prototype_n_init=3,        # k-means restarts per class
