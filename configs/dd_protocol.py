@@ -12,7 +12,7 @@ python -m flowdistill.main --config=configs/dd_protocol.py:cifar10 --workdir=run
   --config.dd_eval.synsets='("pgfm_ipc10.npz",)'
 """
 
-from flowdistill.config import MNIST_DATA, base_config, parse_arg
+from flowdistill.config import MNIST_DATA, base_config, check_preset, parse_arg
 
 # Reductions of the `cpu` preset (2-core CPU): 3 runs instead of 20, 300 epochs instead of
 # 1000, a 3-epoch whole-data ConvNet, and DM with 1000 iterations of 64 real images per class.
@@ -23,9 +23,7 @@ PRESETS = ('paper', 'cpu')
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='mnist', preset='paper')
-  if arg.preset not in PRESETS:
-    raise ValueError(f'configs/dd_protocol.py: unknown preset {arg.preset!r}; choose one of '
-                     f'{PRESETS}.')
+  check_preset('configs/dd_protocol.py', arg.preset, PRESETS)
   config = base_config()
   config.method = 'dd_eval'
   config.model.name = 'unet'  # unused here; image data sets take the U-Net

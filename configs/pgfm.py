@@ -10,7 +10,7 @@ FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/pgfm.py:mnist,cpu --workdir=runs/pgfm-mnist-cpu
 """
 
-from flowdistill.config import MNIST_DATA, base_config, parse_arg
+from flowdistill.config import MNIST_DATA, base_config, check_preset, parse_arg
 
 PRESETS = ('paper', 'cpu')
 CPU_DD = dict(preset='cpu', runs=3, epochs=(300,), whole_data_epochs=3, ipcs=(1, 10))
@@ -18,9 +18,7 @@ CPU_DD = dict(preset='cpu', runs=3, epochs=(300,), whole_data_epochs=3, ipcs=(1,
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='mnist', preset='paper')
-  if arg.preset not in PRESETS:
-    raise ValueError(f'configs/pgfm.py: unknown preset {arg.preset!r}; choose one of '
-                     f'{PRESETS}.')
+  check_preset('configs/pgfm.py', arg.preset, PRESETS)
   config = base_config()
   config.method = 'pgfm'
   config.fm.label_dropout = 0.1

@@ -10,16 +10,14 @@ FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/sfm.py:mnist,cpu --workdir=runs/sfm-mnist-cpu
 """
 
-from flowdistill.config import MNIST_DATA, base_config, parse_arg
+from flowdistill.config import MNIST_DATA, base_config, check_preset, parse_arg
 
 PRESETS = ('paper', 'cpu')
 
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='mnist', preset='paper')
-  if arg.preset not in PRESETS:
-    raise ValueError(f'configs/sfm.py: unknown preset {arg.preset!r}; choose one of '
-                     f'{PRESETS}.')
+  check_preset('configs/sfm.py', arg.preset, PRESETS)
   config = base_config()
   config.method = 'sfm'
   config.model.name = 'unet'  # unused here; image data sets take the U-Net

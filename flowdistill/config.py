@@ -97,6 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_preset(config_file: str, preset: str, presets) -> None:
+  """Refuses a preset that `config_file` (e.g. 'configs/sfm.py') does not define."""
+  if preset not in presets:
+    raise ValueError(f'{config_file}: unknown preset {preset!r}; choose one of {presets}.')
+
+
 def parse_arg(arg: str, **spec) -> ml_collections.ConfigDict:
   """A config file's `arg` (`--config=file.py:arg`) as typed fields, like big_vision's.
 

@@ -110,10 +110,12 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
   if mode != 'normal' and (teacher_embed is None or golden is None):
     raise ValueError(f"Linear-probe mode {mode!r} needs the distillation backbone and its golden "
                      'head W*.')
-  if mode != 'normal' and teacher_embed(images[:1]).shape[-1] != golden.weight.shape[0]:
+  dim_d = None if mode == 'normal' else teacher_embed(images[:1]).shape[-1]
+  if mode != 'normal' and dim_d != golden.weight.shape[0]:
     raise ValueError(f'The golden head W* takes {golden.weight.shape[0]} features but the '
-                     f'distillation backbone gives {teacher_embed(images[:1]).shape[-1]}: the '
-                     'projector would map to the wrong space; use the W* of that backbone.')
+                     f'distillation backbone gives {dim_d}: the projector would map to the '
+                     'wrong space; use the W* of that backbone.')
+  dim_e = embed(images[:1]).shape[-1]
 
   def loss(params, feats, targets, idx):
     if mode == 'ci':
@@ -130,10 +132,8 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
   def train(key):
     k_init, k_epochs = jax.random.split(key)
     if mode == 'ci':
-      dim_e = embed(images[:1]).shape[-1]
-      params = protocol.head_std * jax.random.normal(k_init, (dim_e, golden.weight.shape[0]))
+      params = protocol.head_std * jax.random.normal(k_init, (dim_e, dim_d))
     else:
-      dim_e = embed(images[:1]).shape[-1]
       params = Head(protocol.head_std * jax.random.normal(k_init, (dim_e, num_classes)),
                     jnp.zeros((num_classes,)))
 
