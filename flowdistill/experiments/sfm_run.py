@@ -97,15 +97,18 @@ def load_statistics(path: str, fingerprint: str) -> dict | None:
             'golden_accuracy': float(f['golden_accuracy'])}
 
 
-def statistics(backbone: ssl.FrozenBackbone, dataset, config) -> dict:
-  """Real statistics and the golden head of φ_d (`backbone`), cached beside it."""
+def statistics(backbone: ssl.FrozenBackbone, dataset, config,
+               train_features: np.ndarray | None = None) -> dict:
+  """Real statistics and the golden head of φ_d (`backbone`), cached beside it
+  (`train_features`: φ_d of the train split, where the caller has them already)."""
   p = config.sfm
   settings = ssl_configs(p, config.seed)[0]
   path = os.path.join(ssl.cache_folder(dataset.train, settings)[1], 'statistics.npz')
   cached = load_statistics(path, backbone.fingerprint)
   if cached is not None:
     return cached
-  train_features = backbone.features(dataset.train['x'])
+  if train_features is None:
+    train_features = backbone.features(dataset.train['x'])
   real = sfm.real_statistics(train_features, dataset.train['label'], dataset.num_classes)
   golden = linear_probe.train_golden_head(train_features, dataset.train['label'],
                                           dataset.num_classes, jax.random.key(config.seed),
@@ -211,7 +214,8 @@ def run(config, workdir: str) -> dict:
   d_config = ssl_configs(p, config.seed)[0]
   nets = backbones(dataset, config)
   phi_d, phi_e = nets['distill'], nets['evaluate']
-  real = statistics(phi_d, dataset, config)
+  features = phi_d.features(dataset.train['x'])
+  real = statistics(phi_d, dataset, config, features)
   test_features = {'distill': phi_d.features(dataset.test['x']),
                    'evaluate': phi_e.features(dataset.test['x'])}
   random_encoder = ssl.FrozenBackbone(
@@ -225,7 +229,6 @@ def run(config, workdir: str) -> dict:
   embed_d = lambda x: phi_d.apply(phi_d.params, x)  # noqa: E731
   embed_e = lambda x: phi_e.apply(phi_e.params, x)  # noqa: E731
   key = jax.random.key(config.dd.seed)
-  features = phi_d.features(dataset.train['x'])
   cells = []
   for ipc in config.dd.ipcs:
     for name in p.methods:
