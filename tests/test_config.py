@@ -6,13 +6,24 @@ import ml_collections
 import pytest
 
 from flowdistill.config import base_config, load_config_file, parse_arg, validate
+from flowdistill.experiments import pgfm_run
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
 
+def _finished_pgfm_run(workdir):
+  """What configs/pgfm_student.py reads: a PGFM run's latent flow-matching config."""
+  pgfm = load_config_file(CONFIGS[0].parent / 'pgfm.py', 'mnist,cpu')
+  flow = pgfm_run.latent_fm_config(pgfm, str(workdir / 'latents.npz'))
+  (workdir / 'latent_fm').mkdir(parents=True)
+  (workdir / 'latent_fm' / 'config.json').write_text(flow.to_json())
+  return str(workdir)
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-  config = load_config_file(path)
+def test_shipped_configs_validate(path, tmp_path):
+  arg = _finished_pgfm_run(tmp_path) if path.name == 'pgfm_student.py' else ''
+  config = load_config_file(path, arg)
   if config.method == 'reflow' or (config.method == 'flow_map'
                                    and config.flow_map.loss != 'fmm'):
     config.teacher.workdir = 'runs/teacher'  # set on the command line in real use

@@ -79,7 +79,7 @@ def validate(flat: dict) -> None:
                 t_stop=flat['pgfm.t_stop'], delta=flat['pgfm.delta'])
 
 
-def _latent_fm_config(config, latent_path: str):
+def latent_fm_config(config, latent_path: str):
   """The latent flow-matching run: this config with the latent cache as its data."""
   sub = copy.deepcopy(config)
   sub.method = 'fm'
@@ -210,7 +210,7 @@ def run(config, workdir: str) -> dict:
   bar.close()
   lat = latents.load_or_encode(frozen, dataset.train, dataset.test, mode=p.latent,
                                seed=config.seed)
-  fm_config = _latent_fm_config(config, latents.cache_path(frozen, p.latent))
+  fm_config = latent_fm_config(config, latents.cache_path(frozen, p.latent))
   os.makedirs(os.path.join(workdir, 'latent_fm'), exist_ok=True)
   with open(os.path.join(workdir, 'latent_fm', 'config.json'), 'w') as f:
     f.write(fm_config.to_json())  # what configs/pgfm_student.py builds a student from
