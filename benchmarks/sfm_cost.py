@@ -1,27 +1,21 @@
-"""SFM against LGM at one IPC: XLA memory of the compiled distillation step (temp and argument
-bytes), steady-state s/step (compilation apart), peak RSS, and the steps and wall-clock time to
-the final accuracy (the first snapshot within 0.5 points of the last one, from linear probes of
-snapshots taken every `--curve-every` steps).
-
-Uses the backbones and statistics that `method='sfm'` cached for the same config (run it first;
-a missing backbone is refused with that command).
+"""SFM against LGM from a finished `method='sfm'` run: XLA memory of the compiled distillation
+step (temp and argument bytes), steady-state s/step (compilation apart), and the steps and
+wall-clock time to the final accuracy — the first snapshot within 0.5 points of the last one,
+from linear probes of the snapshots the run kept every `sfm.snapshot_every` steps.
 
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/sfm_cost.py \
-    --config=mnist,cpu --ipc 10 --steps 1000 --curve-every 100
+    --workdir runs/sfm-mnist-cpu --config mnist,cpu --probe-runs 2
 """
 
 import argparse
 import dataclasses
 import json
 import os
-import resource
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from flowdistill.condense import image_param, linear_probe
+from flowdistill.condense import linear_probe
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
 from flowdistill.experiments import sfm_run
@@ -29,83 +23,76 @@ from flowdistill.experiments import sfm_run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def curve(snapshots, phi, test_features, dataset, protocol) -> list[dict]:
+  """[{'step', 'seconds', 'accuracy'}] of each snapshot (linear probe on φ_d)."""
+  out = []
+  embed = lambda x: phi.apply(phi.params, x)  # noqa: E731
+  for step, seconds, images in zip(snapshots['steps'], snapshots['seconds'],
+                                   snapshots['images'], strict=True):
+    result = linear_probe.evaluate_probe(
+        embed, images, snapshots['labels'], test_features, dataset.test['label'],
+        dataset.num_classes, jax.random.key(1), protocol, augment=sfm_run.augment)
+    out.append({'step': int(step), 'seconds': float(seconds), 'accuracy': result['mean']})
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True, help='a finished method="sfm" run')
   parser.add_argument('--config', default='mnist,cpu', help='the arg of configs/sfm.py')
-  parser.add_argument('--ipc', type=int, default=10)
   parser.add_argument('--methods', nargs='+', default=['sfm', 'lgm'])
-  parser.add_argument('--steps', type=int, default=1000)
-  parser.add_argument('--curve-every', type=int, default=100)
   parser.add_argument('--probe-runs', type=int, default=2)
-  parser.add_argument('--probe-epochs', type=int, default=300)
   parser.add_argument('--out', default='benchmarks/out/sfm_cost.json')
   args = parser.parse_args()
 
   config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), args.config)
-  p = config.sfm
   dataset = sources.load(config.data)
-  nets = sfm_run.backbones(dataset, config, train=False)
-  phi = nets['distill']
-  real = sfm_run.statistics(phi, dataset, config)
+  phi = sfm_run.backbones(dataset, config, train=False)['distill']
   test_features = phi.features(dataset.test['x'])
-  labels = np.repeat(np.arange(dataset.num_classes), args.ipc)
-  count = len(labels)
-  protocol = dataclasses.replace(sfm_run.probe_protocol(p), runs=args.probe_runs,
-                                 epochs=args.probe_epochs)
-  key = jax.random.key(config.dd.seed)
+  protocol = dataclasses.replace(sfm_run.probe_protocol(config.sfm), runs=args.probe_runs)
   rows = []
-  for name in args.methods:
-    loss_fn, loss_args = sfm_run.make_loss(name, args.ipc, phi, real, dataset, p)
-    cost = sfm_run.step_cost(loss_fn, jnp.zeros((count, *dataset.shape)), key, *loss_args)
-    snapshots = []
-    start = time.perf_counter()
-
-    def progress(done, loss, images, snapshots=snapshots, start=start):
-      snapshots.append({'step': done, 'seconds': time.perf_counter() - start, 'loss': loss,
-                        'images': images()})
-
-    image_param.distill(loss_fn, dataset.shape, count, key, steps=args.steps, lr=p.lr,
-                        mode=p.param, grow_every=p.grow_every, loss_args=loss_args,
-                        on_progress=progress, progress_every=args.curve_every)
-    first = snapshots[0]
-    # snapshot rendering is excluded from the step rate: it is measured between snapshots
-    seconds_per_step = ((snapshots[-1]['seconds'] - first['seconds'])
-                        / max(1, snapshots[-1]['step'] - first['step']))
-    curve = []
-    for snap in snapshots:
-      result = linear_probe.evaluate_probe(
-          lambda x: phi.apply(phi.params, x), snap['images'], labels, test_features,
-          dataset.test['label'], dataset.num_classes, jax.random.key(1), protocol,
-          augment=sfm_run.augment)
-      curve.append({'step': snap['step'], 'seconds': snap['seconds'], 'loss': snap['loss'],
-                    'accuracy': result['mean']})
-      print(json.dumps({'method': name, **curve[-1]}), flush=True)
-    final = curve[-1]['accuracy']
-    reached = next(c for c in curve if c['accuracy'] >= final - 0.005)
-    rows.append({'method': name, **cost, 'seconds_per_step': seconds_per_step,
-                 'compile_and_first_chunk_seconds': first['seconds'],
-                 'steps_to_final': reached['step'], 'seconds_to_final': reached['seconds'],
-                 'final_accuracy': final,
-                 'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 'curve': curve})
-  summary = {}
-  by = {r['method']: r for r in rows}
-  if 'sfm' in by and 'lgm' in by:
-    summary = {'temp_ratio': by['sfm']['xla_temp_bytes'] / by['lgm']['xla_temp_bytes'],
-               'time_to_final_ratio': by['sfm']['seconds_to_final'] / by['lgm']['seconds_to_final'],
-               'step_time_ratio': by['sfm']['seconds_per_step'] / by['lgm']['seconds_per_step']}
+  for ipc in config.dd.ipcs:
+    for name in args.methods:
+      stem = f'{name}_ipc{ipc}'
+      snapshot_path = os.path.join(args.workdir, 'snapshots', f'{stem}.npz')
+      cell_path = os.path.join(args.workdir, 'cells', f'{stem}.json')
+      if not (os.path.isfile(snapshot_path) and os.path.isfile(cell_path)):
+        raise FileNotFoundError(f'{snapshot_path} or {cell_path} is missing; run '
+                                f'--config=configs/sfm.py:{args.config} '
+                                f'--workdir={args.workdir} to the end first.')
+      with open(cell_path) as f:
+        cell = json.load(f)
+      with np.load(snapshot_path) as f:
+        points = curve(dict(f), phi, test_features, dataset, protocol)
+      final = points[-1]['accuracy']
+      reached = next(c for c in points if c['accuracy'] >= final - 0.005)
+      rows.append({'method': name, 'ipc': ipc,
+                   **{k: cell[k] for k in ('xla_temp_bytes', 'xla_argument_bytes',
+                                           'seconds_per_step', 'compile_and_first_seconds',
+                                           'distill_seconds', 'peak_rss_mib')},
+                   'steps_to_final': reached['step'], 'seconds_to_final': reached['seconds'],
+                   'final_accuracy': final, 'curve': points})
+      print(json.dumps({k: v for k, v in rows[-1].items() if k != 'curve'}), flush=True)
+  by = {(r['method'], r['ipc']): r for r in rows}
+  ratios = {}
+  for ipc in config.dd.ipcs:
+    if ('sfm', ipc) in by and ('lgm', ipc) in by:
+      s, g = by['sfm', ipc], by['lgm', ipc]
+      ratios[f'ipc{ipc}'] = {'temp': s['xla_temp_bytes'] / g['xla_temp_bytes'],
+                             'seconds_per_step': s['seconds_per_step'] / g['seconds_per_step'],
+                             'time_to_final': s['seconds_to_final'] / g['seconds_to_final']}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
-    json.dump({'args': vars(args), 'rows': rows, 'summary': summary}, f, indent=2)
-  print('| method | XLA temp MiB | XLA args MiB | s/step | steps to final | s to final | '
-        'final % | peak RSS MiB (process) |')
-  print('|---|---|---|---|---|---|---|---|')
+    json.dump({'args': vars(args), 'rows': rows, 'ratios': ratios}, f, indent=2)
+  print('| method | IPC | XLA temp MiB | XLA args MiB | s/step | compile + first s | '
+        'steps to final | s to final | final % (snapshot probe) |')
+  print('|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["method"]} | {r["xla_temp_bytes"] / 2**20:.1f} | '
+    print(f'| {r["method"]} | {r["ipc"]} | {r["xla_temp_bytes"] / 2**20:.1f} | '
           f'{r["xla_argument_bytes"] / 2**20:.1f} | {r["seconds_per_step"]:.4f} | '
-          f'{r["steps_to_final"]} | {r["seconds_to_final"]:.0f} | '
-          f'{100 * r["final_accuracy"]:.1f} | {r["peak_rss_mib"]:.0f} |')
-  print(json.dumps(summary))
+          f'{r["compile_and_first_seconds"]:.1f} | {r["steps_to_final"]} | '
+          f'{r["seconds_to_final"]:.0f} | {100 * r["final_accuracy"]:.1f} |')
+  print(json.dumps(ratios))
 
 
 if __name__ == '__main__':

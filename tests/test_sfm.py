@@ -196,16 +196,21 @@ def test_sfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), 'digits,cpu')
   config.dd.update(ipcs=(2,))
   config.sfm.update(ssl_steps=3, ssl_batch_size=16, ssl_widths=(8, 16), eval_widths=(8, 12),
-                    steps=3, probe_epochs=2, probe_runs=2, golden_epochs=1, lgm_copies=2)
+                    steps=3, probe_epochs=2, probe_runs=2, golden_epochs=1, lgm_copies=2,
+                    snapshot_every=2)
   validate(config)
   result = experiments.get('sfm').run(config, str(tmp_path / 'run'))
   cells = {c['method']: c for c in result['cells']}
   assert set(cells) == set(sfm_run.METHODS)
-  assert set(cells['sfm']['probes']) == set(linear_probe.MODES)
+  assert set(cells['sfm']['probes']) == set(sfm_run.PROBES)
   assert set(cells['random']['probes']) == {'normal'}
   assert all(len(r['accs']) == 2 for c in cells.values() for r in c['probes'].values())
   assert cells['lgm']['xla_temp_bytes'] > cells['sfm']['xla_temp_bytes'] > 0
   saved = np.load(tmp_path / 'run' / 'sets' / 'sfm_ipc2.npz')
   assert saved['x'].shape == (20, 8, 8, 1) and np.abs(saved['x']).max() <= 1
+  snapshots = dict(np.load(tmp_path / 'run' / 'snapshots' / 'lgm_ipc2.npz'))
+  assert snapshots['steps'].tolist() == [2, 3] and snapshots['images'].shape == (2, 20, 8, 8, 1)
+  np.testing.assert_array_equal(snapshots['images'][-1], np.load(
+      tmp_path / 'run' / 'sets' / 'lgm_ipc2.npz')['x'])
   again = experiments.get('sfm').run(config, str(tmp_path / 'run'))
   assert [c['probes'] for c in again['cells']] == [c['probes'] for c in result['cells']]

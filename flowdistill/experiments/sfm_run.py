@@ -10,9 +10,13 @@ Stages, each cached so a rerun resumes where the last one stopped:
                 fingerprint)
     WORKDIR/cells/<method>_ipc<n>.json   accuracies per probe mode and the cost of the step
     WORKDIR/sets/<method>_ipc<n>.npz|png the set scored
+    WORKDIR/snapshots/<method>_ipc<n>.npz  a distilled set every `sfm.snapshot_every` steps,
+                with its wall-clock time (benchmarks/sfm_cost.py: steps and time to the final
+                accuracy)
 """
 
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -32,32 +36,41 @@ from flowdistill.models.encoder import ConvEncoder
 
 METHODS = ('random', 'kmeans_nearest', 'lgm', 'sfm', 'sfm_decouple')
 DISTILLED = ('lgm', 'sfm', 'sfm_decouple')
+PROBES = {  # probe of a distilled set: (linear_probe mode, the backbone it reads)
+    'normal': ('normal', 'distill'),
+    'ci_same': ('ci', 'distill'),       # φ_e = φ_d: should recover the golden head's accuracy
+    'normal_cross': ('normal', 'evaluate'),
+    'ci': ('ci', 'evaluate'),
+    'kd': ('kd', 'evaluate'),
+}
 DEFAULTS = dict(
     ssl_widths=(32, 64, 128, 256), ssl_steps=3000, ssl_batch_size=256, ssl_lr=1e-3,
     ssl_temperature=0.5,
     eval_widths=(32, 64, 128, 192),   # φ_e of cross-backbone evaluation (seed + 1)
     methods=METHODS,
     param='pixels', init='noise', steps=5000, lr=2e-3, grow_every=200,
+    snapshot_every=250,               # distilled images kept for benchmarks/sfm_cost.py curves
     copies=1,                         # A for sfm / sfm_decouple
     lgm_copies=10,                    # A for lgm
     nontarget_denominator='classes',  # sfm.DENOMINATORS
     decouple_alpha=0.5,
-    eval_modes=linear_probe.MODES,    # probes of each distilled set
+    probes=tuple(PROBES),             # of each distilled set; real subsets get `normal`
     probe_runs=5, probe_epochs=1000, probe_batch_size=100, kd_temperature=4.0, kd_alpha=0.5,
     golden_epochs=20,
 )
 
 
 def validate(flat: dict) -> None:
-  for key, options in (('sfm.methods', METHODS), ('sfm.eval_modes', linear_probe.MODES)):
+  for key, options in (('sfm.methods', METHODS), ('sfm.probes', tuple(PROBES))):
     unknown = [m for m in flat[key] if m not in options]
     if unknown:
       raise ValueError(f'config.{key} has {unknown}; choose from {list(options)}.')
   common.check_choice(flat, 'sfm.param', image_param.MODES)
   common.check_choice(flat, 'sfm.init', image_param.INITS)
   common.check_choice(flat, 'sfm.nontarget_denominator', sfm.DENOMINATORS)
-  common.check_positive(flat, ints=('sfm.ssl_steps', 'sfm.steps', 'sfm.grow_every', 'sfm.copies',
-                                    'sfm.lgm_copies', 'sfm.probe_runs', 'sfm.probe_epochs',
+  common.check_positive(flat, ints=('sfm.ssl_steps', 'sfm.steps', 'sfm.grow_every',
+                                    'sfm.snapshot_every', 'sfm.copies', 'sfm.lgm_copies',
+                                    'sfm.probe_runs', 'sfm.probe_epochs',
                                     'sfm.probe_batch_size', 'sfm.golden_epochs'),
                         floats=('sfm.ssl_lr', 'sfm.ssl_temperature', 'sfm.lr',
                                 'sfm.kd_temperature'))
@@ -149,8 +162,11 @@ def make_loss(name: str, ipc: int, backbone, real, dataset, p) -> tuple:
   return loss_fn, args
 
 
-def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.ndarray, dict]:
-  """One distilled set [C·IPC, H, W, C] and its cost record."""
+def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.ndarray, dict,
+                                                                          dict]:
+  """One distilled set [C·IPC, H, W, C], its cost record and its snapshots {'steps' [K],
+  'seconds' [K] since the first step, 'images' [K, C·IPC, H, W, C]} every `p.snapshot_every`
+  steps and at the end."""
   classes, shape = dataset.num_classes, dataset.shape
   labels = np.repeat(np.arange(classes), ipc)
   loss_fn, args = make_loss(name, ipc, backbone, real, dataset, p)
@@ -162,25 +178,29 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.nda
   bar = tqdm.tqdm(total=p.steps, desc=f'{name} IPC {ipc}', unit='step', leave=False,
                   disable=jax.process_index() > 0)
   start = time.perf_counter()
-  marks = []
+  snapshots = {'steps': [], 'seconds': [], 'images': []}
 
   def progress(done, loss, images):
-    del loss, images
-    marks.append((done, time.perf_counter() - start))
+    del loss
+    snapshots['seconds'].append(time.perf_counter() - start)
+    snapshots['steps'].append(done)
+    snapshots['images'].append(images())
     bar.update(done - bar.n)
 
   images, history = image_param.distill(
       loss_fn, shape, classes * ipc, key, steps=p.steps, lr=p.lr, mode=p.param,
-      grow_every=p.grow_every, real=init, loss_args=args, on_progress=progress)
+      grow_every=p.grow_every, real=init, loss_args=args, on_progress=progress,
+      progress_every=p.snapshot_every)
   bar.close()
   total = time.perf_counter() - start
-  first_done, first_seconds = marks[0]
+  first_done, first_seconds = snapshots['steps'][0], snapshots['seconds'][0]
   steady = ((total - first_seconds) / (p.steps - first_done) if p.steps > first_done
             else total / p.steps)
-  cost.update(seconds_per_step=steady, distill_seconds=total,
+  cost.update(labels=labels, seconds_per_step=steady, compile_and_first_seconds=first_seconds,
+              distill_seconds=total,
               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               final_loss=float(history['loss'][-10:].mean()))
-  return images, {'labels': labels, **cost}
+  return images, cost, {k: np.asarray(v) for k, v in snapshots.items()}
 
 
 def backbones(dataset, config, *, train: bool = True) -> dict:
@@ -226,8 +246,7 @@ def run(config, workdir: str) -> dict:
       jax.random.key(config.seed), epochs=p.golden_epochs)
   control_accuracy = linear_probe.accuracy(
       control.logits(random_encoder.features(dataset.test['x'])), dataset.test['label'])
-  embed_d = lambda x: phi_d.apply(phi_d.params, x)  # noqa: E731
-  embed_e = lambda x: phi_e.apply(phi_e.params, x)  # noqa: E731
+  embed = {role: functools.partial(b.apply, b.params) for role, b in nets.items()}
   key = jax.random.key(config.dd.seed)
   cells = []
   for ipc in config.dd.ipcs:
@@ -239,8 +258,11 @@ def run(config, workdir: str) -> dict:
         continue
       set_key = jax.random.fold_in(jax.random.fold_in(key, ipc), METHODS.index(name))
       if name in DISTILLED:
-        images, cell = distil(name, ipc, phi_d, real, dataset, p, set_key)
+        images, cell, snapshots = distil(name, ipc, phi_d, real, dataset, p, set_key)
         labels = cell.pop('labels')
+        os.makedirs(os.path.join(workdir, 'snapshots'), exist_ok=True)
+        np.savez(os.path.join(workdir, 'snapshots', f'{name}_ipc{ipc}.npz'), labels=labels,
+                 **snapshots)
       else:
         index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
         images, labels, cell = dataset.train['x'][index], dataset.train['label'][index], {}
@@ -248,18 +270,17 @@ def run(config, workdir: str) -> dict:
       os.makedirs(os.path.dirname(stem), exist_ok=True)
       dd_eval_run.save_set(stem, {'x': np.asarray(images), 'label': np.asarray(labels)}, ipc,
                            dataset.num_classes)
-      modes = p.eval_modes if name in DISTILLED else ('normal',)
+      probes = p.probes if name in DISTILLED else ('normal',)
       cell.update(method=name, ipc=ipc, probes={})
-      for mode in modes:
+      for probe in probes:
+        mode, role = PROBES[probe]
         t0 = time.perf_counter()
         result = linear_probe.evaluate_probe(
-            embed_d if mode == 'normal' else embed_e, images, labels,
-            test_features['distill' if mode == 'normal' else 'evaluate'],
-            dataset.test['label'], dataset.num_classes, jax.random.fold_in(set_key, 7),
-            probe_protocol(p, mode), augment=augment, teacher_embed=embed_d,
-            golden=real['golden'])
-        cell['probes'][mode] = dict(result, seconds=time.perf_counter() - t0)
-      if 'ci' in modes:
+            embed[role], images, labels, test_features[role], dataset.test['label'],
+            dataset.num_classes, jax.random.fold_in(set_key, 7), probe_protocol(p, mode),
+            augment=augment, teacher_embed=embed['distill'], golden=real['golden'])
+        cell['probes'][probe] = dict(result, seconds=time.perf_counter() - t0)
+      if 'ci' in probes:
         cell['ci_storage_floats'] = int(real['golden'].weight.size + real['golden'].bias.size
                                         + phi_e.feature_dim * phi_d.feature_dim)
       with open(path, 'w') as f:
@@ -285,7 +306,7 @@ def _markdown(result: dict, config) -> str:
                            else '')
     row['total min'] = f'{c["distill_seconds"] / 60:.1f}' if 'distill_seconds' in c else ''
     rows.append(row)
-  columns = ['method', 'IPC'] + [f'{m} %' for m in linear_probe.MODES] + [
+  columns = ['method', 'IPC'] + [f'{m} %' for m in PROBES] + [
       's/step', 'XLA temp MiB', 'total min']
   for row in rows:
     for col in columns:
@@ -294,8 +315,10 @@ def _markdown(result: dict, config) -> str:
   return '\n'.join([
       f'# SFM on {config.data.source}', '',
       f'Linear-probe accuracy (mean ± std over {config.sfm.probe_runs} runs, '
-      f'{config.sfm.probe_epochs} epochs); `normal`: a fresh head on φ_d, `ci`: the golden head '
-      'W* of φ_d through a projector trained on φ_e, `kd`: a fresh head on φ_e distilled from W*.',
+      f'{config.sfm.probe_epochs} epochs). On φ_d: `normal` a fresh head, `ci_same` the golden '
+      'head W* of φ_d through a projector φ_d → φ_d. On φ_e (another seed and width): '
+      '`normal_cross` a fresh head, `ci` W* through a projector φ_e → φ_d, `kd` a fresh head '
+      'distilled from W*.',
       '', report.markdown_table(rows, columns), '',
       f'All real images (the golden head W* on φ_d): {100 * result["golden_accuracy"]:.2f} %; '
       f'the same encoder at random init: {100 * result["random_encoder_accuracy"]:.2f} %. '
