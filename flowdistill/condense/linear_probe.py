@@ -141,8 +141,11 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
       k_aug, k_order = jax.random.split(k)
       seen = augment(images, k_aug)
       feats = embed(seen)
-      targets = (jnp.zeros((n, 0)) if mode == 'normal' else
-                 teacher_embed(seen) if mode == 'ci' else golden.logits(teacher_embed(seen)))
+      if mode == 'normal':
+        targets = jnp.zeros((n, 0))
+      else:  # φ_e = φ_d (`ci_same`) needs one forward pass
+        teacher = feats if teacher_embed is embed else teacher_embed(seen)
+        targets = teacher if mode == 'ci' else golden.logits(teacher)
       order = jax.random.permutation(k_order, n)[:per_epoch * batch].reshape(per_epoch, batch)
 
       def step(carry, idx):
