@@ -197,7 +197,10 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   check_choice(flat, 'eval.nll_divergence', ('exact', 'hutchinson'))
   check_positive(flat, ints=('data.batch_size', 'train.steps', 'train.steps_per_call',
                              'train.log_every', 'train.ckpt_every', 'train.keep',
-                             'eval.num_samples'), floats=('optim.lr',))
+                             'eval.num_samples', 'eval.nll_samples'), floats=('optim.lr',))
+  for key in ('eval.euler_steps', 'eval.map_steps'):
+    if key in flat and any(n < 1 for n in flat[key]):
+      raise ValueError(f'config.{key}={tuple(flat[key])}: every step count must be >= 1.')
   if not 0.0 <= flat['fm.label_dropout'] < 1.0:
     raise ValueError(f'config.fm.label_dropout={flat["fm.label_dropout"]} must be in [0, 1).')
   if flat['fm.label_dropout'] > 0 and not flat['data.conditional']:

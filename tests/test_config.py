@@ -43,6 +43,9 @@ def test_shipped_configs_validate(path, tmp_path):
     (lambda c: c.train.__setattr__('eval_ema', 0.5), r'eval_ema=0.5 is not among'),
     (lambda c: c.fm.__setattr__('ot_block_size', 48), r'ot_block_size=48 must divide'),
     (lambda c: c.optim.__setattr__('lr', -1.0), r'config.optim.lr=-1.0 must be > 0'),
+    (lambda c: c.eval.__setattr__('euler_steps', (1, 0, 4)),
+     r'config.eval.euler_steps=\(1, 0, 4\): every step count must be >= 1'),
+    (lambda c: c.eval.__setattr__('nll_samples', 0), r'config.eval.nll_samples=0 must be >= 1'),
     (lambda c: c.fm.__setattr__('ot_on_host', True), r'ot_on_host=True .*fm.coupling="exact"'),
 ])
 def test_bad_values_are_named(mutate, message):

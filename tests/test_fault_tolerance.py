@@ -1,4 +1,4 @@
-"""Preemption (SIGTERM), restore onto another device count, and SIGKILL fault injection."""
+"""Stop signals (SIGTERM, SIGHUP, SIGINT), restore onto another device count, SIGKILL faults."""
 
 import importlib.util
 import pathlib
@@ -41,26 +41,47 @@ def _bit_equal(a, b):
       lambda x, y: np.asarray(x).tobytes() == np.asarray(y).tobytes(), a, b)))
 
 
-def test_sigterm_saves_the_step_exits_cleanly_and_the_next_start_resumes(tmp_path):
+@pytest.mark.parametrize('signum,code', [(signal.SIGTERM, 0), (signal.SIGHUP, 0),
+                                          (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_the_step_exits_cleanly_and_the_next_start_resumes(tmp_path, signum,
+                                                                              code):
   clean = sources.batch_source(sources.load(_config().data), 64, seed=0, conditional=False)
 
-  def sigterm_at_step_8(start):
+  def signal_at_step_8(start):
     for step, batch in enumerate(clean(start), start=start + 1):
       if step == 8:
-        signal.raise_signal(signal.SIGTERM)  # as a scheduler would, while step 8 runs
+        signal.raise_signal(signum)  # as a scheduler, Ctrl-C or a closed terminal would
       yield batch
 
-  handler = signal.getsignal(signal.SIGTERM)
+  handlers = {s: signal.getsignal(s) for s in parallel.STOP_SIGNALS}
   with pytest.raises(loop.Preempted) as stopped:
-    _train(tmp_path / 'split', batches=sigterm_at_step_8)
-  assert stopped.value.step == 8 and stopped.value.code == 0
-  assert signal.getsignal(signal.SIGTERM) is handler  # the loop's handler is gone again
+    _train(tmp_path / 'split', batches=signal_at_step_8)
+  assert stopped.value.step == 8 and stopped.value.code == code
+  assert {s: signal.getsignal(s) for s in parallel.STOP_SIGNALS} == handlers  # restored
   ckpt = Checkpointer(str(tmp_path / 'split' / 'checkpoints'))
   assert ckpt.all_steps() == [6, 8]
   ckpt.close()
   resumed = _train(tmp_path / 'split')
   full = _train(tmp_path / 'full')
   assert int(resumed.step) == 12 and _bit_equal(resumed, full)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_its_last_checkpoint(tmp_path):
+  clean = sources.batch_source(sources.load(_config().data), 64, seed=0, conditional=False)
+
+  def two_ctrl_c_at_step_8(start):
+    for step, batch in enumerate(clean(start), start=start + 1):
+      if step == 8:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+      yield batch
+
+  with pytest.raises(KeyboardInterrupt):
+    _train(tmp_path / 'split', batches=two_ctrl_c_at_step_8)
+  ckpt = Checkpointer(str(tmp_path / 'split' / 'checkpoints'))
+  assert ckpt.all_steps() == [6]
+  ckpt.close()
+  assert _bit_equal(_train(tmp_path / 'split'), _train(tmp_path / 'full'))
 
 
 @pytest.mark.parametrize('devices', [1, 4])

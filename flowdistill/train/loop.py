@@ -1,6 +1,7 @@
 """The training loop: sharded jitted steps, logging, checkpoints, resume, NaN guard."""
 
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,14 +25,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted(SystemExit):
-  """The run got SIGTERM and saved a checkpoint at `step`; rerunning the command resumes.
+  """The run got a stop signal and saved a checkpoint at `step`; rerunning the command resumes.
 
-  A `SystemExit` with status 0, so an uncaught one ends the program cleanly.
+  A `SystemExit`, so an uncaught one ends the program cleanly: status 130 after SIGINT (as a
+  shell reports Ctrl-C), 0 after SIGTERM or SIGHUP (a scheduler's stop, a closed terminal).
   """
 
-  def __init__(self, step: int, directory: str):
-    super().__init__(0)
-    self.step, self.directory = step, directory
+  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM):
+    super().__init__(130 if signum == signal.SIGINT else 0)
+    self.step, self.directory, self.signum = step, directory, signum
 
 
 def _stack(batches):
@@ -57,8 +59,8 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   Raises:
     NonFiniteLossError: at the first non-finite loss or parameter norm, naming the step; the
       checkpoints already written are left untouched.
-    Preempted: after SIGTERM (on any process), once a checkpoint of the step that all
-      processes agreed on is written.
+    Preempted: after SIGTERM, SIGINT or SIGHUP (on any process), once a checkpoint of the step
+      that all processes agreed on is written.
 
   With several processes (`jax.distributed`), every process calls this with its own rows of
   each global batch. The returned state is on this process's first device (`host_local`), so
@@ -129,9 +131,10 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
           ckpt.save(step, state, dict(meta or {}, data_step=step))
         if preempted:
           ckpt.wait()
-          _log.warning('Preempted (SIGTERM): saved step %d in %s; rerun the same command to '
-                          'resume.', step, ckpt.directory)
-          raise Preempted(step, ckpt.directory)
+          name = signal.Signals(watch.signum).name
+          _log.warning('Preempted (%s): saved step %d in %s; rerun the same command to '
+                       'resume.', name, step, ckpt.directory)
+          raise Preempted(step, ckpt.directory, watch.signum)
       if pending is not None:
         settle(*pending)
     finally:

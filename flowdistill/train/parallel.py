@@ -81,36 +81,52 @@ def host_local(tree):
   return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class PreemptionWatch:
-  """Says when a run has been asked to stop (SIGTERM), at a step all processes agree on.
+  """Says when a run has been asked to stop (SIGTERM, SIGINT, SIGHUP), at a step all processes
+  agree on.
 
   With `jax.distributed` started, JAX's preemption service owns SIGTERM and
-  `multihost_utils.reached_preemption_sync_point` names the same step on every process.
-  Otherwise, inside the `with` block, a SIGTERM handler sets a flag (the previous handler comes
-  back on exit). Call `reached(i)` once per dispatch, with `i` counting dispatches from 0 on
-  every process.
+  `multihost_utils.reached_preemption_sync_point` names the same step on every process; SIGINT
+  and SIGHUP are turned into a SIGTERM to this process so they take the same path. Otherwise,
+  inside the `with` block, a handler records the signal. A second SIGINT raises
+  `KeyboardInterrupt` at once (the checkpoint writes are atomic, so nothing saved is harmed).
+  The previous handlers come back on exit. Call `reached(i)` once per dispatch, with `i`
+  counting dispatches from 0 on every process.
   """
 
   def __init__(self):
-    self._signalled = False
-    self._previous = None
+    self.signum = None  # the first stop signal received
+    self._previous = {}
 
   def __enter__(self):
-    if not jax.distributed.is_initialized() and (
-        threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    if threading.current_thread() is threading.main_thread():
+      distributed = jax.distributed.is_initialized()
+      for signum in STOP_SIGNALS:
+        if not (distributed and signum == signal.SIGTERM):
+          self._previous[signum] = signal.signal(signum, self._on_signal)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self._signalled = True
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is None:
+      self.signum = signum
+    if jax.distributed.is_initialized():
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, dispatch: int) -> bool:
     if jax.distributed.is_initialized():
-      return multihost_utils.reached_preemption_sync_point(dispatch)
-    return self._signalled
+      reached = multihost_utils.reached_preemption_sync_point(dispatch)
+      if reached and self.signum is None:
+        self.signum = signal.SIGTERM
+      return reached
+    return self.signum is not None

@@ -1,0 +1,147 @@
+"""One run per workdir: an exclusive lease file `WORKDIR/.lease`, held for the run's lifetime.
+
+The lease is created with `O_CREAT | O_EXCL` (atomic on local disks and NFS), holds
+`{host, pid, started}` and is touched every `heartbeat_s` by a daemon thread. A lease left by a
+killed run is stale — on the same host its pid is gone, on another host (a shared filesystem)
+its heartbeat is older than `stale_after_s` — and is taken over; a live one is refused with its
+holder and the fix. With several processes only process 0 takes the lease; the others learn the
+outcome from it (`agree`).
+"""
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+LEASE_FILE = '.lease'
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live run holds the workdir's lease."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # a live process of another user
+    return True
+  return True
+
+
+class WorkdirLease:
+  """`with WorkdirLease(workdir):` holds the lease or raises `WorkdirInUseError`.
+
+  Args:
+    workdir: the run's directory (created if missing).
+    heartbeat_s: how often the holder touches the lease file.
+    stale_after_s: a lease from another host untouched this long belongs to a dead run.
+  """
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
+    self.path = os.path.join(workdir, LEASE_FILE)
+    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+                   'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _create(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, 'w') as f:
+      json.dump(self.holder, f)
+    return True
+
+  def _read(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+      return dict(holder, age_s=time.time() - os.path.getmtime(self.path))
+    except (FileNotFoundError, json.JSONDecodeError):  # released, or being written right now
+      return None
+
+  def _stale(self, holder: dict) -> bool:
+    if holder['host'] == self.holder['host']:
+      return not _pid_alive(int(holder['pid']))
+    return holder['age_s'] > self.stale_after_s
+
+  def acquire(self) -> None:
+    os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+    for _ in range(3):  # a stale lease is replaced; a race with another taker is retried
+      if self._create():
+        break
+      holder = self._read()
+      if holder is None:
+        time.sleep(0.2)
+        continue
+      if not self._stale(holder):
+        raise WorkdirInUseError(
+            f'{os.path.dirname(self.path)} is in use by another run: pid {holder["pid"]} on '
+            f'{holder["host"]}, started {holder["started"]} (lease {self.path}, touched '
+            f'{holder["age_s"]:.0f} s ago). Use another --workdir, or wait for that run to end.')
+      try:  # rename first, so that of two takers only one removes the stale file
+        os.rename(self.path, f'{self.path}.stale.{os.getpid()}')
+        os.remove(f'{self.path}.stale.{os.getpid()}')
+      except FileNotFoundError:
+        pass
+    else:
+      raise WorkdirInUseError(f'Could not take the lease {self.path}: it changed hands three '
+                              'times; another run is starting on this workdir.')
+    self._thread = threading.Thread(target=self._beat, daemon=True, name='workdir-lease')
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        os.utime(self.path)
+      except FileNotFoundError:
+        return
+
+  def release(self) -> None:
+    self._stop.set()
+    holder = self._read()
+    if holder is not None and holder['pid'] == self.holder['pid'] and (
+        holder['host'] == self.holder['host']):
+      os.remove(self.path)
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+@contextlib.contextmanager
+def hold(workdir: str, **kwargs):
+  """Holds `workdir`'s lease for the block: taken by process 0, its outcome shared with every
+  process, so that all of them refuse a workdir in use (`WorkdirInUseError`)."""
+  lease, error = None, None
+  if jax.process_index() == 0:
+    lease = WorkdirLease(workdir, **kwargs)
+    try:
+      lease.acquire()
+    except WorkdirInUseError as e:
+      lease, error = None, e
+  if jax.process_count() > 1:
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if refused and error is None:
+      error = WorkdirInUseError('Process 0 could not take the workdir lease of '
+                                f'{workdir}; its log names the run holding it.')
+  if error is not None:
+    raise error
+  try:
+    yield lease
+  finally:
+    if lease is not None:
+      lease.release()
