@@ -198,6 +198,9 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   check_positive(flat, ints=('data.batch_size', 'train.steps', 'train.steps_per_call',
                              'train.log_every', 'train.ckpt_every', 'train.keep',
                              'eval.num_samples', 'eval.nll_samples'), floats=('optim.lr',))
+  if flat['eval.guidance'] < 0:
+    raise ValueError(f'config.eval.guidance={flat["eval.guidance"]} must be >= 0 (0: '
+                     'unconditional, 1: conditional, > 1: guided).')
   for key in ('eval.euler_steps', 'eval.map_steps'):
     if key in flat and any(n < 1 for n in flat[key]):
       raise ValueError(f'config.{key}={tuple(flat[key])}: every step count must be >= 1.')

@@ -204,6 +204,12 @@ CASES = [
     ('unknown-optimizer', _set('optim', name='sgdd'), None, ValueError,
      r"config.optim.name='sgdd' is not one of"),
     ('zero-steps', _set('train', steps=0), None, ValueError, r'config.train.steps=0 must be >= 1'),
+    ('zero-euler-steps', _set('eval', euler_steps=(1, 0)), None, ValueError,
+     r'config.eval.euler_steps=\(1, 0\): every step count must be >= 1'),
+    ('zero-nll-samples', _set('eval', nll_samples=0), None, ValueError,
+     r'config.eval.nll_samples=0 must be >= 1'),
+    ('negative-guidance', _set('eval', guidance=-1.0), None, ValueError,
+     r'config.eval.guidance=-1.0 must be >= 0'),
     ('negative-lr', _set('optim', lr=-1.0), None, ValueError, r'config.optim.lr=-1.0 must be > 0'),
     ('batch-not-divisible', _set('data', batch_size=100), None, ValueError,
      r'batch_size=100 is not divisible by the 8 devices'),
@@ -241,6 +247,15 @@ CASES = [
     ('labels-length', lambda c, ctx: _images(c, _npz(
         ctx['tmp'] / 'y.npz', y_train=np.zeros(10, np.int64))), None, ValueError,
      r'y_train must be integers of shape \[64\]'),
+    ('empty-split', lambda c, ctx: _images(c, _npz(
+        ctx['tmp'] / 'e.npz', x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64))),
+     None, ValueError, r'e.npz: the test split holds no images'),
+    ('negative-labels', lambda c, ctx: _images(c, _npz(
+        ctx['tmp'] / 'n.npz', y_train=np.arange(64) % 3 - 1)), None, ValueError,
+     r'train labels span -1..1, but the classes are 0..1 .*class indices starting at 0'),
+    ('test-label-beyond-classes', lambda c, ctx: _images(c, _npz(
+        ctx['tmp'] / 'c.npz', y_test=np.full(64, 7))), None, ValueError,
+     r'test labels span 7..7, but the classes are 0..0 \(from the train labels\)'),
     ('not-an-npz', lambda c, ctx: (ctx['tmp'].joinpath('bad.npz').write_bytes(b'junk'),
                                    _images(c, str(ctx['tmp'] / 'bad.npz'))), None, ValueError,
      r'not a readable .npz file'),

@@ -90,15 +90,31 @@ def load(data_config) -> Dataset:
       raise ValueError("config.data.source='latent' needs config.data.path: the latent cache "
                        '(.npz) written by flowdistill.condense.latents.load_or_encode.')
     splits = latents.load(path)
-    num_classes = int(splits['train']['label'].max()) + 1
+    num_classes = _check_labels(splits, path)
     return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes,
                    train=splits['train'], test=splits['test'])
   splits = {}
   for split in ('train', 'test'):
     x, y = images.load(data_config.source, split, path)
     splits[split] = {'x': images.to_float(x), 'label': y.astype(np.int32)}
-  num_classes = int(splits['train']['label'].max()) + 1
+  num_classes = _check_labels(splits, path or data_config.source)
   return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes, **splits)
+
+
+def _check_labels(splits: dict, where: str) -> int:
+  """The class count (max train label + 1) after checking that both splits hold images and
+  every label lies in [0, class count)."""
+  for split in ('train', 'test'):
+    if len(splits[split]['label']) == 0:
+      raise ValueError(f'{where}: the {split} split holds no images.')
+  num_classes = int(splits['train']['label'].max()) + 1
+  for split in ('train', 'test'):
+    labels = splits[split]['label']
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f'{where}: {split} labels span {labels.min()}..{labels.max()}, but the '
+                       f'classes are 0..{num_classes - 1} (from the train labels); labels must '
+                       'be class indices starting at 0.')
+  return num_classes
 
 
 @functools.partial(jax.jit, static_argnames=('name', 'num'))
