@@ -142,6 +142,18 @@ def test_ci_projector_reaches_the_least_squares_solution_and_the_identity():
     np.testing.assert_allclose(projector, lstsq, atol=1e-4)
 
 
+def test_golden_head_reads_raw_features_whatever_their_scale():
+  x, y = _features(n=C * 50)
+  scales = jnp.logspace(-3, 3, D)  # an ill-conditioned problem for plain Adam
+  raw = x * scales + 5.0
+  head = linear_probe.train_golden_head(np.asarray(raw), np.asarray(y), C, jax.random.key(0),
+                                        epochs=30, batch_size=50)
+  assert linear_probe.accuracy(head.logits(raw), y) > 0.95
+  shifted = linear_probe.train_golden_head(np.asarray(x), np.asarray(y), C, jax.random.key(0),
+                                           epochs=30, batch_size=50)
+  np.testing.assert_allclose(head.logits(raw), shifted.logits(x), rtol=1e-3, atol=1e-3)
+
+
 def test_normal_probe_learns_separable_features_and_is_deterministic():
   x, y = _features(n=C * 20)
   x = x / jnp.abs(x).max()  # images lie in [-1, 1]

@@ -65,9 +65,15 @@ def cross_entropy(logits, labels):
 
 
 def train_golden_head(features: np.ndarray, labels: np.ndarray, num_classes: int, key, *,
-                      epochs: int = 20, batch_size: int = 256, lr: float = 1e-3) -> Head:
-  """W* of classifier inheritance: a linear head on all train features [N, D] (Adam, cosine)."""
+                      epochs: int = 20, batch_size: int = 256, lr: float = 1e-2) -> Head:
+  """W* of classifier inheritance: a linear head on all train features [N, D] (Adam, cosine).
+
+  It is fitted on standardised features and the standardisation is folded into W* and b*, so
+  the head reads raw features; unstandardised, the ill-conditioned problem is far from its
+  optimum after 20 epochs (93 % against 98 % on MNIST SimCLR features)."""
   features, labels = jnp.asarray(features), jnp.asarray(labels, jnp.int32)
+  mean, scale = features.mean(0), features.std(0) + 1e-6
+  features = (features - mean) / scale
   n, dim = features.shape
   per_epoch = n // batch_size
   opt = optax.adam(optax.cosine_decay_schedule(lr, epochs * per_epoch))
@@ -86,7 +92,8 @@ def train_golden_head(features: np.ndarray, labels: np.ndarray, num_classes: int
 
   (head, _), _ = jax.jit(lambda c, ks: jax.lax.scan(epoch, c, ks))(
       (head, opt.init(head)), jax.random.split(key, epochs))
-  return head
+  weight = head.weight / scale[:, None]
+  return Head(weight, head.bias - mean @ weight)
 
 
 def accuracy(logits: jax.Array, labels) -> float:
