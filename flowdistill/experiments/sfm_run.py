@@ -238,9 +238,9 @@ def run(config, workdir: str) -> dict:
   real = statistics(phi_d, dataset, config, features)
   test_features = {'distill': phi_d.features(dataset.test['x']),
                    'evaluate': phi_e.features(dataset.test['x'])}
-  random_encoder = ssl.FrozenBackbone(
+  random_encoder = ssl.standardised(
       ConvEncoder(dataset.shape[-1], widths=d_config.widths, rngs=nnx.Rngs(config.seed)),
-      'random-init', {})
+      dataset.train['x'], 'random-init', {})
   control = linear_probe.train_golden_head(
       random_encoder.features(dataset.train['x']), dataset.train['label'], dataset.num_classes,
       jax.random.key(config.seed), epochs=p.golden_epochs)
