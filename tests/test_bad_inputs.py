@@ -32,6 +32,7 @@ from flowdistill.train.checkpoint import (
   UnreadableCheckpointsError,
 )
 from flowdistill.train.step import make_train_step
+from flowdistill.train.teacher import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -293,7 +294,7 @@ CASES = [
     ('teacher-velocity-for-pfmm', _with(_teacher('pfmm'), _fresh_workdir), None, ValueError,
      r'pfmm" needs a flow-map teacher'),
     ('teacher-unreadable', _with(_teacher_corrupt, _fresh_workdir), None,
-     UnreadableCheckpointsError, r'None of the checkpoints'),
+     UnreadableCheckpointsError, r'None of the teacher checkpoints .* reads back; retrain'),
     # start-up
     ('distributed-env-incomplete', lambda c, ctx: None, _distributed_env, ValueError,
      r"JAX_COORDINATOR_ADDRESS is set but \['JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'\] are not"),
@@ -327,6 +328,23 @@ def test_bad_input_gets_a_clear_error_and_keeps_checkpoints(good_run, tmp_path, 
     ckpt = Checkpointer(str(ctx['workdir'] / 'checkpoints'))
     assert ckpt.all_steps() == [3, 6]
     ckpt.close()
+
+
+def test_a_teacher_with_unreadable_newest_metadata_falls_back_and_stays_as_it_was(
+    good_run, tmp_path, caplog):
+  teacher, older = tmp_path / 'teacher', tmp_path / 'older'
+  shutil.copytree(good_run, teacher)
+  shutil.copytree(good_run, older)
+  _corrupt(teacher / 'checkpoints', 'meta', steps=[6])
+  shutil.rmtree(older / 'checkpoints' / '6')
+  before = _fingerprint(teacher)
+  with caplog.at_level('WARNING'):
+    trained = load_trained(str(teacher))
+  assert _fingerprint(teacher) == before
+  assert 'Teacher checkpoint at step 6' in caplog.text and 'skipping it' in caplog.text
+  expected = load_trained(str(older))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained.params),
+                                                   jax.tree.leaves(expected.params), strict=True))
 
 
 # The dataset-distillation protocol: bad sets, IPCs and settings.
