@@ -31,6 +31,15 @@ def test_a_live_holder_is_refused_by_name_and_the_lease_goes_with_it(tmp_path):
     pass
 
 
+def test_an_unwritable_workdir_is_refused_with_the_fix(tmp_path):
+  (tmp_path / 'file').write_text('not a folder')
+  with pytest.raises(PermissionError, match=r"lease '.*file/run/\.lease'.*choose a writable "
+                                            '--workdir'):
+    with lease.hold(str(tmp_path / 'file' / 'run')):
+      pass
+  assert (tmp_path / 'file').read_text() == 'not a folder'
+
+
 def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)

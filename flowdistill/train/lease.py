@@ -55,9 +55,13 @@ class WorkdirLease:
 
   def _create(self) -> bool:
     try:
+      os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
+    except OSError as e:
+      raise PermissionError(f'Cannot create the workdir lease {self.path!r} ({e.strerror}); '
+                            'choose a writable --workdir.') from e
     with os.fdopen(fd, 'w') as f:
       json.dump(self.holder, f)
     return True
@@ -76,7 +80,6 @@ class WorkdirLease:
     return holder['age_s'] > self.stale_after_s
 
   def acquire(self) -> None:
-    os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
     for _ in range(3):  # a stale lease is replaced; a race with another taker is retried
       if self._create():
         break
@@ -131,13 +134,13 @@ def hold(workdir: str, **kwargs):
     lease = WorkdirLease(workdir, **kwargs)
     try:
       lease.acquire()
-    except WorkdirInUseError as e:
+    except (WorkdirInUseError, PermissionError) as e:
       lease, error = None, e
   if jax.process_count() > 1:
     refused = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if refused and error is None:
       error = WorkdirInUseError('Process 0 could not take the workdir lease of '
-                                f'{workdir}; its log names the run holding it.')
+                                f'{workdir}; its log says why.')
   if error is not None:
     raise error
   try:
