@@ -2,8 +2,12 @@
 it ends with bit-for-bit the parameters of an uninterrupted run.
 
 Also: a truncated newest checkpoint makes the next start fall back to the previous one with a
-warning (and still end bit-exact), and an unwritable workdir fails at start with a clear
-message (through the command line). Recovery time = from restarting a killed run to its first
+warning (and still end bit-exact); SIGTERM, SIGINT and SIGHUP at a random step save, exit with
+0 / 130 / 0 and resume bit-exact; a second run on a workdir in use is refused at once while
+the first ends bit-exact; a full disk (a tmpfs mounted for the purpose, where the machine
+allows it) ends the run with one message and the run, moved to a larger disk, resumes
+bit-exact; an unwritable workdir fails at start with a clear message (through the command
+line). Recovery time = from restarting a killed run to its first
 new step logged. The runs train the quickstart's model on moons in a child process
 (`--worker`) through the library's training loop, without the evaluation that follows.
 
@@ -17,8 +21,10 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -28,7 +34,8 @@ import orbax.checkpoint as ocp
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
 from flowdistill.experiments import fm_run
-from flowdistill.train import loop, parallel
+from flowdistill.train import lease, loop, parallel
+from flowdistill.train.checkpoint import SAVE_MARGIN_BYTES
 from flowdistill.train.step import make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -43,14 +50,16 @@ def config(steps: int, ckpt_every: int):
 
 
 def worker(workdir: str, steps: int, ckpt_every: int) -> None:
-  """The training part of `flowdistill.experiments.fm_run.run` (child process)."""
+  """The training part of `flowdistill.experiments.fm_run.run` under the workdir lease, as
+  `flowdistill.main` runs it (child process)."""
   c = config(steps, ckpt_every)
-  dataset = sources.load(c.data)
-  _, loss_fn, optimizer, state = fm_run.build(c, dataset)
-  loop.train(state, make_train_step(loss_fn, optimizer),
-             sources.batch_source(dataset, c.data.batch_size, seed=c.seed, conditional=False),
-             mesh=parallel.make_mesh(), workdir=workdir, num_steps=steps, log_every=1,
-             ckpt_every=ckpt_every, keep=c.train.keep, progress=False)
+  with lease.hold(workdir):
+    dataset = sources.load(c.data)
+    _, loss_fn, optimizer, state = fm_run.build(c, dataset)
+    loop.train(state, make_train_step(loss_fn, optimizer),
+               sources.batch_source(dataset, c.data.batch_size, seed=c.seed, conditional=False),
+               mesh=parallel.make_mesh(), workdir=workdir, num_steps=steps, log_every=1,
+               ckpt_every=ckpt_every, keep=c.train.keep, progress=False)
 
 
 def cli(workdir: pathlib.Path, steps: int, ckpt_every: int) -> list[str]:
@@ -80,12 +89,12 @@ def run_to_end(command: list[str]) -> subprocess.CompletedProcess:
   return result
 
 
-def run_and_kill(command, workdir, kill_at: int) -> dict:
-  """Starts `command`, SIGKILLs it once step `kill_at` is logged; returns what happened."""
+def run_and_kill(command, workdir, kill_at: int, signum: int = signal.SIGKILL) -> dict:
+  """Starts `command`, sends `signum` once step `kill_at` is logged; returns what happened."""
   before = logged_steps(workdir)
   start = time.perf_counter()
   proc = subprocess.Popen(command, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          stderr=subprocess.PIPE, text=True)
   first_new_step_s = None
   deadline = start + COMMAND_TIMEOUT_S
   while proc.poll() is None and time.perf_counter() < deadline:
@@ -93,13 +102,88 @@ def run_and_kill(command, workdir, kill_at: int) -> dict:
     if first_new_step_s is None and len(steps) > len(before):
       first_new_step_s = time.perf_counter() - start
     if steps and steps[-1] >= kill_at:
-      proc.kill()
+      proc.send_signal(signum)
       break
     time.sleep(0.005)
-  proc.wait(timeout=60)
+  _, stderr = proc.communicate(timeout=60)
   steps = logged_steps(workdir)
   return {'kill_at': kill_at, 'killed_after_step': steps[-1] if steps else 0,
-          'killed': proc.returncode == -9, 'first_new_step_s': first_new_step_s}
+          'killed': proc.returncode == -9, 'exit_status': proc.returncode,
+          'first_new_step_s': first_new_step_s, 'stderr': stderr}
+
+
+def signal_stops(reference, base: pathlib.Path, steps: int, ckpt_every: int,
+                 rng: random.Random) -> dict:
+  """Each stop signal at a random step: the saved step, the exit status, and whether the
+  resumed run ends bit-exact."""
+  out = {}
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    workdir = base / signal.Signals(signum).name.lower()
+    stop = run_and_kill(cli(workdir, steps, ckpt_every), workdir,
+                        rng.randint(2, steps - 2), signum)
+    saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    run_to_end(cli(workdir, steps, ckpt_every))
+    out[signal.Signals(signum).name] = {
+        'signalled_after_step': stop['killed_after_step'], 'exit_status': stop['exit_status'],
+        'saved_step': saved[-1] if saved else None,
+        'message': 'rerun the same command to resume' in stop['stderr'],
+        'bit_exact': bit_equal(reference, final_state(workdir, steps))}
+  return out
+
+
+def second_run(reference, base: pathlib.Path, steps: int, ckpt_every: int) -> dict:
+  """A second run started on a workdir in use: its status, time to refusal and message; the
+  first run's end state. The first run is paused (SIGSTOP) from its first logged step until
+  the second has ended, so that it is still running however fast it trains."""
+  workdir = base / 'shared'
+  first = subprocess.Popen(cli(workdir, steps, ckpt_every), env=env(), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while not logged_steps(workdir) and first.poll() is None:
+    time.sleep(0.005)
+  first.send_signal(signal.SIGSTOP)
+  start = time.perf_counter()
+  second = subprocess.run(cli(workdir, steps, ckpt_every), env=env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                          check=False)
+  refused_s = time.perf_counter() - start
+  first.send_signal(signal.SIGCONT)
+  first.wait(timeout=COMMAND_TIMEOUT_S)
+  return {'exit_status': second.returncode, 'refused_s': refused_s,
+          'message': next((line for line in second.stderr.splitlines()
+                           if 'in use by another run' in line), ''),
+          'first_exit_status': first.returncode,
+          'first_bit_exact': bit_equal(reference, final_state(workdir, steps))}
+
+
+def full_disk(reference, base: pathlib.Path, steps: int, ckpt_every: int) -> dict:
+  """The run on a tmpfs with room for one and a half checkpoints beyond the save margin: how it
+  ends, and whether it resumes bit-exact once moved to a larger disk. Skipped where tmpfs
+  cannot be mounted."""
+  mount = pathlib.Path(tempfile.mkdtemp(prefix='fd-full-'))
+  state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(reference))
+  size = (SAVE_MARGIN_BYTES + state_bytes * 3 // 2) // 1024
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}k', 'tmpfs', str(mount)],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    mount.rmdir()
+    return {'skipped': f'cannot mount a tmpfs here ({mounted.stderr.strip()[:80]})'}
+  try:
+    workdir = mount / 'run'
+    start = time.perf_counter()
+    ran = subprocess.run(cli(workdir, steps, ckpt_every), env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                         check=False)
+    lines = ran.stderr.strip().splitlines()
+    moved = base / 'moved'
+    shutil.copytree(workdir, moved)
+  finally:
+    subprocess.run(['umount', str(mount)], check=False)
+    mount.rmdir()
+  run_to_end(cli(moved, steps, ckpt_every))
+  return {'exit_status': ran.returncode, 'seconds': time.perf_counter() - start,
+          'stderr_lines': len(lines), 'message': lines[-1] if lines else '',
+          'bit_exact_after_move': bit_equal(reference, final_state(moved, steps))}
+
 
 
 def final_state(workdir: pathlib.Path, step: int):
@@ -185,11 +269,19 @@ def main(argv=None) -> dict:
                 'message': next((line for line in bad.stderr.splitlines()
                                  if 'writable --workdir' in line), '')}
 
+  final = final_state(reference, args.steps)
+  signals = signal_stops(final, base, args.steps, args.ckpt_every, rng)
+  shared = second_run(final, base, args.steps, args.ckpt_every)
+  disk = full_disk(final, base, args.steps, args.ckpt_every)
+
+  for k in kills:
+    del k['stderr']
   recovered = [k['first_new_step_s'] for k in kills[1:] if k['first_new_step_s'] is not None]
   result = {
       'kills': kills, 'killed_mid_run': sum(k['killed'] for k in kills),
       'bit_exact': exact, 'fallback_step': truncated, 'fallback_warned': fallback_warned,
       'bit_exact_after_fallback': exact_after_fallback, 'unwritable': unwritable,
+      'signals': signals, 'second_run': shared, 'full_disk': disk,
       'uninterrupted_s': uninterrupted_s, 'last_resumed_run_s': last_run_s,
       'recovery_s_median': sorted(recovered)[len(recovered) // 2] if recovered else None,
       'recovery_s_max': max(recovered) if recovered else None,

@@ -26,6 +26,7 @@ from flowdistill.data.sources import (
   TOY_SOURCES,
 )
 from flowdistill.experiments.common import check_choice, check_positive
+from flowdistill.train import identity
 from flowdistill.train import state as train_state
 
 MODELS = ('mlp', 'unet')
@@ -68,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(name='adam', lr=1e-3, schedule='warmup', warmup_steps=100, b1=0.9, b2=0.999,
                  weight_decay=0.0, grad_clip=1.0)
   c.train = dict(steps=2000, steps_per_call=1, num_devices=0, log_every=100, ckpt_every=1000,
-                 keep=3, ema_rates=(0.999,), eval_ema=0.999)
+                 keep=3, ema_rates=(0.999,), eval_ema=0.999,
+                 allow_config_change='')  # 'optim.lr,train.steps': resume despite these
   c.eval = dict(
       num_samples=2000,
       euler_steps=(1, 2, 4, 8, 16, 100),
@@ -229,6 +231,12 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if flat['data.batch_size'] % num_processes:
     raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
                      f'the {num_processes} processes.')
+  not_identity = identity.allowed_changes(flat['train.allow_config_change']) - set(
+      identity.identity(flat))
+  if not_identity:
+    raise ValueError(f'config.train.allow_config_change names {sorted(not_identity)}, which '
+                     'do not define this run (a resume never checks them); list keys such as '
+                     'train.steps or optim.lr.')
   _validate_dd(flat)
   method.validate(flat)
   if flat['fm.ot_on_host'] and (flat['fm.coupling'] != 'exact' or flat['method'] != 'fm'):

@@ -31,6 +31,7 @@ from flowdistill.train.checkpoint import (
   CheckpointMismatchError,
   UnreadableCheckpointsError,
 )
+from flowdistill.train.identity import ConfigChangedError
 from flowdistill.train.step import make_train_step
 from flowdistill.train.teacher import load_trained
 
@@ -118,7 +119,7 @@ def _teacher(loss, workdir_key='good', **data):
 
 def _poisoned_run(c, workdir):
   """The library's loop fed a NaN batch at step 8 (resuming from the good run's step 6)."""
-  c.train.steps = 12
+  c.train.update(steps=12, allow_config_change='train.steps')
   clean = sources.batch_source(sources.load(c.data), 64, seed=0, conditional=False)
 
   def batches(start):
@@ -138,7 +139,7 @@ def _distributed_env(c, workdir):
 
 
 def _steps_per_call_change(c, ctx):
-  c.train.update(steps=12, steps_per_call=4)
+  c.train.update(steps=12, steps_per_call=4, allow_config_change='train.steps')
 
 
 def _wrong_type(c, ctx):
@@ -266,6 +267,17 @@ CASES = [
     ('nan-batch', lambda c, ctx: None, _poisoned_run, loop.NonFiniteLossError,
      r'Non-finite loss or parameters at step 8.*last good checkpoint: step 6.*check the data'),
     # checkpoints and shapes
+    ('resume-with-another-lr', _set('optim', lr=2e-3), None, ConfigChangedError,
+     (r'checkpoint at step 6 in .*run/checkpoints was made with another config \(optim.lr: '
+      r'0.001 -> 0.002\).*--config.train.allow_config_change=optim.lr')),
+    ('resume-with-a-shorter-budget', _set('train', steps=3), None, ConfigChangedError,
+     r'train.steps: 6 -> 3.*allow_config_change=train.steps'),
+    ('resume-on-other-data', _set('data', name='checkerboard'), None, ConfigChangedError,
+     r"data.name: 'moons' -> 'checkerboard'"),
+    ('resume-with-another-batch', _set('data', batch_size=32), None,
+     ConfigChangedError, r'data.batch_size: 64 -> 32.*allow_config_change=data.batch_size'),
+    ('allow-change-of-an-evaluation-key', _set('train', allow_config_change='eval.num_samples'),
+     None, ValueError, r"allow_config_change names \['eval.num_samples'\], which do not define"),
     ('checkpoint-of-wider-model', _set('model', hidden=48), None, CheckpointMismatchError,
      (r'does not match this configuration.*params.*checkpoint \[.*32\] vs config \[.*48\].*'
       r'fresh --workdir')),
@@ -291,6 +303,10 @@ CASES = [
     ('teacher-of-other-data', _with(_teacher('lmd', data='digits'), _fresh_workdir), None,
      ValueError, (r'trained on samples of shape \(2,\) with 0 classes; this config has '
                   r'\(8, 8, 1\)')),
+    ('teacher-of-other-data-same-shape', _with(_teacher('lmd'), _set('data', name='checkerboard'),
+                                               _fresh_workdir), None, ValueError,
+     (r"trained on \{'source': 'toy', 'name': 'moons'\}; this config distils \{'source': "
+      r"'toy', 'name': 'checkerboard'\}")),
     ('teacher-velocity-for-pfmm', _with(_teacher('pfmm'), _fresh_workdir), None, ValueError,
      r'pfmm" needs a flow-map teacher'),
     ('teacher-unreadable', _with(_teacher_corrupt, _fresh_workdir), None,

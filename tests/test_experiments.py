@@ -106,7 +106,7 @@ def test_image_pipeline_on_builtin_digits(tmp_path, monkeypatch):
   result = fm_run.run(config, str(tmp_path / 'digits'))
   assert [r['sampler'] for r in result['rows']] == ['euler-2', 'dopri5']
   assert all(r['fd'] >= 0 and 0 <= r['label_accuracy'] <= 1 for r in result['rows'])
-  assert result['bpd'] > 0 and result['classifier_test_accuracy'] > 0.2
+  assert result['bpd'] > 0 and result['classifier_test_accuracy'] > 0.2 and result['step'] == 4
   assert (tmp_path / 'digits' / 'samples_euler-2.png').exists()
   assert len(os.listdir(tmp_path / 'cache' / 'feature_nets')) == 1  # trained once, cached
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import re
 import shutil
 import signal
 
@@ -118,3 +119,15 @@ def test_sigkill_at_random_steps_resumes_bit_exact(tmp_path):
   assert result['bit_exact_after_fallback']
   assert result['unwritable']['exit_status'] != 0
   assert 'choose a writable --workdir' in result['unwritable']['message']
+  for name, stop in result['signals'].items():
+    assert stop['exit_status'] == (130 if name == 'SIGINT' else 0), name
+    assert stop['saved_step'] == stop['signalled_after_step'] and stop['message'], name
+    assert stop['bit_exact'], name
+  shared = result['second_run']
+  assert shared['exit_status'] != 0 and 'in use by another run' in shared['message']
+  assert shared['first_exit_status'] == 0 and shared['first_bit_exact']
+  disk = result['full_disk']
+  if 'skipped' not in disk:
+    assert disk['exit_status'] != 0 and disk['bit_exact_after_move']
+    assert re.search(r'CheckpointWriteError: Cannot write the checkpoint of step \d+ .*the disk '
+                     r'is full.*last good checkpoint \(step \d+\)', disk['message'])

@@ -1,6 +1,7 @@
 """Training system: exact resume, sharding invariance, checkpoint safety, NaN guard."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,9 @@ import pytest
 from flowdistill.config import base_config
 from flowdistill.data import sources
 from flowdistill.experiments import common, fm_run
-from flowdistill.train import loop, parallel
+from flowdistill.train import checkpoint, loop, parallel
 from flowdistill.train.checkpoint import Checkpointer, CheckpointMismatchError
+from flowdistill.train.identity import ConfigChangedError
 from flowdistill.train.step import make_train_step
 
 
@@ -156,3 +158,63 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
   blocked.write_text('a file where a folder should be')
   with pytest.raises(PermissionError, match='writable --workdir'):
     Checkpointer(str(blocked / 'checkpoints'))
+
+
+def test_a_changed_config_resumes_only_where_allowed_and_keeps_the_checkpoints(tmp_path):
+  config = _config()
+  dataset = sources.load(config.data)
+  _, params, loss_fn = fm_run.make_loss(config, dataset)
+
+  def fit(c):
+    return common.fit(c, params, loss_fn, fm_run.batches(c, dataset), str(tmp_path),
+                      meta=common.checkpoint_meta(c, dataset, two_time=False))
+
+  fit(config)
+  saved = {p: p.read_bytes() for p in (tmp_path / 'checkpoints').rglob('*') if p.is_file()}
+  longer = config.copy_and_resolve_references()
+  longer.train.update(steps=18, log_every=3)  # logging is not part of the run's identity
+  longer.optim.lr = 2e-3
+  with pytest.raises(ConfigChangedError,
+                     match=r'step 12 .*\(optim.lr: 0.001 -> 0.002; train.steps: 12 -> 18\).*'
+                           r'allow_config_change=optim.lr,train.steps'):
+    fit(longer)
+  assert {p: p.read_bytes() for p in saved} == saved
+  longer.train.allow_config_change = 'train.steps, config.optim.lr'
+  assert int(fit(longer).step) == 18
+
+
+def test_a_full_disk_stops_before_writing_and_names_the_last_good_checkpoint(tmp_path,
+                                                                            monkeypatch):
+  config = _config()
+  _train(config, tmp_path, num_steps=6)
+  saved = {p: p.read_bytes() for p in (tmp_path / 'checkpoints').rglob('*') if p.is_file()}
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage',
+                      lambda path: usage._replace(free=2**20 + 100))
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=r'checkpoint of step 12 .*the disk is full \(1.0 MiB free, the '
+                           r'checkpoint needs about 1.\d MiB\).*larger disk.*\(step 6\)'):
+    _train(config, tmp_path)
+  assert {p: p.read_bytes() for p in saved} == saved
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['6']
+
+
+@pytest.mark.parametrize('os_error,cause', [
+    ('Failed to write 1096444 bytes to file 17: No space left on device', 'the disk is full'),
+    ('Disk quota exceeded', 'the disk quota is used up'),
+    ('Permission denied', 'the workdir is not writable any more'),
+    ('Transport endpoint is not connected', 'the filesystem is unreachable')])
+def test_a_failed_write_is_one_error_with_its_cause(tmp_path, os_error, cause):
+  ckpt = Checkpointer(str(tmp_path / 'checkpoints'))
+
+  def failing_save(step, args, force):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing in OCDBT database at local file '
+                     f'"{tmp_path}/checkpoints/{step}.orbax-checkpoint-tmp/state": {os_error}'
+                     if 'space' in os_error else f'Error writing {tmp_path}/checkpoints/'
+                     f'{step}.orbax-checkpoint-tmp: [Errno 5] {os_error}')
+
+  ckpt.manager.save = failing_save
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=rf'checkpoint of step 7 .*: {cause}.*Fix: .*\(none yet\)'):
+    ckpt.save(7, {'w': jnp.zeros(3)}, {})
+  ckpt.close()

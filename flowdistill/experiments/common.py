@@ -134,8 +134,15 @@ def guidance_kwargs(config, dataset) -> dict:
   return {'guidance': config.eval.guidance, 'null_label': dataset.num_classes}
 
 
+def data_identity(data_config) -> dict:
+  """What names a data set: its source, and for generated sets also their name."""
+  named = data_config.source in sources.TOY_SOURCES + sources.TABULAR_SOURCES
+  return {'source': data_config.source, **({'name': data_config.name} if named else {})}
+
+
 def matching_teacher(config, dataset) -> Trained:
-  """The model in `config.teacher.workdir`, checked against this run's data."""
+  """The model in `config.teacher.workdir`, checked against this run's data set, shape and
+  classes."""
   teacher = load_trained(config.teacher.workdir,
                          ema=None if config.teacher.ema < 0 else config.teacher.ema)
   classes = num_classes(config, dataset)
@@ -144,6 +151,11 @@ def matching_teacher(config, dataset) -> Trained:
         f'The teacher in {config.teacher.workdir} was trained on samples of shape '
         f'{teacher.data_shape} with {teacher.num_classes} classes; this config has '
         f'{tuple(dataset.shape)} with {classes}. Use the teacher of this data set.')
+  theirs, mine = data_identity(teacher.config.data), data_identity(config.data)
+  if theirs != mine:
+    raise ValueError(f'The teacher in {config.teacher.workdir} was trained on {theirs}; this '
+                     f'config distils {mine}. Use a teacher of this data set, or set '
+                     'config.data to the teacher\'s.')
   return teacher
 
 
@@ -165,9 +177,12 @@ def warm_start(params, teacher_params):
           flat_teacher[path]) == jnp.shape(p) else p, params)
 
 
-def evaluate(config, dataset, samplers, workdir: str, **report_kwargs) -> dict:
+def evaluate(config, dataset, samplers, workdir: str, *, step: int | None = None,
+             **report_kwargs) -> dict:
   """Runs the report (`eval.report.report`) with this run's evaluation settings, writes
   `results.json` / `results.md` and prints the table. Process 0 only.
+
+  `step`: the training step of the evaluated parameters, recorded as `results.json['step']`.
 
   `report_kwargs`: `log_likelihood`, `velocity_model`, `sections`, `row_extra`,
   `moments_reference` (see `report.report`).
@@ -178,6 +193,8 @@ def evaluate(config, dataset, samplers, workdir: str, **report_kwargs) -> dict:
   result, table = report.report(
       samplers, dataset, config.eval, jax.random.key(config.seed + 1),
       conditional=config.data.conditional, seed=config.seed, workdir=workdir, **report_kwargs)
+  if step is not None:
+    result['step'] = step
   report.save_results(workdir, result, table)
   print(f'Results ({os.path.join(workdir, "results.md")}):\n{table}')
   return result

@@ -130,7 +130,7 @@ def run(config, workdir: str) -> dict:
   elif teacher is not None:
     samplers += map_samplers(teacher.apply_fn, teacher.params, config.eval.map_steps,
                              'teacher ')
-  return common.evaluate(config, dataset, samplers, workdir,
+  return common.evaluate(config, dataset, samplers, workdir, step=int(state.step),
                          velocity_model=(flow_map.tangent_velocity(apply_fn), params),
                          sections=[jump_nll(apply_fn, params, dataset, config)])
 

@@ -58,7 +58,8 @@ def run(config, workdir: str) -> dict:
   params = common.eval_params(config, state)
   samplers = report.velocity_samplers(apply_fn, params, config.eval,
                                       **common.guidance_kwargs(config, dataset))
-  return common.evaluate(config, dataset, samplers, workdir, velocity_model=(apply_fn, params))
+  return common.evaluate(config, dataset, samplers, workdir, step=int(state.step),
+                         velocity_model=(apply_fn, params))
 
 
 METHOD = common.Method('fm', run)

@@ -192,7 +192,7 @@ def run(config, workdir: str) -> dict:
   samplers += report.velocity_samplers(teacher_apply, teacher.params, config.eval,
                                        prefix='teacher ')
   return common.evaluate(
-      config, dataset, samplers, workdir, velocity_model=(apply_fn, params),
+      config, dataset, samplers, workdir, step=int(state.step), velocity_model=(apply_fn, params),
       sections=[alignment_report(config, apply_fn, params, teacher, teacher_apply, dataset,
                                  times)],
       row_extra=few_step_nll(apply_fn, params, dataset, config, times) if dataset.toy else {},

@@ -1,7 +1,10 @@
 """Orbax checkpoints of the train state with a JSON sidecar, and safe resume."""
 
+import contextlib
 import logging
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -17,6 +20,24 @@ class CheckpointMismatchError(ValueError):
 
 class UnreadableCheckpointsError(OSError):
   """The workdir holds checkpoints, and every one of them fails to read."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, quota, permissions, filesystem gone)."""
+
+
+# What the OS said, as it appears in Orbax/TensorStore messages, and the fix.
+WRITE_FAILURES = (
+    (r'No space left on device|RESOURCE_EXHAUSTED', 'the disk is full',
+     'free space there or move the workdir to a larger disk'),
+    (r'Disk quota exceeded', 'the disk quota is used up', 'free quota or move the workdir'),
+    (r'Permission denied|PERMISSION_DENIED|Read-only file system', 'the workdir is not '
+     'writable any more', 'restore write access (chmod, remount) or move the workdir'),
+    (r'Transport endpoint is not connected|Stale file handle|Input/output error|'
+     r'No such file or directory|NOT_FOUND', 'the filesystem is unreachable or the workdir '
+     'was removed', 'remount the shared filesystem'),
+)
+SAVE_MARGIN_BYTES = 2**20  # metadata, JSON sidecars
 
 
 def param_shapes(tree) -> dict[str, list[int]]:
@@ -64,10 +85,45 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
-    """Saves `state` with `meta` (JSON) plus the state's array shapes at `step`."""
+    """Saves `state` with `meta` (JSON) plus the state's array shapes at `step`.
+
+    Raises:
+      CheckpointWriteError: before writing when the disk cannot hold the checkpoint (and one
+        still being written), or when the write fails; naming the cause, the fix and the last
+        good checkpoint.
+    """
+    need = sum(x.nbytes for x in jax.tree.leaves(state)) * (
+        2 if self.manager.is_saving_in_progress() else 1) + SAVE_MARGIN_BYTES
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise CheckpointWriteError(self._failure(
+          step, f'the disk is full ({free / 2**20:.1f} MiB free, the checkpoint needs about '
+          f'{need / 2**20:.1f} MiB)', 'free space there or move the workdir to a larger disk'))
     meta = dict(meta, step=int(step), shapes=param_shapes(state))
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    with self._explained(step):
+      self.manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def _failure(self, step: int, cause: str, fix: str) -> str:
+    good = [s for s in self.all_steps() if s != step]
+    last = f'step {good[-1]}' if good else 'none yet'
+    return (f'Cannot write the checkpoint of step {step} in {self.directory}: {cause}. Fix: '
+            f'{fix}, then rerun the same command; it resumes from the last good checkpoint '
+            f'({last}).')
+
+  @contextlib.contextmanager
+  def _explained(self, step: int | None):
+    """Turns a failed (possibly earlier, asynchronous) write into one `CheckpointWriteError`."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 — Orbax raises several types; the text says why.
+      text = str(e)
+      for pattern, cause, fix in WRITE_FAILURES:
+        if re.search(pattern, text):
+          failed = re.search(r'checkpoints/(\d+)', text)
+          raise CheckpointWriteError(self._failure(
+              int(failed.group(1)) if failed else step, cause, fix)) from e
+      raise
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(
@@ -146,8 +202,14 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._explained(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.wait()
+    except CheckpointWriteError:
+      with contextlib.suppress(Exception):  # the same failure again; the first says it
+        self.manager.close()
+      raise
     self.manager.close()

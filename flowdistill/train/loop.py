@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from flowdistill.train import parallel
+from flowdistill.train import identity, parallel
 from flowdistill.train.checkpoint import Checkpointer
 from flowdistill.train.state import TrainState
 from flowdistill.train.writer import MetricWriter
@@ -53,10 +53,12 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
       batch k must depend only on k so a resumed run sees the data of an uninterrupted one.
     mesh: the ('data',) device mesh.
     steps_per_call: updates per dispatch (the step function scans over stacked batches).
-    meta: JSON-able facts stored beside each checkpoint (e.g. the config).
+    meta: JSON-able facts stored beside each checkpoint; with the run's `config` (JSON) in
+      it, a resume under another config is refused (`identity.check_resume`).
     extras: frozen inputs of the loss (e.g. {'teacher_params': ...}), replicated, not saved.
 
   Raises:
+    identity.ConfigChangedError: the newest checkpoint was made under another config.
     NonFiniteLossError: at the first non-finite loss or parameter norm, naming the step; the
       checkpoints already written are left untouched.
     Preempted: after SIGTERM, SIGINT or SIGHUP (on any process), once a checkpoint of the step
@@ -72,6 +74,11 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   state = parallel.replicate(jax.tree.map(jnp.copy, state), mesh)
   restored = ckpt.restore_latest(state)
   if restored is not None:
+    try:
+      identity.check_resume(restored[1], meta or {}, ckpt.directory, int(restored[0].step))
+    except identity.ConfigChangedError:
+      ckpt.close()
+      raise
     state = restored[0]
     _log.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
   start = int(state.step)
