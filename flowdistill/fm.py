@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flowdistill import checks
 from flowdistill.couplings import couple
 from flowdistill.paths import AffinePath
 from flowdistill.timesampling import sample_times
@@ -37,12 +38,14 @@ def make_loss(apply_fn, path: AffinePath, *, time_distribution: str = 'uniform',
   The batch is a dict with `'x'` (data [B, ...]), optionally `'label'` (int [B]) and `'x0'`
   (a source batch [B, ...] replacing Gaussian noise, for data-to-data transport).
   """
+  checks.check_model(apply_fn)
   time_kwargs = dict(time_kwargs or {})
   coupling_kwargs = dict(coupling_kwargs or {})
   if label_dropout > 0.0 and null_label is None:
     raise ValueError('`label_dropout` > 0 needs the model `null_label`.')
 
   def loss_fn(params, batch, key):
+    checks.check_batch(batch)
     x1 = batch['x']
     labels = batch.get('label') if null_label is not None else None
     k_noise, k_couple, k_time, k_z, k_drop = jax.random.split(key, 5)
@@ -54,7 +57,7 @@ def make_loss(apply_fn, path: AffinePath, *, time_distribution: str = 'uniform',
     cond = None
     if labels is not None and null_label is not None:
       cond = drop_labels(k_drop, labels, label_dropout, null_label)
-    v = apply_fn(params, xt, t, cond=cond, train=True)
+    v = checks.apply_model(apply_fn, params, xt, t, cond=cond, train=True)
     loss = jnp.mean((v - target)**2)
     return loss, {'loss': loss}
 

@@ -12,6 +12,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from flowdistill import checks
 from flowdistill.paths import check_times
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # v(x [B, ...], t []) -> [B, ...]
@@ -35,17 +36,20 @@ def velocity_fn(apply_fn, params, *, cond=None, guidance: float | None = None,
       (w = 1 is the conditional model). None disables guidance.
     null_label: the label index meaning "no class" (the model's `num_classes`).
   """
+  checks.check_model(apply_fn)
   if guidance is not None and (cond is None or null_label is None):
     raise ValueError('Classifier-free guidance needs `cond` labels and the model `null_label`.')
 
   def v(x, t):
+    checks.check_data(x)
     if cond is not None and cond.shape[0] != x.shape[0]:
       raise ValueError(f'`cond` has batch {cond.shape[0]} but x has {x.shape[0]}.')
     tb = jnp.full((x.shape[0],), t, x.dtype)
     if guidance is None:
-      return apply_fn(params, x, tb, cond=cond)
-    both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([tb, tb]),
-                    cond=jnp.concatenate([cond, jnp.full_like(cond, null_label)]))
+      return checks.apply_model(apply_fn, params, x, tb, cond=cond)
+    both = checks.apply_model(apply_fn, params, jnp.concatenate([x, x]),
+                              jnp.concatenate([tb, tb]),
+                              cond=jnp.concatenate([cond, jnp.full_like(cond, null_label)]))
     v_c, v_u = jnp.split(both, 2)
     return v_u + guidance * (v_c - v_u)
 
@@ -109,6 +113,7 @@ def solve(v: VelocityFn, x, *, solver: str = 'euler', steps: int | None = None, 
     (x at t1 [B, ...], info) with info['nfe'] (and info['trajectory'] [K + 1, B, ...]).
   """
   _check_solver(solver)
+  checks.check_data(x)
   if solver in ADAPTIVE_SOLVERS:
     if return_trajectory:
       raise ValueError('`return_trajectory` needs a fixed-step solver.')
@@ -157,14 +162,17 @@ def noise(key, num: int, shape: tuple[int, ...], dtype=jnp.float32):
 
 
 def sample(apply_fn, params, key, num: int, shape: tuple[int, ...], *, cond=None,
-           guidance: float | None = None, null_label: int | None = None, **solve_kwargs):
+           guidance: float | None = None, null_label: int | None = None,
+           check_finite: bool = False, **solve_kwargs):
   """Draws `num` samples of `shape` from noise at t = 0 to data at t = 1.
 
-  `solve_kwargs` go to `solve` (solver, steps, grid, tolerances, return_trajectory).
+  `solve_kwargs` go to `solve` (solver, steps, grid, tolerances, return_trajectory);
+  `check_finite` raises FloatingPointError on NaN or infinite samples (e.g. NaN parameters).
   Returns (samples [num, *shape], info with 'nfe').
   """
   v = velocity_fn(apply_fn, params, cond=cond, guidance=guidance, null_label=null_label)
-  return solve(v, noise(key, num, shape), **solve_kwargs)
+  x, info = solve(v, noise(key, num, shape), **solve_kwargs)
+  return (checks.check_finite(x, 'samples') if check_finite else x), info
 
 
 def standard_normal_logpdf(x):
@@ -262,7 +270,7 @@ def integrate_with_divergence(v: VelocityFn, x, key=None, *, t0: float = 1.0, t1
 def log_likelihood(apply_fn, params, x, key=None, *, cond=None, divergence: str = 'exact',
                    num_probes: int = 1, probe: str = 'rademacher', solver: str = 'dopri5',
                    steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
-                   max_steps: int = 4096, t_data: float = 1.0):
+                   max_steps: int = 4096, t_data: float = 1.0, check_finite: bool = False):
   """`log p(x)` of the model's time-`t_data` marginal by the instantaneous change of variables.
 
   Integrates `(x, delta)` from `t_data` back to 0 with `d delta / dt = div v`, then
@@ -274,17 +282,22 @@ def log_likelihood(apply_fn, params, x, key=None, *, cond=None, divergence: str 
     num_probes, probe: Hutchinson probes per sample, 'rademacher' or 'gaussian'.
     solver: any of SOLVERS; fixed-step ones use `steps`.
     t_data: end time of the model path (below 1 to avoid a singular end).
+    check_finite: raise FloatingPointError where log p is NaN or infinite.
 
   Returns:
     (log p [B], info with 'nfe' and 'prior_logp' [B], 'x0' [B, ...]).
   """
   check_times(t_data, 't_data')
+  checks.check_data(x)
   v = velocity_fn(apply_fn, params, cond=cond)
   x0, delta, info = integrate_with_divergence(
       v, x, key, t0=t_data, t1=0.0, divergence=divergence, num_probes=num_probes, probe=probe,
       solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
   prior = standard_normal_logpdf(x0)
-  return prior + delta, {'nfe': info['nfe'], 'prior_logp': prior, 'x0': x0}
+  logp = prior + delta
+  if check_finite:
+    logp = checks.check_finite(logp[:, None], 'log-likelihoods')[:, 0]
+  return logp, {'nfe': info['nfe'], 'prior_logp': prior, 'x0': x0}
 
 
 def bits_per_dim(logp, num_dims: int, data_range: float = 2.0, levels: int = 256):

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowdistill import experiments
+from flowdistill import experiments, fm, ode, paths
 from flowdistill.condense import evaluate as dd_evaluate
 from flowdistill.condense import latents, linear_probe, pgfm, sfm, vae
 from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources
 from flowdistill.experiments import common, fm_run, pgfm_run, sfm_run
 from flowdistill.models.convnet import ConvNet
+from flowdistill.models.factory import build_model
 from flowdistill.train import loop, parallel
 from flowdistill.train.checkpoint import (
   Checkpointer,
@@ -570,5 +571,66 @@ def test_sfm_bad_input_gets_one_clear_error(tmp_path, case, error, message):
 @pytest.mark.parametrize('case,error,message', [c[1:] for c in DD_CASES],
                          ids=[c[0] for c in DD_CASES])
 def test_dataset_distillation_bad_input_gets_one_clear_error(tmp_path, case, error, message):
+  with pytest.raises(error, match=message):
+    case(tmp_path)
+
+
+def _api_model():
+  model = base_config().model
+  model.update(hidden=16, depth=1, time_dim=8)
+  return build_model(model, (2,))
+
+
+def _api_loss(batch):
+  apply_fn, params = _api_model()
+  loss_fn = fm.make_loss(apply_fn, paths.get_path('linear'))
+  return loss_fn(params, batch, jax.random.key(0))
+
+
+def _nan_params_sample(t):
+  apply_fn, params = _api_model()
+  params = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  return ode.sample(apply_fn, params, jax.random.key(0), 4, (2,), steps=2, check_finite=True)
+
+
+def _nan_params_likelihood(t):
+  apply_fn, params = _api_model()
+  params = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  return ode.log_likelihood(apply_fn, params, jnp.zeros((3, 2)), solver='euler', steps=2,
+                            check_finite=True)
+
+
+API_CASES = [
+    # the Python API used from another codebase: one error naming the argument
+    ('apply-fn-not-callable', lambda t: fm.make_loss(_api_model()[1], paths.get_path('linear')),
+     TypeError, r'`apply_fn` must be callable as apply_fn\(params, x, t, \*, cond=None\); got '
+                r'a dict'),
+    ('batch-without-x', lambda t: _api_loss({'data': jnp.zeros((4, 2))}), TypeError,
+     r"`batch` must be a dict with 'x' .*got \['data'\]"),
+    ('batch-not-a-dict', lambda t: _api_loss(jnp.zeros((4, 2))), TypeError,
+     r"`batch` must be a dict with 'x' .*got ArrayImpl"),
+    ('integer-data', lambda t: _api_loss({'x': jnp.zeros((4, 2), jnp.int32)}), TypeError,
+     r"`batch\['x'\]` must be floating-point data; got dtype int32"),
+    ('data-without-batch-axis', lambda t: ode.log_likelihood(*_api_model(), jnp.zeros(2)),
+     ValueError, r'`x` must be \[B, ...\] .*got shape \(2,\). For B one-dimensional points'),
+    ('data-of-another-dimension', lambda t: _api_loss({'x': jnp.zeros((4, 3))}), ValueError,
+     r'`apply_fn` failed on x of shape \(4, 3\) \(TypeError: .*the shape, and the labels'),
+    ('sampler-start-of-another-dimension',
+     lambda t: ode.solve(ode.velocity_fn(*_api_model()), jnp.zeros((4, 5)), steps=2),
+     ValueError, r'`apply_fn` failed on x of shape \(4, 5\)'),
+    ('model-output-of-another-shape',
+     lambda t: ode.solve(ode.velocity_fn(lambda p, x, t, cond=None: x[:, :1], None),
+                         jnp.zeros((4, 2)), steps=1),
+     ValueError, r'`apply_fn` returned \(4, 1\) for x of \(4, 2\)'),
+    ('nan-parameters-sampled', _nan_params_sample, FloatingPointError,
+     r'4 of 4 samples are NaN or infinite; check the model parameters'),
+    ('nan-parameters-likelihood', _nan_params_likelihood, FloatingPointError,
+     r'3 of 3 log-likelihoods are NaN or infinite'),
+]
+
+
+@pytest.mark.parametrize('case,error,message', [c[1:] for c in API_CASES],
+                         ids=[c[0] for c in API_CASES])
+def test_python_api_misuse_gets_one_error_naming_the_argument(tmp_path, case, error, message):
   with pytest.raises(error, match=message):
     case(tmp_path)
