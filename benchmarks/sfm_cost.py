@@ -42,6 +42,7 @@ def main():
   parser.add_argument('--config', default='mnist,cpu', help='the arg of configs/sfm.py')
   parser.add_argument('--methods', nargs='+', default=['sfm', 'lgm'])
   parser.add_argument('--probe-runs', type=int, default=2)
+  parser.add_argument('--ipcs', type=int, nargs='+', help='a subset of the run\'s IPCs')
   parser.add_argument('--out', default='benchmarks/out/sfm_cost.json')
   args = parser.parse_args()
 
@@ -50,8 +51,9 @@ def main():
   phi = sfm_run.backbones(dataset, config, train=False)['distill']
   test_features = phi.features(dataset.test['x'])
   protocol = dataclasses.replace(sfm_run.probe_protocol(config.sfm), runs=args.probe_runs)
+  ipcs = args.ipcs or config.dd.ipcs
   rows = []
-  for ipc in config.dd.ipcs:
+  for ipc in ipcs:
     for name in args.methods:
       stem = f'{name}_ipc{ipc}'
       snapshot_path = os.path.join(args.workdir, 'snapshots', f'{stem}.npz')
@@ -75,7 +77,7 @@ def main():
       print(json.dumps({k: v for k, v in rows[-1].items() if k != 'curve'}), flush=True)
   by = {(r['method'], r['ipc']): r for r in rows}
   ratios = {}
-  for ipc in config.dd.ipcs:
+  for ipc in ipcs:
     if ('sfm', ipc) in by and ('lgm', ipc) in by:
       s, g = by['sfm', ipc], by['lgm', ipc]
       ratios[f'ipc{ipc}'] = {'temp': s['xla_temp_bytes'] / g['xla_temp_bytes'],
