@@ -162,11 +162,15 @@ def full_disk(reference, base: pathlib.Path, steps: int, ckpt_every: int) -> dic
   mount = pathlib.Path(tempfile.mkdtemp(prefix='fd-full-'))
   state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(reference))
   size = (SAVE_MARGIN_BYTES + state_bytes * 3 // 2) // 1024
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}k', 'tmpfs', str(mount)],
-                           capture_output=True, text=True, check=False)
-  if mounted.returncode:
+  try:
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}k', 'tmpfs',
+                              str(mount)], capture_output=True, text=True, check=False)
+    refused = mounted.stderr.strip()[:80] if mounted.returncode else ''
+  except OSError as e:  # no mount command
+    refused = str(e)
+  if refused:
     mount.rmdir()
-    return {'skipped': f'cannot mount a tmpfs here ({mounted.stderr.strip()[:80]})'}
+    return {'skipped': f'cannot mount a tmpfs here ({refused})'}
   try:
     workdir = mount / 'run'
     start = time.perf_counter()
