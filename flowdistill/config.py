@@ -152,20 +152,9 @@ def load_config_file(path: str | os.PathLike, arg: str = ''):
   return module.get_config(arg)
 
 
-def _flatten(cfg, prefix=''):
-  out = {}
-  for k, v in cfg.items():
-    name = f'{prefix}{k}'
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flatten(v, name + '.'))
-    else:
-      out[name] = v
-  return out
-
-
 def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Raises ValueError naming the first unknown key or inconsistent value."""
-  known, flat = _flatten(base_config()), _flatten(config)
+  known, flat = identity.flatten(base_config()), identity.flatten(config)
   for key in flat:
     if key not in known:
       near = difflib.get_close_matches(key, known, n=1)

@@ -472,13 +472,6 @@ PGFM_CASES = [
 ]
 
 
-@pytest.mark.parametrize('case,error,message', [c[1:] for c in PGFM_CASES],
-                         ids=[c[0] for c in PGFM_CASES])
-def test_pgfm_bad_input_gets_one_clear_error(tmp_path, case, error, message):
-  with pytest.raises(error, match=message):
-    case(tmp_path)
-
-
 def test_pgfm_finished_run_refuses_missing_or_foreign_parts(tmp_path, monkeypatch, good_run):
   """What the PGFM benchmarks read back (`load_finished`): each missing or foreign stage is
   named with the command that makes it, in the order the run makes them."""
@@ -561,18 +554,6 @@ SFM_CASES = [
 ]
 
 
-@pytest.mark.parametrize('case,error,message', [c[1:] for c in SFM_CASES],
-                         ids=[c[0] for c in SFM_CASES])
-def test_sfm_bad_input_gets_one_clear_error(tmp_path, case, error, message):
-  with pytest.raises(error, match=message):
-    case(tmp_path)
-
-
-@pytest.mark.parametrize('case,error,message', [c[1:] for c in DD_CASES],
-                         ids=[c[0] for c in DD_CASES])
-def test_dataset_distillation_bad_input_gets_one_clear_error(tmp_path, case, error, message):
-  with pytest.raises(error, match=message):
-    case(tmp_path)
 
 
 def _api_model():
@@ -629,8 +610,15 @@ API_CASES = [
 ]
 
 
-@pytest.mark.parametrize('case,error,message', [c[1:] for c in API_CASES],
-                         ids=[c[0] for c in API_CASES])
-def test_python_api_misuse_gets_one_error_naming_the_argument(tmp_path, case, error, message):
+CALL_CASES = [(f'{group}-{name}', *rest) for group, cases in (
+    ('pgfm', PGFM_CASES), ('sfm', SFM_CASES), ('dd', DD_CASES), ('api', API_CASES))
+              for name, *rest in cases]
+
+
+@pytest.mark.parametrize('case,error,message', [c[1:] for c in CALL_CASES],
+                         ids=[c[0] for c in CALL_CASES])
+def test_a_bad_call_gets_one_clear_error(tmp_path, case, error, message):
+  """PGFM and SFM settings and stages, synthetic sets, and the Python API used from another
+  codebase: one error naming the argument or key."""
   with pytest.raises(error, match=message):
     case(tmp_path)

@@ -26,7 +26,8 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, quota, permissions, filesystem gone)."""
 
 
-# What the OS said, as it appears in Orbax/TensorStore messages, and the fix.
+# What the OS said, as it appears in Orbax/TensorStore messages, the cause and the fix; the
+# first is also what `save` says when it refuses a checkpoint the disk cannot hold.
 WRITE_FAILURES = (
     (r'No space left on device|RESOURCE_EXHAUSTED', 'the disk is full',
      'free space there or move the workdir to a larger disk'),
@@ -96,9 +97,10 @@ class Checkpointer:
         2 if self.manager.is_saving_in_progress() else 1) + SAVE_MARGIN_BYTES
     free = shutil.disk_usage(self.directory).free
     if free < need:
+      _, full, fix = WRITE_FAILURES[0]
       raise CheckpointWriteError(self._failure(
-          step, f'the disk is full ({free / 2**20:.1f} MiB free, the checkpoint needs about '
-          f'{need / 2**20:.1f} MiB)', 'free space there or move the workdir to a larger disk'))
+          step, f'{full} ({free / 2**20:.1f} MiB free, the checkpoint needs about '
+          f'{need / 2**20:.1f} MiB)', fix))
     meta = dict(meta, step=int(step), shapes=param_shapes(state))
     with self._explained(step):
       self.manager.save(int(step), args=ocp.args.Composite(

@@ -9,6 +9,8 @@ difference by name unless `config.train.allow_config_change` lists it ('train.st
 
 import json
 
+import ml_collections
+
 IDENTITY_SECTIONS = ('data', 'model', 'path', 'fm', 'teacher', 'optim', 'train')
 HARMLESS_KEYS = frozenset({
     'data.path', 'data.path_env',  # where the same data lives
@@ -21,11 +23,12 @@ class ConfigChangedError(ValueError):
   """A resumed run's config differs from its checkpoint's in an identity key."""
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree, prefix: str = '') -> dict:
+  """{'section.key': value} of a config (a ConfigDict, or its JSON read back as dicts)."""
   flat = {}
   for k, v in tree.items():
-    if isinstance(v, dict):
-      flat.update(_flatten(v, f'{prefix}{k}.'))
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      flat.update(flatten(v, f'{prefix}{k}.'))
     else:
       flat[f'{prefix}{k}'] = v
   return flat
@@ -48,8 +51,8 @@ def check_resume(stored_meta: dict, meta: dict, directory: str, step: int) -> No
   when an identity key differs and is not allowed; checkpoints without a config pass."""
   if 'config' not in stored_meta or 'config' not in meta:
     return
-  flat = _flatten(json.loads(meta['config']))
-  old, new = identity(_flatten(json.loads(stored_meta['config']))), identity(flat)
+  flat = flatten(json.loads(meta['config']))
+  old, new = identity(flatten(json.loads(stored_meta['config']))), identity(flat)
   allowed = allowed_changes(flat.get('train.allow_config_change', ''))
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed)
   if changed:
