@@ -18,6 +18,7 @@ import ml_collections
 from flowdistill import experiments, ode, paths, timesampling
 from flowdistill.condense.augment import parse_strategy
 from flowdistill.couplings import METHODS as COUPLINGS
+from flowdistill.couplings import SOLVERS as OT_SOLVERS
 from flowdistill.data.sources import (
   IMAGE_SOURCES,
   LATENT_SOURCES,
@@ -63,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.path = dict(name='linear', noise_scale=1.0)
   c.fm = dict(time_distribution='uniform', coupling='independent', ot_block_size=0,
+              ot_solver='auction',  # 'exact' OT in the step: on the device | 'scipy' (host)
               sinkhorn_epsilon=0.05, label_dropout=0.0,
               ot_on_host=False)  # 'exact' OT in the data pipeline, overlapping the step
   c.teacher = dict(workdir='', ema=-1.0)  # a trained run to distil; ema -1: its eval_ema
@@ -182,6 +184,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   check_choice(flat, 'path.name', tuple(paths._PATHS))
   check_choice(flat, 'fm.time_distribution', timesampling.TIME_DISTRIBUTIONS)
   check_choice(flat, 'fm.coupling', COUPLINGS)
+  check_choice(flat, 'fm.ot_solver', OT_SOLVERS)
   check_choice(flat, 'optim.name', train_state.OPTIMIZERS)
   check_choice(flat, 'optim.schedule', train_state.SCHEDULES)
   check_choice(flat, 'eval.adaptive_solver', ode.ADAPTIVE_SOLVERS)

@@ -5,14 +5,15 @@ x1 stay attached to it. The methods:
 
 - 'independent': the pairs as given (x0 and x1 drawn independently).
 - 'exact': minibatch optimal transport, the permutation of x0 that minimises the summed squared
-  Euclidean distance `sum_j ||x0_perm(j) - x1_j||^2` on the flattened samples. It is solved
-  on the host by `scipy.optimize.linear_sum_assignment` through `jax.pure_callback`: one
-  device-to-host round-trip per call, for which a sharded batch is gathered. A pure-JAX
-  epsilon-scaling auction was measured ~60x slower on CPU (B = 1024, blocks of 64) and is
-  only approximate in float32. Near-ties (pairings whose float32 costs differ by ~1e-6
-  relative) are resolved arbitrarily. As the pairing does not depend on the model, a data
-  pipeline may instead run it ahead of the step on the host (`pair_on_host`) and hand over
-  coupled `x0`.
+  Euclidean distance `sum_j ||x0_perm(j) - x1_j||^2` on the flattened samples. `solver`:
+  'auction' (default) solves it on the device inside the step (`auction.auction_assignment`,
+  stopped at a certified relative gap `ot_tol`, 1e-4 by default, usually exactly optimal);
+  'scipy' on the host by `scipy.optimize.linear_sum_assignment` through `jax.pure_callback`
+  (one device-to-host round-trip per call, for which a sharded batch is gathered: on a pod
+  every chip waits for one host thread). Near-ties (pairings whose float32 costs differ by
+  ~1e-6 relative) are resolved arbitrarily. As the pairing does not depend on the model, a
+  data pipeline may instead run it ahead of the step on the host (`pair_on_host`) and hand
+  over coupled `x0`.
 - 'sinkhorn': entropic optimal transport with ott-jax, then for every x1 row an x0 row is drawn
   from that row's conditional of the plan, `i ~ P[:, j] / sum_i P[i, j]` (the multinomial
   pairing of torchcfm, but conditioned on x1 so that x1 and its labels keep their order). x0
@@ -36,6 +37,8 @@ block, 'exact' first minimises the number of cross-class pairs. To ignore classe
 `labels=None`: x1 is never reordered, so the caller's labels stay valid.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +46,10 @@ import scipy.optimize
 from ott.geometry import geometry
 from ott.solvers import linear
 
+from flowdistill.auction import auction_assignment
+
 METHODS = ('independent', 'exact', 'sinkhorn')
+SOLVERS = ('auction', 'scipy')
 
 
 def ot_cost(x0, x1):
@@ -105,7 +111,7 @@ def exact_assignment(cost):
 def pair_on_host(x0, x1, *, labels=None, block_size: int | None = None) -> np.ndarray:
   """The 'exact' coupling in NumPy, for a data pipeline that pairs ahead of the step.
 
-  Same problem as `couple(x0, x1, key, method='exact', labels=labels,
+  Same problem as `couple(x0, x1, key, method='exact', solver='scipy', labels=labels,
   block_size=block_size)` (costs in float64, so near-ties may resolve differently), without a
   device round-trip: run it on the host while the previous step computes.
 
@@ -126,7 +132,8 @@ def pair_on_host(x0, x1, *, labels=None, block_size: int | None = None) -> np.nd
   if labels is not None:
     lab = np.asarray(labels).reshape(num_blocks, block)
     spread = np.ptp(cost, axis=(1, 2), keepdims=True)
-    cost = cost + np.where(lab[:, :, None] != lab[:, None, :], (block + 1) * (spread + 1.0), 0)
+    unit = np.where(spread > 0, spread, 1.0)
+    cost = cost + np.where(lab[:, :, None] != lab[:, None, :], 2 * (block + 1) * unit, 0)
   perm = _host_assignment(cost)
   return x0[(perm + block * np.arange(num_blocks)[:, None]).reshape(batch)]
 
@@ -139,10 +146,12 @@ def _sinkhorn_pairing(key, cost, epsilon, num_iters):
   return jax.random.categorical(key, logits, axis=0)
 
 
-def _check(x0, x1, labels, labels0, method, block_size):
+def _check(x0, x1, labels, labels0, method, block_size, solver='auction'):
   """Validates the static arguments and shapes of `couple`; returns the block size."""
   if method not in METHODS:
     raise ValueError(f'Unknown coupling `method`={method!r}; valid options are {METHODS}.')
+  if solver not in SOLVERS:
+    raise ValueError(f'Unknown exact-OT `solver`={solver!r}; valid options are {SOLVERS}.')
   if x0.shape != x1.shape:
     raise ValueError(f'x0 and x1 must have the same shape [B, ...]; got x0 {x0.shape} and '
                      f'x1 {x1.shape}.')
@@ -162,11 +171,11 @@ def _check(x0, x1, labels, labels0, method, block_size):
 
 def couple(x0, x1, key, *, method: str = 'independent', labels=None, labels0=None,
            epsilon: float = 0.01, relative_epsilon: bool = True, num_iters: int = 500,
-           block_size: int | None = None):
+           block_size: int | None = None, solver: str = 'auction', ot_tol: float = 1e-4):
   """Re-pairs the noise rows x0 with the data rows x1 (see the module docstring).
 
-  Jittable: `method`, `relative_epsilon`, `num_iters` and `block_size` are static Python
-  values; `epsilon` and the label arrays may be traced.
+  Jittable: `method`, `relative_epsilon`, `num_iters`, `block_size`, `solver` and `ot_tol`
+  are static Python values; `epsilon` and the label arrays may be traced.
 
   Args:
     x0: source batch [B, ...] (noise).
@@ -181,15 +190,17 @@ def couple(x0, x1, key, *, method: str = 'independent', labels=None, labels0=Non
     num_iters: maximum number of Sinkhorn iterations (stops earlier at marginal error 1e-3).
     block_size: None (one OT problem over the batch) or a divisor of B: independent OT
       problems on contiguous blocks of that many rows.
+    solver: 'exact' on the device ('auction') or on the host ('scipy').
+    ot_tol: the auction's certified relative optimality gap (see `auction_assignment`).
 
   Returns:
     `(x0, x1, labels)`: x0 [B, ...] re-paired (rows of the input x0), x1 and labels unchanged.
 
   Raises:
-    ValueError: unknown `method`, x0/x1 shape mismatch, bad label shape, or a `block_size`
-      that does not divide B.
+    ValueError: unknown `method` or `solver`, x0/x1 shape mismatch, bad label shape, or a
+      `block_size` that does not divide B.
   """
-  block = _check(x0, x1, labels, labels0, method, block_size)
+  block = _check(x0, x1, labels, labels0, method, block_size, solver)
   if method == 'independent':
     return x0, x1, labels
   batch, num_blocks = x1.shape[0], x1.shape[0] // block
@@ -197,15 +208,18 @@ def couple(x0, x1, key, *, method: str = 'independent', labels=None, labels0=Non
   flat1 = jax.lax.stop_gradient(x1).reshape(num_blocks, block, -1)
   base = squared_distances(flat0, flat1)  # [blocks, i (x0), j (x1)]
   cost = base
+  spread = jnp.max(base, axis=(1, 2)) - jnp.min(base, axis=(1, 2))
+  unit = jnp.where(spread > 0, spread, 1.0)  # [blocks]
   if labels is not None:
     lab1 = labels.reshape(num_blocks, 1, block)
     lab0 = (labels if labels0 is None else labels0).reshape(num_blocks, block, 1)
-    spread = jnp.max(base, axis=(1, 2), keepdims=True) - jnp.min(base, axis=(1, 2),
-                                                                 keepdims=True)
     # Above the base-cost gap of any two pairings of a block (at most block * spread).
-    cost = base + jnp.where(lab0 != lab1, (block + 1) * (spread + 1.0), 0.0)
-  if method == 'exact':
+    cost = base + jnp.where(lab0 != lab1, 2 * (block + 1) * unit[:, None, None], 0.0)
+  if method == 'exact' and solver == 'scipy':
     perm = exact_assignment(jnp.swapaxes(cost, 1, 2))
+  elif method == 'exact':
+    solve = functools.partial(auction_assignment, tol=ot_tol)
+    perm = jax.vmap(lambda c, s: solve(c, scale=s))(jnp.swapaxes(cost, 1, 2), unit)
   else:
     scale = jnp.mean(base, axis=(1, 2)) if relative_epsilon else jnp.ones(num_blocks)
     keys = jax.random.split(key, num_blocks)

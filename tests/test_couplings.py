@@ -21,7 +21,7 @@ def _batches(seed, batch, dim, shift=1.0):
   return x0, x1
 
 
-@functools.partial(jax.jit, static_argnames=('method', 'block_size', 'num_iters'))
+@functools.partial(jax.jit, static_argnames=('method', 'block_size', 'num_iters', 'solver'))
 def _jit_couple(x0, x1, key, labels=None, labels0=None, **kwargs):
   return couple(x0, x1, key, labels=labels, labels0=labels0, **kwargs)
 
@@ -83,11 +83,22 @@ def test_exact_cost_is_minimal():
   assert best <= min(random_costs)
 
 
+def _pair_cost(x0, x1, perm):
+  """Summed float64 squared distance of the pairs (x0[perm[j]], x1[j])."""
+  return float(((x1.astype(np.float64) - x0[perm])**2).sum())
+
+
 @pytest.mark.parametrize('seed', [4, 5, 6])
-def test_exact_equals_scipy(seed):
+@pytest.mark.parametrize('solver', ['scipy', 'auction'])
+def test_exact_equals_scipy(seed, solver):
   x0, x1 = _batches(seed, 64, 2)
-  y0, _, _ = _jit_couple(x0, x1, KEY, method='exact')
-  np.testing.assert_array_equal(_source_index(x0, y0), _scipy_perm(x0, x1))
+  y0, _, _ = _jit_couple(x0, x1, KEY, method='exact', solver=solver)
+  index, best = _source_index(x0, y0), _scipy_perm(x0, x1)
+  if solver == 'scipy':
+    np.testing.assert_array_equal(index, best)
+  else:  # Certified within its default relative gap of 1e-4.
+    assert _pair_cost(x0, x1, best) <= _pair_cost(x0, x1, index) <= (
+        (1 + 1e-4) * _pair_cost(x0, x1, best))
 
 
 def test_sinkhorn_small_epsilon_approaches_exact():
@@ -107,21 +118,27 @@ def test_sinkhorn_small_epsilon_approaches_exact():
   assert costs[1.0] > 1.2 * exact_cost  # Large epsilon: towards the independent coupling.
 
 
-def test_exact_blocks_solve_each_block():
+@pytest.mark.parametrize('solver', ['scipy', 'auction'])
+def test_exact_blocks_solve_each_block(solver):
   x0, x1 = _batches(8, 96, 2)
-  y0, _, _ = _jit_couple(x0, x1, KEY, method='exact', block_size=32)
+  y0, _, _ = _jit_couple(x0, x1, KEY, method='exact', block_size=32, solver=solver)
   index = _source_index(x0, y0)
   for b in range(3):
     rows = slice(32 * b, 32 * (b + 1))
-    np.testing.assert_array_equal(index[rows] - 32 * b, _scipy_perm(x0[rows], x1[rows]))
+    np.testing.assert_array_equal(index[rows] // 32, b)
+    got = _pair_cost(x0[rows], x1[rows], index[rows] - 32 * b)
+    best = _pair_cost(x0[rows], x1[rows], _scipy_perm(x0[rows], x1[rows]))
+    assert best <= got <= (1 + 1e-4) * best
 
 
-@pytest.mark.parametrize('method', ['exact', 'sinkhorn'])
-def test_within_class(method):
+@pytest.mark.parametrize('method,solver', [('exact', 'scipy'), ('exact', 'auction'),
+                                           ('sinkhorn', 'auction')])
+def test_within_class(method, solver):
   x0, x1 = _batches(9, 60, 2)
   rng = np.random.default_rng(9)
   labels = rng.integers(0, 4, 60)
-  y0, _, lab = _jit_couple(x0, x1, KEY, jnp.asarray(labels), method=method, block_size=30)
+  y0, _, lab = _jit_couple(x0, x1, KEY, jnp.asarray(labels), method=method, block_size=30,
+                           solver=solver)
   np.testing.assert_array_equal(lab, labels)
   index = _source_index(x0, y0)
   np.testing.assert_array_equal(labels[index], labels)  # x0 row i belongs to class labels[i].
@@ -129,7 +146,8 @@ def test_within_class(method):
     for block in (slice(0, 30), slice(30, 60)):
       for c in range(4):
         rows = np.flatnonzero(labels[block] == c) + block.start
-        np.testing.assert_array_equal(index[rows], rows[_scipy_perm(x0[rows], x1[rows])])
+        best = _pair_cost(x0, x1[rows], rows[_scipy_perm(x0[rows], x1[rows])])
+        assert best <= _pair_cost(x0, x1[rows], index[rows]) <= (1 + 1e-4) * best
 
 
 
@@ -139,7 +157,7 @@ def test_pair_on_host_equals_in_step_exact(block_size):
   labels = np.random.default_rng(10).integers(0, 3, 96)
   for lab in (None, labels):
     in_step, _, _ = _jit_couple(x0, x1, KEY, None if lab is None else jnp.asarray(lab),
-                                method='exact', block_size=block_size)
+                                method='exact', block_size=block_size, solver='scipy')
     np.testing.assert_array_equal(pair_on_host(x0, x1, labels=lab, block_size=block_size),
                                   in_step)
 
@@ -174,6 +192,8 @@ def test_errors():
   x0, x1 = _batches(12, 8, 2)
   with pytest.raises(ValueError, match=r"`method`='hungarian'.*'exact'"):
     couple(x0, x1, KEY, method='hungarian')
+  with pytest.raises(ValueError, match=r"`solver`='lapjv'.*'auction'"):
+    couple(x0, x1, KEY, method='exact', solver='lapjv')
   with pytest.raises(ValueError, match=r'x0 \(8, 2\) and x1 \(6, 2\)'):
     couple(x0, x1[:6], KEY, method='exact')
   with pytest.raises(ValueError, match=r'`block_size`=3 .* batch size 8'):

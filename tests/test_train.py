@@ -96,7 +96,7 @@ def test_scanned_steps_match_single_steps(tmp_path):
 
 def test_ot_on_host_trains_like_exact_ot_in_the_step(tmp_path):
   in_step = _config()
-  in_step.fm.update(coupling='exact', ot_block_size=8)
+  in_step.fm.update(coupling='exact', ot_block_size=8, ot_solver='scipy')  # as the host
   on_host = in_step.copy_and_resolve_references()
   on_host.fm.ot_on_host = True
   plain = sources.batch_source(sources.load(in_step.data), 64, seed=0, conditional=False)

@@ -71,6 +71,8 @@ def coupling_args(fm_config) -> dict:
   kwargs = {}
   if coupling != 'independent':
     kwargs['block_size'] = fm_config.ot_block_size or None
+  if coupling == 'exact':
+    kwargs['solver'] = fm_config.ot_solver
   if coupling == 'sinkhorn':
     kwargs['epsilon'] = fm_config.sinkhorn_epsilon
   return {'coupling': coupling, 'coupling_kwargs': kwargs}
