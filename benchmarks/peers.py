@@ -185,18 +185,18 @@ class Peer:
     self.nfe += 1
     return self.model(torch.cat([x, t.expand(x.shape[0], 1)], dim=-1))
 
-  @torch.no_grad()
   def euler(self, n, steps, seed=0):
     x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
-    for k in range(steps):
-      x = x + self.velocity(torch.tensor(k / steps), x) / steps
+    with torch.no_grad():
+      for k in range(steps):
+        x = x + self.velocity(torch.tensor(k / steps), x) / steps
     return x.numpy()
 
-  @torch.no_grad()
   def dopri5(self, n, seed=0):
     x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
-    return torchdiffeq.odeint(self.velocity, x, torch.tensor([0.0, 1.0]), method='dopri5',
-                              rtol=1e-4, atol=1e-4)[-1]
+    with torch.no_grad():
+      return torchdiffeq.odeint(self.velocity, x, torch.tensor([0.0, 1.0]), method='dopri5',
+                                rtol=1e-4, atol=1e-4)[-1]
 
   def loglik(self, x):
     def augmented(t, state):

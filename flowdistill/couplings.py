@@ -219,7 +219,11 @@ def couple(x0, x1, key, *, method: str = 'independent', labels=None, labels0=Non
     perm = exact_assignment(jnp.swapaxes(cost, 1, 2))
   elif method == 'exact':
     solve = functools.partial(auction_assignment, tol=ot_tol)
-    perm = jax.vmap(lambda c, s: solve(c, scale=s))(jnp.swapaxes(cost, 1, 2), unit)
+    cost = jnp.swapaxes(cost, 1, 2)
+    if num_blocks == 1:  # A vmapped loop would select over its whole state every round.
+      perm = solve(cost[0], scale=unit[0])[None]
+    else:
+      perm = jax.vmap(lambda c, s: solve(c, scale=s))(cost, unit)
   else:
     scale = jnp.mean(base, axis=(1, 2)) if relative_epsilon else jnp.ones(num_blocks)
     keys = jax.random.split(key, num_blocks)
