@@ -109,7 +109,7 @@ def _certified_gap(c, p, assign):
 
 
 def auction_assignment(cost, *, tol: float = 1e-4, scale=None, first_eps: float = 0.05,
-                       eps_factor: float = 4.0, min_eps: float = 1e-6,
+                       eps_factor: float = 5.0, min_eps: float = 1e-6,
                        tiers: tuple[int, ...] = TIERS, with_info: bool = False):
   """Assignment of columns to rows minimising the summed cost, by auction (see module doc).
 

@@ -96,9 +96,9 @@ def test_exact_equals_scipy(seed, solver):
   index, best = _source_index(x0, y0), _scipy_perm(x0, x1)
   if solver == 'scipy':
     np.testing.assert_array_equal(index, best)
-  else:  # Certified within its default relative gap of 1e-4.
+  else:  # Certified within its default relative gap of 1e-3.
     assert _pair_cost(x0, x1, best) <= _pair_cost(x0, x1, index) <= (
-        (1 + 1e-4) * _pair_cost(x0, x1, best))
+        (1 + 1e-3) * _pair_cost(x0, x1, best))
 
 
 def test_sinkhorn_small_epsilon_approaches_exact():
@@ -128,7 +128,7 @@ def test_exact_blocks_solve_each_block(solver):
     np.testing.assert_array_equal(index[rows] // 32, b)
     got = _pair_cost(x0[rows], x1[rows], index[rows] - 32 * b)
     best = _pair_cost(x0[rows], x1[rows], _scipy_perm(x0[rows], x1[rows]))
-    assert best <= got <= (1 + 1e-4) * best
+    assert best <= got <= (1 + 1e-3) * best
 
 
 @pytest.mark.parametrize('method,solver', [('exact', 'scipy'), ('exact', 'auction'),
@@ -147,7 +147,7 @@ def test_within_class(method, solver):
       for c in range(4):
         rows = np.flatnonzero(labels[block] == c) + block.start
         best = _pair_cost(x0, x1[rows], rows[_scipy_perm(x0[rows], x1[rows])])
-        assert best <= _pair_cost(x0, x1[rows], index[rows]) <= (1 + 1e-4) * best
+        assert best <= _pair_cost(x0, x1[rows], index[rows]) <= (1 + 1e-3) * best
 
 
 
