@@ -22,7 +22,8 @@ from flowdistill.train.step import make_train_step
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 24
 OVERRIDES = {
-    'train.steps': STEPS, 'train.log_every': 1, 'train.ckpt_every': 12, 'train.keep': 5,
+    'train.steps': STEPS, 'train.steps_per_call': 1, 'train.log_every': 1,
+    'train.ckpt_every': 12, 'train.keep': 5,
     'data.batch_size': 64, 'model.hidden': 32, 'model.depth': 2, 'model.time_dim': 16,
     'eval.num_samples': 64, 'eval.nll_samples': 16, 'eval.euler_steps': (1,),
     'eval.plot': False,
