@@ -1,4 +1,4 @@
-"""Quickstart: flow matching on a 2-D toy set (default checkerboard), ~2-3 min on 2 CPU cores.
+"""Quickstart: flow matching on a 2-D toy set (default checkerboard), ~1-3 min on 2 CPU cores.
 
 python -m flowdistill.main --config=configs/quickstart.py --workdir=/tmp/fd-quickstart
 python -m flowdistill.main --config=configs/quickstart.py:moons --workdir=/tmp/fd-moons
