@@ -1,5 +1,6 @@
 """Training system: exact resume, sharding invariance, checkpoint safety, NaN guard."""
 
+import json
 import os
 import shutil
 
@@ -85,6 +86,14 @@ def test_eight_devices_match_one_device(tmp_path):
   eight = _train(config, tmp_path / 'eight', num_devices=8)
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scanned_dispatches_log_and_save_at_each_multiple_they_pass(tmp_path):
+  _train(_config(steps=12, log_every=4, ckpt_every=5, steps_per_call=3), tmp_path)
+  logged = [json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').open()]
+  assert logged == [6, 9, 12]  # Passing 4, 8 and 12 (the last step is always logged).
+  assert sorted(int(p) for p in os.listdir(tmp_path / 'checkpoints') if p.isdigit()) == [
+      6, 12]  # Passing 5 and 10, and the last step.
 
 
 def test_scanned_steps_match_single_steps(tmp_path):

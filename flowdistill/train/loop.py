@@ -104,6 +104,9 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   pending = None  # (step, metrics) of the previous dispatch: at most two steps in flight
   last_time, last_step = time.perf_counter(), start
 
+  def crossed(step, every):  # A dispatch of k steps may pass a multiple without landing on it.
+    return step // every != (step - steps_per_call) // every
+
   def settle(step, metrics):
     nonlocal last_time, last_step
     metrics = jax.device_get(metrics)
@@ -113,7 +116,7 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
           f'Non-finite loss or parameters at step {step} ({metrics}); last good checkpoint: '
           f'{f"step {saved[-1]}" if saved else "none"} in {ckpt.directory}. Lower '
           'config.optim.lr, enable config.optim.grad_clip, or check the data for NaNs.')
-    if step % log_every == 0 or step == num_steps:
+    if crossed(step, log_every) or step == num_steps:
       now = time.perf_counter()
       rate = (step - last_step) / max(now - last_time, 1e-9)
       last_time, last_step = now, step
@@ -132,7 +135,7 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
         pending = (step, metrics)
         bar.update(steps_per_call)
         preempted = watch.reached(dispatch)
-        if preempted or step % ckpt_every == 0 or step == num_steps:
+        if preempted or crossed(step, ckpt_every) or step == num_steps:
           settle(*pending)
           pending = None
           ckpt.save(step, state, dict(meta or {}, data_step=step))
