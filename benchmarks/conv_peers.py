@@ -49,7 +49,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import types
 
 import jax
@@ -67,6 +66,7 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, BENCH_DIR)
 
 from dd_eval_vs_torch import torch_convnet  # noqa: E402  pylint: disable=wrong-import-position
+from fm_step import cpu_seconds, time_loop  # noqa: E402
 
 from flowdistill.condense import evaluate  # noqa: E402
 from flowdistill.experiments import fm_run  # noqa: E402
@@ -517,32 +517,13 @@ SPECS = {'unet': (unet_setup, unet_check, unet_jax, unet_torch),
 # Timing.
 
 
-def cpu_seconds():
-  """(CPU seconds used by all processes, by this one) so far; the first is Linux only (NaN
-  elsewhere)."""
-  own = sum(os.times()[:4])
-  try:
-    with open('/proc/stat') as f:
-      jiffies = [int(v) for v in f.readline().split()[1:9]]
-  except OSError:
-    return math.nan, own
-  busy = sum(jiffies) - jiffies[3] - jiffies[4]  # Minus idle and iowait.
-  return busy / os.sysconf('SC_CLK_TCK'), own
-
-
-def timed(run, num_steps: int) -> float:
-  start = time.perf_counter()
-  run(num_steps)
-  return time.perf_counter() - start
-
-
 def measure(run, seconds: float) -> dict:
   """First call, then 2 warm-up steps, then back-to-back steps for at least `seconds`."""
-  compile_s = timed(run, 1)
-  warm_s = timed(run, WARMUP_STEPS)
+  compile_s = time_loop(run, 1)
+  warm_s = time_loop(run, WARMUP_STEPS)
   steps = max(1, math.ceil(seconds * WARMUP_STEPS / warm_s))
   all_start, own_start = cpu_seconds()
-  elapsed = timed(run, steps)
+  elapsed = time_loop(run, steps)
   all_end, own_end = cpu_seconds()
   others = ((all_end - all_start) - (own_end - own_start)) / elapsed
   return {'compile_s': compile_s, 'steps_per_s': steps / elapsed, 'timed_steps': steps,
