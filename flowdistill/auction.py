@@ -28,6 +28,17 @@ import jax.numpy as jnp
 TIERS = (16, 4, 1)  # Bidders per round while more than the next tier's size are unassigned.
 
 
+def _best_two(values):
+  """(lowest value, its first column, second-lowest value) over the last axis of [..., N]."""
+  n = values.shape[-1]
+  cols = jnp.arange(n, dtype=jnp.int32)
+  # Plain min reductions: XLA:CPU runs them vectorised, an argmin ~3x slower.
+  w1 = jnp.min(values, axis=-1)
+  best = jnp.min(jnp.where(values == w1[..., None], cols, n), axis=-1)
+  w2 = jnp.min(jnp.where(cols == best[..., None], jnp.inf, values), axis=-1)
+  return w1, best, w2
+
+
 def _bid_round(c, eps, k, state):
   """One Jacobi round: the `k` rows at the head of the queue of unassigned rows bid.
 
@@ -40,12 +51,7 @@ def _bid_round(c, eps, k, state):
   lanes = jnp.arange(k)
   rows = queue[(head + lanes) % n]
   valid = lanes < count
-  values = c[rows] + p  # [k, N]
-  cols = jnp.arange(n, dtype=jnp.int32)
-  # Plain min reductions: XLA:CPU runs them vectorised, an argmin ~3x slower.
-  w1 = jnp.min(values, axis=1)
-  best = jnp.min(jnp.where(values == w1[:, None], cols, n), axis=1)
-  w2 = jnp.min(jnp.where(cols == best[:, None], jnp.inf, values), axis=1)
+  w1, best, w2 = _best_two(c[rows] + p)
   bid = p[best] + (w2 - w1) + eps
   # A bid wins unless another bid for the same column is higher (ties: the earlier lane).
   rival = (best[None, :] == best[:, None]) & valid[None, :]
@@ -72,11 +78,7 @@ def _single_bid(c, eps, state):
   p, owner, assign, queue, head, count = state
   n = c.shape[1]
   row = queue[head]
-  values = c[row] + p  # [N]
-  cols = jnp.arange(n, dtype=jnp.int32)
-  w1 = jnp.min(values)
-  best = jnp.min(jnp.where(values == w1, cols, n))
-  w2 = jnp.min(jnp.where(cols == best, jnp.inf, values))
+  w1, best, w2 = _best_two(c[row] + p)
   previous = owner[best]
   assign = assign.at[jnp.where(previous >= 0, previous, n)].set(-1, mode='drop')
   assign = assign.at[row].set(best)
