@@ -1,17 +1,26 @@
-"""Class-conditional U-Net flow matching on scikit-learn's built-in 8x8 digits (no files).
+"""Class-conditional flow matching on scikit-learn's built-in 8x8 digits (no files).
+
+Arg: 'unet' (default) or 'dit' (the tiny DiT of `flowdistill.models.dit.PRESETS`, patch 2:
+16 tokens).
 
 python -m flowdistill.main --config=configs/digits.py --workdir=runs/digits
+python -m flowdistill.main --config=configs/digits.py:dit --workdir=runs/digits-dit
 """
 
-from flowdistill.config import base_config
+from flowdistill.config import base_config, parse_arg
 
 
 def get_config(arg: str = ''):
-  del arg
+  arg = parse_arg(arg, model='unet')
   config = base_config()
   config.data.update(source='digits', batch_size=128, conditional=True)
-  config.model.update(name='unet', channels=(32, 64, 64), num_res_blocks=1, attention=False,
-                      time_dim=64)
+  if arg.model == 'unet':
+    config.model.update(name='unet', channels=(32, 64, 64), num_res_blocks=1, attention=False,
+                        time_dim=64)
+  elif arg.model == 'dit':
+    config.model.update(name='dit', dit='tiny', patch_size=2)
+  else:
+    raise ValueError(f"configs/digits.py: model must be 'unet' or 'dit'; got {arg.model!r}.")
   config.fm.label_dropout = 0.1
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
   config.train.update(steps=3000, log_every=100, ckpt_every=1000, ema_rates=(0.995,),

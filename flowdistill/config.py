@@ -27,10 +27,11 @@ from flowdistill.data.sources import (
   TOY_SOURCES,
 )
 from flowdistill.experiments.common import check_choice, check_positive
+from flowdistill.models import dit
 from flowdistill.train import identity
 from flowdistill.train import state as train_state
 
-MODELS = ('mlp', 'unet')
+MODELS = ('mlp', 'unet', 'dit')
 DTYPES = ('float32', 'bfloat16')
 
 # Presets the MNIST configs of every method share: `config.data.update(**MNIST_DATA)`, ...
@@ -60,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(
       name='mlp', hidden=256, depth=3, time_dim=64,            # MLP
       channels=(32, 64, 64), num_res_blocks=1, attention=True,  # U-Net
+      dit='S', patch_size=2,                                    # DiT: models.dit.PRESETS
       dtype='float32',
   )
   c.path = dict(name='linear', noise_scale=1.0)
@@ -72,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
                  weight_decay=0.0, grad_clip=1.0)
   c.train = dict(steps=2000, steps_per_call=1, num_devices=0, log_every=100, ckpt_every=1000,
                  keep=3, ema_rates=(0.999,), eval_ema=0.999,
+                 mesh=dict(data=-1, fsdp=1),  # fsdp devices share one sharded copy of the state
                  allow_config_change='')  # 'optim.lr,train.steps': resume despite these
   c.eval = dict(
       num_samples=2000,
@@ -79,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
       adaptive_solver='dopri5', rtol=1e-5, atol=1e-5,
       nll_samples=1000, nll_divergence='exact', nll_probes=1,
       guidance=1.0,               # classifier-free guidance weight for conditional sampling
+      dtype='float32',            # compute dtype of the network in sampling and likelihoods
       classifier_steps=1500,      # feature network for the image Fréchet distance
       map_steps=(1, 2, 4, 8),    # flow-map jumps to evaluate
       plot=True,
@@ -181,6 +185,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
                      f'that do: {takers}.')
   check_choice(flat, 'model.name', MODELS)
   check_choice(flat, 'model.dtype', DTYPES)
+  check_choice(flat, 'eval.dtype', DTYPES)
   check_choice(flat, 'path.name', tuple(paths._PATHS))
   check_choice(flat, 'fm.time_distribution', timesampling.TIME_DISTRIBUTIONS)
   check_choice(flat, 'fm.coupling', COUPLINGS)
@@ -211,12 +216,21 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if flat['data.source'] in TOY_SOURCES + TABULAR_SOURCES and flat['model.name'] != 'mlp':
     raise ValueError(f'config.model.name must be "mlp" for config.data.source='
                      f'{flat["data.source"]!r}.')
-  if flat['data.source'] in IMAGE_SOURCES + LATENT_SOURCES and flat['model.name'] != 'unet':
-    raise ValueError(f'config.model.name must be "unet" for image and latent data '
+  if flat['data.source'] in IMAGE_SOURCES + LATENT_SOURCES and flat['model.name'] == 'mlp':
+    raise ValueError(f'config.model.name must be "unet" or "dit" for image and latent data '
                      f'(config.data.source={flat["data.source"]!r}).')
+  check_choice(flat, 'model.dit', tuple(dit.PRESETS))
+  check_positive(flat, ints=('model.patch_size',))
   if flat['data.source'] == 'toy' and flat['data.conditional']:
     raise ValueError('config.data.conditional needs labelled (image) data.')
   devices = flat['train.num_devices'] or num_devices
+  fsdp, data = flat['train.mesh.fsdp'], flat['train.mesh.data']
+  if fsdp < 1 or (devices and devices % fsdp):
+    raise ValueError(f'config.train.mesh.fsdp={fsdp} must be >= 1 and divide the {devices} '
+                     'devices.')
+  if data != -1 and (data < 1 or (devices and data * fsdp != devices)):
+    raise ValueError(f'config.train.mesh.data={data} times fsdp={fsdp} must equal the '
+                     f'{devices} devices; set config.train.mesh.data=-1 (the rest).')
   if devices and flat['data.batch_size'] % devices:
     raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
                      f'the {devices} devices; change the batch or config.train.num_devices.')

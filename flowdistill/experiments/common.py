@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flowdistill import ode, paths
 from flowdistill.data import sources
 from flowdistill.eval import report
+from flowdistill.models.factory import build_model
 from flowdistill.train import loop, parallel
 from flowdistill.train.state import TrainState, ema_key, init_state, make_optimizer
 from flowdistill.train.step import make_train_step
@@ -119,9 +120,17 @@ def fit(config, params, loss_fn, batches: loop.BatchSource, workdir: str, *, met
   train = config.train
   return loop.train(
       state, make_train_step(loss_fn, optimizer, train.steps_per_call, pass_step=pass_step),
-      batches, mesh=parallel.make_mesh(train.num_devices), workdir=workdir,
+      batches, mesh=parallel.make_mesh(train.num_devices, data=train.mesh.data,
+                                       fsdp=train.mesh.fsdp), workdir=workdir,
       num_steps=train.steps, steps_per_call=train.steps_per_call, log_every=train.log_every,
       ckpt_every=train.ckpt_every, keep=train.keep, meta=meta, extras=extras)
+
+
+def eval_apply_fn(config, dataset, *, two_time: bool = False):
+  """The network's `apply_fn` for sampling and likelihoods: compute in `config.eval.dtype`
+  (float32 by default, whatever `config.model.dtype` trained in; the params are the same)."""
+  return build_model(config.model, dataset.shape, num_classes=num_classes(config, dataset),
+                     two_time=two_time, dtype=config.eval.dtype)[0]
 
 
 def eval_params(config, state: TrainState):

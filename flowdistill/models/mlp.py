@@ -16,22 +16,28 @@ class MLP(nnx.Module):
     time_dim: width of the time embedding.
     two_time: take `(s, t)` (flow maps) instead of `t`.
     num_classes: if > 0, condition on labels in [0, num_classes] (num_classes = null label).
+    dtype: compute dtype of the hidden layers (e.g. jnp.bfloat16); parameters, the time
+      embedding and the output stay float32.
   """
 
   def __init__(self, dim: int, *, hidden: int = 256, depth: int = 3, time_dim: int = 64,
-               two_time: bool = False, num_classes: int = 0, rngs: nnx.Rngs):
+               two_time: bool = False, num_classes: int = 0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.dim = dim
+    self.dtype = dtype
     self.time = TimeEmbedding(time_dim, two_time=two_time, rngs=rngs)
     self.label = LabelEmbedding(num_classes, time_dim, rngs=rngs) if num_classes else None
     widths = [dim + time_dim] + [hidden] * depth
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
-    self.out = nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, rngs=rngs)
+    self.hidden = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs)
+                            for a, b in zip(widths[:-1], widths[1:])])
+    self.out = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=nnx.initializers.zeros,
+                          rngs=rngs)
 
   def __call__(self, x, t, *, s=None, cond=None, train=False):
-    """x: [B, D]; t, s: [B] or scalar; cond: int [B] -> [B, D]."""
+    """x: [B, D]; t, s: [B] or scalar; cond: int [B] -> [B, D] float32."""
     del train
     emb = embed_conditions(self.time, self.label, x.shape[0], t, s, cond)
-    h = jnp.concatenate([x, emb], axis=-1)
+    h = jnp.concatenate([x, emb], axis=-1).astype(self.dtype)
     for layer in self.hidden:
       h = nnx.silu(layer(h))
-    return self.out(h)
+    return self.out(h).astype(jnp.float32)

@@ -3,7 +3,7 @@
 Every checkpoint stores the run's config (`meta['config']`, JSON). A resumed run compares its
 own with the checkpoint's over the identity keys — the seed, the method and its own section,
 data, model, path, flow-matching, teacher, optimiser and training settings, less those that
-only say how the run is logged, saved, spread over devices or evaluated — and refuses any
+only say how the run is logged, saved, spread over devices (mesh) or evaluated — and refuses any
 difference by name unless `config.train.allow_config_change` lists it ('train.steps,optim.lr').
 """
 
@@ -16,6 +16,7 @@ HARMLESS_KEYS = frozenset({
     'data.path', 'data.path_env',  # where the same data lives
     'train.log_every', 'train.ckpt_every', 'train.keep', 'train.num_devices',
     'train.steps_per_call', 'train.eval_ema', 'train.allow_config_change',
+    'train.mesh.data', 'train.mesh.fsdp',  # checkpoints restore onto any mesh
 })
 
 

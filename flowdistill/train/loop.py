@@ -40,6 +40,17 @@ def _stack(batches):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+def jit_step(step_fn, state: TrainState, extras: dict, mesh, leading_axes: int = 0):
+  """`step_fn` jitted for `mesh`: the state (donated) and `extras` sharded by
+  `parallel.state_sharding`, the batch over every device after `leading_axes` (1 when a call
+  scans over k steps), the metrics replicated."""
+  shardings = parallel.state_sharding(state, mesh)
+  return jax.jit(step_fn, donate_argnums=0,
+                 in_shardings=(shardings, parallel.batch_sharding(mesh, leading_axes),
+                               parallel.state_sharding(extras, mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)))
+
+
 def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: str,
           num_steps: int, steps_per_call: int = 1, log_every: int = 100,
           ckpt_every: int = 1000, keep: int = 3, meta: dict | None = None,
@@ -51,11 +62,13 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
     step_fn: `step(state, batch) -> (state, metrics)` from `make_train_step` (not jitted).
     batches: `batches(start_step)` -> iterator of this process's numpy batches from that step;
       batch k must depend only on k so a resumed run sees the data of an uninterrupted one.
-    mesh: the ('data',) device mesh.
+    mesh: the ('data', 'fsdp') device mesh (`parallel.make_mesh`); the state and `extras`
+      are sharded over 'fsdp' by `parallel.state_sharding`, the batch over every device.
     steps_per_call: updates per dispatch (the step function scans over stacked batches).
     meta: JSON-able facts stored beside each checkpoint; with the run's `config` (JSON) in
       it, a resume under another config is refused (`identity.check_resume`).
-    extras: frozen inputs of the loss (e.g. {'teacher_params': ...}), replicated, not saved.
+    extras: frozen inputs of the loss (e.g. {'teacher_params': ...}), placed like the state,
+      not saved.
 
   Raises:
     identity.ConfigChangedError: the newest checkpoint was made under another config.
@@ -71,7 +84,7 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=keep)
   # The step donates the state, so it must own every buffer: one shared with the caller (e.g.
   # a warm start from teacher params, which are also `extras`) would be freed while in use.
-  state = parallel.replicate(jax.tree.map(jnp.copy, state), mesh)
+  state = parallel.place(jax.tree.map(jnp.copy, state), mesh)
   restored = ckpt.restore_latest(state)
   if restored is not None:
     try:
@@ -91,12 +104,9 @@ def train(state: TrainState, step_fn, batches: BatchSource, *, mesh, workdir: st
                      f'multiples of config.train.steps_per_call ({steps_per_call}); choose a '
                      'steps_per_call that divides both, or a fresh --workdir.')
 
-  rep = parallel.replicated(mesh)
   leading = 1 if steps_per_call > 1 else 0
-  jitted = jax.jit(step_fn, donate_argnums=0,
-                   in_shardings=(rep, parallel.batch_sharding(mesh, leading), rep),
-                   out_shardings=(rep, rep))
-  extras = parallel.replicate(extras or {}, mesh)
+  extras = parallel.place(extras or {}, mesh)
+  jitted = jit_step(step_fn, state, extras, mesh, leading)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   data = batches(start)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress or jax.process_index(),

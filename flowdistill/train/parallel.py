@@ -40,23 +40,64 @@ def maybe_initialize_distributed(enabled: bool) -> None:
                jax.device_count())
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D ('data',) mesh over the first `num_devices` devices (0 = all)."""
+BATCH_AXES = ('data', 'fsdp')  # a batch is split over every device of the mesh
+FSDP_MIN_SIZE = 2**14  # arrays with fewer elements stay replicated (biases, norms, scalars)
+
+
+def make_mesh(num_devices: int = 0, *, data: int = -1, fsdp: int = 1) -> Mesh:
+  """A 2-D ('data', 'fsdp') mesh over the first `num_devices` devices (0 = all).
+
+  `fsdp` devices share one copy of the parameters and optimizer state (`state_sharding`);
+  `data = -1` takes the rest. With `fsdp = 1` this is plain data parallelism.
+  """
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
     raise ValueError(f'config.train.num_devices={n} but only {len(devices)} devices exist; set '
                      f'it to 0 (all devices) or at most {len(devices)}.')
-  return Mesh(np.asarray(devices[:n]), ('data',))
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f'config.train.mesh.fsdp={fsdp} must be >= 1 and divide the {n} devices.')
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f'config.train.mesh is data={data} x fsdp={fsdp} = {data * fsdp} devices '
+                     f'but the run has {n}; set config.train.mesh.data=-1 (the rest).')
+  return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
-  """Sharding of a batch over 'data' (after `leading_axes` unsharded axes, e.g. k steps)."""
-  return NamedSharding(mesh, P(*([None] * leading_axes), 'data'))
+  """Sharding of a batch over all devices (after `leading_axes` unsharded axes, e.g. k steps)."""
+  return NamedSharding(mesh, P(*([None] * leading_axes), BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """Where an array of `shape` lives under FSDP: its largest axis that `fsdp` divides is split
+  over 'fsdp' (the first such axis on ties); arrays below `min_size` elements, or with no such
+  axis, are replicated (big_vision's `fsdp` sharding rule)."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  divisible = [i for i, d in enumerate(shape) if d % fsdp == 0]
+  if not divisible:
+    return P()
+  axis = max(divisible, key=lambda i: (shape[i], -i))
+  return P(*([None] * axis), 'fsdp')
+
+
+def state_sharding(tree, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
+  """`NamedSharding`s for every leaf of `tree` (state, teacher params) by `fsdp_spec`: sharded
+  over 'fsdp', replicated over 'data'."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)),
+                      tree)
+
+
+def place(tree, mesh: Mesh):
+  """Puts a pytree (the train state, frozen extras) on the mesh by `state_sharding`."""
+  return jax.device_put(tree, state_sharding(tree, mesh))
 
 
 def global_batch(local_batch: dict, mesh: Mesh, leading_axes: int = 0) -> dict:
@@ -67,17 +108,22 @@ def global_batch(local_batch: dict, mesh: Mesh, leading_axes: int = 0) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree (e.g. the train state) on every device of the mesh."""
+  """Places a pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
 
 
 def host_local(tree):
-  """A replicated global pytree as arrays on this process's first device.
+  """A global pytree (replicated or FSDP-sharded) as whole arrays on this process's first
+  device.
 
   Evaluation runs there: on process 0 alone (which cannot compute over other processes'
   devices), and without repeating every sample on each device of the mesh, which a jitted
-  function of replicated inputs would do.
+  function of replicated inputs would do. Sharded arrays are gathered first.
   """
+  sharded = [x for x in jax.tree.leaves(tree)
+             if isinstance(x, jax.Array) and not x.is_fully_replicated]
+  if sharded:
+    tree = jax.jit(lambda t: t, out_shardings=replicated(sharded[0].sharding.mesh))(tree)
   return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
