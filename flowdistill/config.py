@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
       path_env='',          # environment variable holding the path (used when path is '')
       batch_size=1024,      # global batch
       conditional=False,    # feed labels to the model
+      # source 'latent' with a missing cache data.path: encode the images of encode.source
+      # (encode.path: its local files) with the diffusers AutoencoderKL weights encode.vae
+      encode=dict(vae='', source='', path=''),
   )
   c.model = dict(
       name='mlp', hidden=256, depth=3, time_dim=64,            # MLP
@@ -221,6 +224,9 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
                      f'(config.data.source={flat["data.source"]!r}).')
   check_choice(flat, 'model.dit', tuple(dit.PRESETS))
   check_positive(flat, ints=('model.patch_size',))
+  if flat['data.encode.vae'] and flat['data.source'] != 'latent':
+    raise ValueError(f'config.data.encode.vae encodes images into a latent cache, so it needs '
+                     f"config.data.source='latent'; got {flat['data.source']!r}.")
   if flat['data.source'] == 'toy' and flat['data.conditional']:
     raise ValueError('config.data.conditional needs labelled (image) data.')
   devices = flat['train.num_devices'] or num_devices

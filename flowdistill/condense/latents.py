@@ -7,9 +7,11 @@ A cache file is an `.npz` with `x_train`, `label_train`, `x_test`, `label_test` 
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flowdistill.condense.vae import FrozenVAE
 from flowdistill.eval.feature_net import cache_root
@@ -45,21 +47,47 @@ def load(path: str, *, fingerprint: str | None = None) -> dict:
 
 
 def load_or_encode(frozen: FrozenVAE, train: dict, test: dict, *, mode: str = 'mean',
-                   seed: int = 0, path: str | None = None) -> dict:
+                   seed: int = 0, path: str | None = None, chunk: int = 1000) -> dict:
   """The scaled latents of both splits: read from `path` (default `cache_path`) or encoded
-  and saved there. Returns what `load` returns."""
+  and saved there. Returns what `load` returns.
+
+  Encoding goes `chunk` images at a time into `<path>.parts/` (one atomic file per chunk, the
+  chunks split over processes), so a killed run resumes at the first missing chunk; process 0
+  then joins the chunks into `path` and removes the parts. Chunk c of a split uses the key
+  `fold_in(fold_in(key(seed), split), c)`, so 'sample' latents do not depend on how often the
+  run was interrupted.
+  """
   if mode not in MODES:
     raise ValueError(f'Latent mode must be one of {MODES}; got {mode!r}.')
   path = path or cache_path(frozen, mode)
   if os.path.isfile(path):
     return load(path, fingerprint=frozen.fingerprint)
+  parts = path + '.parts'
+  os.makedirs(parts, exist_ok=True)
   key = jax.random.key(seed)
-  arrays = {}
-  for i, (split, data) in enumerate((('train', train), ('test', test))):
-    arrays[f'x_{split}'] = frozen.latents(data['x'], mode=mode, key=jax.random.fold_in(key, i))
-    arrays[f'label_{split}'] = np.asarray(data['label'], np.int32)
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  partial = path + '.partial.npz'
-  np.savez(partial, fingerprint=frozen.fingerprint, scale=frozen.scale, **arrays)
-  os.replace(partial, path)
+  splits = (('train', train), ('test', test))
+  for i, (split, data) in enumerate(splits):
+    for c in range(jax.process_index(), -(-len(data['x']) // chunk), jax.process_count()):
+      file = os.path.join(parts, f'{frozen.fingerprint}-{split}-{c:06d}.npy')
+      if not os.path.isfile(file):
+        x = frozen.latents(data['x'][c * chunk:(c + 1) * chunk], mode=mode,
+                           key=jax.random.fold_in(jax.random.fold_in(key, i), c))
+        with open(file + '.partial', 'wb') as f:
+          np.save(f, x)
+        os.replace(file + '.partial', file)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'flowdistill: latents of {path} encoded')
+  if jax.process_index() == 0:
+    arrays = {}
+    for split, data in splits:
+      files = sorted(f for f in os.listdir(parts)
+                     if f.startswith(f'{frozen.fingerprint}-{split}-') and f.endswith('.npy'))
+      arrays[f'x_{split}'] = np.concatenate([np.load(os.path.join(parts, f)) for f in files])
+      arrays[f'label_{split}'] = np.asarray(data['label'], np.int32)
+    partial = path + '.partial.npz'
+    np.savez(partial, fingerprint=frozen.fingerprint, scale=frozen.scale, **arrays)
+    os.replace(partial, path)
+    shutil.rmtree(parts)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'flowdistill: latents of {path} written')
   return load(path, fingerprint=frozen.fingerprint)

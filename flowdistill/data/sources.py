@@ -90,16 +90,48 @@ def load(data_config) -> Dataset:
     if not path:
       raise ValueError("config.data.source='latent' needs config.data.path: the latent cache "
                        '(.npz) written by flowdistill.condense.latents.load_or_encode.')
-    splits = latents.load(path)
+    if data_config.encode.vae and not os.path.isfile(path):
+      splits = encode_with_autoencoder_kl(data_config.encode, path)
+    else:
+      splits = latents.load(path)
     num_classes = _check_labels(splits, path)
     return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes,
                    train=splits['train'], test=splits['test'])
-  splits = {}
-  for split in ('train', 'test'):
-    x, y = images.load(data_config.source, split, path)
-    splits[split] = {'x': images.to_float(x), 'label': y.astype(np.int32)}
+  splits = image_splits(data_config.source, path)
   num_classes = _check_labels(splits, path or data_config.source)
   return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes, **splits)
+
+
+def image_splits(source: str, path: str | None) -> dict:
+  """{'train': {'x': float32 [N, H, W, C] in [-1, 1], 'label': int32 [N]}, 'test': ...}."""
+  splits = {}
+  for split in ('train', 'test'):
+    x, y = images.load(source, split, path)
+    splits[split] = {'x': images.to_float(x), 'label': y.astype(np.int32)}
+  return splits
+
+
+def encode_with_autoencoder_kl(encode_config, path: str) -> dict:
+  """Encodes `config.data.encode.source` with the AutoencoderKL weights `encode.vae` (and the
+  `config.json` beside them, if any) into the latent cache `path`; resumable, split over
+  processes (`condense.latents.load_or_encode`). Returns what `latents.load` returns."""
+  from flowdistill.condense import latents
+  from flowdistill.condense.vae import FrozenVAE
+  from flowdistill.models import autoencoder_kl
+
+  if not encode_config.source:
+    raise ValueError(f'config.data.encode.vae is set and the latent cache {path} does not exist '
+                     'yet, so config.data.encode.source must name the images to encode (e.g. '
+                     "'cifar10', or 'imagenet' with encode.path an image folder).")
+  splits = image_splits(encode_config.source, encode_config.path or None)
+  config = autoencoder_kl.read_config(encode_config.vae)
+  if splits['train']['x'].shape[-1] == 1 and config.in_channels == 3:  # grey as RGB
+    for split in splits.values():
+      split['x'] = np.repeat(split['x'], 3, axis=-1)
+  module, fingerprint = autoencoder_kl.load_autoencoder_kl(
+      encode_config.vae, splits['train']['x'].shape[1:], config)
+  frozen = FrozenVAE(module, config.scaling_factor, fingerprint, {'weights': encode_config.vae})
+  return latents.load_or_encode(frozen, splits['train'], splits['test'], path=path, chunk=256)
 
 
 def _check_labels(splits: dict, where: str) -> int:
