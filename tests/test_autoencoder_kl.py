@@ -2,16 +2,19 @@
 resumable latent cache that `data.source='latent'` encodes with it."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from flowdistill.condense import latents
-from flowdistill.config import base_config
+from flowdistill.config import base_config, load_config_file, validate
 from flowdistill.data import sources
+from flowdistill.experiments import fm_run
 from flowdistill.models import autoencoder_kl as akl
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
             latent_channels=4, in_channels=3, out_channels=3, scaling_factor=0.5,
             sample_size=32, act_fn='silu')  # a diffusers config.json; unknown keys ignored
@@ -167,3 +170,20 @@ def test_latent_source_encodes_once_and_resumes_after_a_kill(tmp_path, monkeypat
   np.testing.assert_array_equal(resumed.test['label'], straight.test['label'])
   assert resumed.shape == (4, 4, 4) and resumed.num_classes == 10
   assert latents.load(str(tmp_path / 'latents.npz'))['scale'] == 0.5
+
+
+def test_imagenet_latent_config_runs_on_cpu_with_fsdp_bf16_and_a_tiny_vae(tmp_path, monkeypatch):
+  """configs/imagenet_latent.py as a pod would run it (latent cache encoded on first use, DiT,
+  bfloat16, FSDP over 8 devices), shrunk: a tiny VAE in SD's layout and the built-in digits."""
+  monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
+  path, _ = _write_checkpoint(tmp_path / 'vae')
+  config = load_config_file(os.path.join(ROOT, 'configs', 'imagenet_latent.py'), 'tiny')
+  assert (config.model.dit, config.model.dtype, config.train.mesh.fsdp) == ('tiny', 'bfloat16', 8)
+  config.data.update(path=str(tmp_path / 'latents.npz'), batch_size=32)
+  config.data.encode.update(vae=str(path), source='digits', path='')
+  config.train.update(steps=10, ckpt_every=10, log_every=5)
+  config.eval.update(num_samples=40, euler_steps=(2,), nll_samples=4, classifier_steps=30)
+  validate(config, num_devices=8)
+  result = fm_run.run(config, str(tmp_path / 'run'))
+  assert result['step'] == 10 and [r['sampler'] for r in result['rows']] == ['euler-2', 'dopri5']
+  assert (tmp_path / 'latents.npz').exists()

@@ -51,6 +51,21 @@ def test_tpu_dry_runs_address_every_host_and_match_the_jax_pin():
   assert '--worker=all' in stop and any('pkill -TERM' in a for a in stop)
 
 
+def test_pod_dry_run_of_the_imagenet_latent_config_passes_its_flags_and_validates():
+  """The command the config's docstring gives: on a pod every host starts the same run."""
+  flags = ['--config=configs/imagenet_latent.py:XL', '--workdir=/mnt/shared/runs/sit-xl',
+           '--config.data.encode.vae=/mnt/shared/vae/diffusion_pytorch_model.safetensors']
+  out = _run('tpu.sh', '--dry-run', '--tpu', 'v5e-64', '--zone', 'us-west4-a', '--pod', 'start',
+             '--', *flags).stdout
+  remote = next(a for a in _command(out) if a.startswith('--command='))
+  assert '--worker=all' in out
+  assert 'FLOWDISTILL_DISTRIBUTED=1 python -m flowdistill.main ' + ' '.join(flags) in remote
+  from flowdistill.config import load_config_file, validate
+  config = load_config_file(ROOT / 'configs' / 'imagenet_latent.py', 'XL')
+  validate(config, num_devices=64, num_processes=16)  # v5e-64: 16 hosts of 4 chips
+  assert (config.model.name, config.model.dit, config.train.mesh.fsdp) == ('dit', 'XL', 8)
+
+
 @pytest.mark.parametrize('args, message', [
     (['--dry-run', 'setup'], '--tpu NAME and --zone ZONE'),
     (['--dry-run', '--tpu', 't', '--zone', 'z'], 'setup, start, logs or stop'),
