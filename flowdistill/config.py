@@ -28,7 +28,7 @@ from flowdistill.data.sources import (
 )
 from flowdistill.experiments.common import check_choice, check_positive
 from flowdistill.models import dit
-from flowdistill.train import identity
+from flowdistill.train import identity, parallel
 from flowdistill.train import state as train_state
 
 MODELS = ('mlp', 'unet', 'dit')
@@ -231,12 +231,11 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
     raise ValueError('config.data.conditional needs labelled (image) data.')
   devices = flat['train.num_devices'] or num_devices
   fsdp, data = flat['train.mesh.fsdp'], flat['train.mesh.data']
-  if fsdp < 1 or (devices and devices % fsdp):
-    raise ValueError(f'config.train.mesh.fsdp={fsdp} must be >= 1 and divide the {devices} '
-                     'devices.')
-  if data != -1 and (data < 1 or (devices and data * fsdp != devices)):
-    raise ValueError(f'config.train.mesh.data={data} times fsdp={fsdp} must equal the '
-                     f'{devices} devices; set config.train.mesh.data=-1 (the rest).')
+  if devices:
+    parallel.mesh_shape(devices, data, fsdp)
+  elif fsdp < 1 or (data != -1 and data < 1):
+    raise ValueError(f'config.train.mesh: fsdp={fsdp} must be >= 1 and data={data} >= 1 (or -1: '
+                     'the rest).')
   if devices and flat['data.batch_size'] % devices:
     raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
                      f'the {devices} devices; change the batch or config.train.num_devices.')

@@ -55,14 +55,23 @@ def make_mesh(num_devices: int = 0, *, data: int = -1, fsdp: int = 1) -> Mesh:
   if n > len(devices):
     raise ValueError(f'config.train.num_devices={n} but only {len(devices)} devices exist; set '
                      f'it to 0 (all devices) or at most {len(devices)}.')
-  if fsdp < 1 or n % fsdp:
-    raise ValueError(f'config.train.mesh.fsdp={fsdp} must be >= 1 and divide the {n} devices.')
+  return Mesh(np.asarray(devices[:n]).reshape(mesh_shape(n, data, fsdp)), BATCH_AXES)
+
+
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
+  """(data, fsdp) of `config.train.mesh` over `num_devices` devices (`data = -1`: the rest).
+
+  Raises ValueError naming the key when the mesh does not cover the devices exactly.
+  """
+  if fsdp < 1 or num_devices % fsdp:
+    raise ValueError(f'config.train.mesh.fsdp={fsdp} must be >= 1 and divide the {num_devices} '
+                     'devices.')
   if data == -1:
-    data = n // fsdp
-  if data * fsdp != n:
-    raise ValueError(f'config.train.mesh is data={data} x fsdp={fsdp} = {data * fsdp} devices '
-                     f'but the run has {n}; set config.train.mesh.data=-1 (the rest).')
-  return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), BATCH_AXES)
+    return num_devices // fsdp, fsdp
+  if data < 1 or data * fsdp != num_devices:
+    raise ValueError(f'config.train.mesh.data={data} times fsdp={fsdp} must equal the '
+                     f'{num_devices} devices; set config.train.mesh.data=-1 (the rest).')
+  return data, fsdp
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
