@@ -54,12 +54,13 @@ def test_bfloat16_training_keeps_float32_state_and_sampling_defaults_to_float32(
   state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
   for leaf in jax.tree.leaves((state.params, state.opt_state, state.ema, metrics['loss'])):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
-  sampling = common.eval_apply_fn(config, dataset)
+  sampling = common.eval_apply_fn(config, dataset, apply_fn)
   x0 = jax.random.normal(jax.random.key(2), (16, 2))
   hlo = jax.jit(lambda p: ode.solve(ode.velocity_fn(sampling, p), x0, solver='euler',
                                     steps=4)[0]).lower(state.params).as_text()
   assert 'bf16' not in hlo
   config.eval.dtype = 'bfloat16'
-  assert 'bf16' in jax.jit(lambda p: common.eval_apply_fn(config, dataset)(
+  assert common.eval_apply_fn(config, dataset, apply_fn) is apply_fn  # nothing rebuilt
+  assert 'bf16' in jax.jit(lambda p: common.eval_apply_fn(config, dataset, apply_fn)(
       p, x0, jnp.zeros(16))).lower(state.params).as_text()
   assert apply_fn is not sampling

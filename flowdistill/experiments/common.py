@@ -126,9 +126,12 @@ def fit(config, params, loss_fn, batches: loop.BatchSource, workdir: str, *, met
       ckpt_every=train.ckpt_every, keep=train.keep, meta=meta, extras=extras)
 
 
-def eval_apply_fn(config, dataset, *, two_time: bool = False):
-  """The network's `apply_fn` for sampling and likelihoods: compute in `config.eval.dtype`
+def eval_apply_fn(config, dataset, apply_fn, *, two_time: bool = False):
+  """The network's `apply_fn` for sampling and likelihoods: `apply_fn` (the trained one) when
+  it computes in `config.eval.dtype` already, else the same network rebuilt in that dtype
   (float32 by default, whatever `config.model.dtype` trained in; the params are the same)."""
+  if config.eval.dtype == config.model.dtype:
+    return apply_fn
   return build_model(config.model, dataset.shape, num_classes=num_classes(config, dataset),
                      two_time=two_time, dtype=config.eval.dtype)[0]
 

@@ -119,7 +119,7 @@ def run(config, workdir: str) -> dict:
                      extras={} if teacher is None else {'teacher_params': teacher.params})
   if jax.process_index() != 0:
     return {}
-  apply_fn = common.eval_apply_fn(config, dataset, two_time=True)
+  apply_fn = common.eval_apply_fn(config, dataset, apply_fn, two_time=True)
   params = common.eval_params(config, state)
   samplers = map_samplers(apply_fn, params, config.eval.map_steps, 'student ')
   if teacher is not None and not teacher.two_time:

@@ -52,10 +52,10 @@ def train(config, workdir: str):
 
 def run(config, workdir: str) -> dict:
   """Trains (resuming from `workdir`), evaluates, writes results; returns the results dict."""
-  dataset, _, state = train(config, workdir)
+  dataset, apply_fn, state = train(config, workdir)
   if jax.process_index() != 0:
     return {}
-  apply_fn = common.eval_apply_fn(config, dataset)
+  apply_fn = common.eval_apply_fn(config, dataset, apply_fn)
   params = common.eval_params(config, state)
   samplers = report.velocity_samplers(apply_fn, params, config.eval,
                                       **common.guidance_kwargs(config, dataset))

@@ -187,7 +187,7 @@ def run(config, workdir: str) -> dict:
                      pass_step=True)
   if jax.process_index() != 0:
     return {}
-  apply_fn = common.eval_apply_fn(config, dataset)
+  apply_fn = common.eval_apply_fn(config, dataset, apply_fn)
   params = common.eval_params(config, state)
   samplers = student_samplers(apply_fn, params, times, config.eval.euler_steps)
   samplers += report.velocity_samplers(teacher_apply, teacher.params, config.eval,
