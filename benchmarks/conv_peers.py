@@ -66,7 +66,7 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, BENCH_DIR)
 
 from dd_eval_vs_torch import torch_convnet  # noqa: E402  pylint: disable=wrong-import-position
-from fm_step import cpu_seconds, time_loop  # noqa: E402
+from fm_step import cpu_seconds, cycling_runner, time_loop  # noqa: E402
 
 from flowdistill.condense import evaluate  # noqa: E402
 from flowdistill.experiments import fm_run  # noqa: E402
@@ -396,7 +396,6 @@ def unet_torch(setup, compile_model: bool):
                                betas=(config.optim.b1, config.optim.b2))
   ema_rate = config.train.ema_rates[0]
   ema = [w.detach().clone() for w in weights]
-  batches, counter = setup['torch_batches'], 0
 
   def step(x1):
     x0 = torch.randn_like(x1)
@@ -411,14 +410,7 @@ def unet_torch(setup, compile_model: bool):
       torch._foreach_lerp_(ema, weights, 1.0 - ema_rate)
     return loss
 
-  def run(num_steps):
-    nonlocal counter
-    loss = None
-    for _ in range(num_steps):
-      loss = step(batches[counter % len(batches)])
-      counter += 1
-    loss.item()
-
+  run = cycling_runner(step, setup['torch_batches'])
   run.info = {}
   return run
 
@@ -488,9 +480,9 @@ def convnet_torch(setup, compile_model: bool):
   p = CONVNET_PROTOCOL
   optimizer = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum,
                               weight_decay=p.weight_decay)
-  batches, counter = setup['torch_batches'], 0
 
-  def step(x, y):
+  def step(batch):
+    x, y = batch
     idx = torch.randperm(x.shape[0])
     loss = F.cross_entropy(forward(x[idx]), y[idx])
     optimizer.zero_grad(set_to_none=True)
@@ -498,14 +490,7 @@ def convnet_torch(setup, compile_model: bool):
     optimizer.step()
     return loss
 
-  def run(num_steps):
-    nonlocal counter
-    loss = None
-    for _ in range(num_steps):
-      loss = step(*batches[counter % len(batches)])
-      counter += 1
-    loss.item()
-
+  run = cycling_runner(step, setup['torch_batches'])
   run.info = {}
   return run
 

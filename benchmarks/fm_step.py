@@ -300,7 +300,12 @@ def check_torch_twin(torch, jax_batch):
 def torch_runner(torch, jax_params, x_batches, compile_model: bool):
   """`run(n)` for the PyTorch step on the pre-generated batches (CPU tensors)."""
   _, step = torch_model_and_step(torch, jax_params, compile_model)
-  batches = [torch.from_numpy(np.asarray(b['x']).copy()) for b in x_batches]
+  return cycling_runner(step, [torch.from_numpy(np.asarray(b['x']).copy()) for b in x_batches])
+
+
+def cycling_runner(step, batches):
+  """`run(n)`: n calls of a PyTorch `step(batch) -> loss` over `batches` in turn, continuing
+  where the previous call stopped; waits for the last loss."""
   counter = 0
 
   def run(num_calls):
