@@ -182,6 +182,42 @@ def test_pyramid_restarts_adam_at_each_growth_and_renders_in_range():
   assert np.abs(images).max() < 1 and history['loss'][-1] < history['loss'][0]
 
 
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.parametrize('stop_at', [30, 40])  # inside a phase, and at a growth step
+def test_distillation_killed_then_resumed_reaches_the_same_images(tmp_path, stop_at):
+  target = jnp.linspace(-0.5, 0.5, 2 * 8 * 8 * 3).reshape(2, 8, 8, 3)
+  real = np.asarray(jax.random.uniform(jax.random.key(2), (2, 8, 8, 3), minval=-0.9, maxval=0.9))
+
+  def loss_fn(images, key):
+    noise = 0.01 * jax.random.normal(key, images.shape)  # the step's key must match too
+    return jnp.mean(jnp.square(images + noise - target)), {}
+
+  def run(state_path=None, on_progress=None):
+    return image_param.distill(loss_fn, (8, 8, 3), 2, jax.random.key(0), steps=70, lr=0.05,
+                               mode='pyramid', grow_every=20, real=real, progress_every=10,
+                               state_path=state_path, on_progress=on_progress)
+
+  whole, whole_history = run()
+
+  def kill(done, loss, images):
+    del loss, images
+    if done == stop_at:
+      raise _Stop
+
+  path = str(tmp_path / 'state.npz')
+  with pytest.raises(_Stop):
+    run(path, kill)  # the state is saved after on_progress: the last file holds step stop_at - 10
+  resumed, history = run(path)
+  np.testing.assert_array_equal(resumed, whole)
+  np.testing.assert_array_equal(history['loss'], whole_history['loss'])
+  np.testing.assert_array_equal(history['adam_count'], whole_history['adam_count'])
+  with pytest.raises(ValueError, match='delete it to start over'):
+    image_param.distill(loss_fn, (8, 8, 3), 3, jax.random.key(0), steps=70, state_path=path)
+
+
 def test_real_initialisation_renders_the_real_images():
   real = np.asarray(jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-0.9,
                                        maxval=0.9))
@@ -223,5 +259,23 @@ def test_sfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   assert snapshots['steps'].tolist() == [2, 3] and snapshots['images'].shape == (2, 20, 8, 8, 1)
   np.testing.assert_array_equal(snapshots['images'][-1], np.load(
       tmp_path / 'run' / 'sets' / 'lgm_ipc2.npz')['x'])
+  assert not list((tmp_path / 'run' / 'snapshots').glob('*.*.npz'))  # resumption files gone
   again = experiments.get('sfm').run(config, str(tmp_path / 'run'))
   assert [c['probes'] for c in again['cells']] == [c['probes'] for c in result['cells']]
+
+  evaluate_probe = linear_probe.evaluate_probe
+
+  def killed_while_scoring_lgm(*args, **kwargs):
+    if (tmp_path / 'killed' / 'snapshots' / 'lgm_ipc2.partial.npz').exists():
+      raise KeyboardInterrupt
+    return evaluate_probe(*args, **kwargs)
+
+  config.sfm.methods = ('lgm',)
+  monkeypatch.setattr(linear_probe, 'evaluate_probe', killed_while_scoring_lgm)
+  with pytest.raises(KeyboardInterrupt):
+    experiments.get('sfm').run(config, str(tmp_path / 'killed'))
+  assert (tmp_path / 'killed' / 'snapshots' / 'lgm_ipc2.state.npz').exists()
+  monkeypatch.setattr(linear_probe, 'evaluate_probe', evaluate_probe)
+  resumed = experiments.get('sfm').run(config, str(tmp_path / 'killed'))['cells'][0]['probes']
+  assert {k: r['accs'] for k, r in resumed.items()} == {
+      k: r['accs'] for k, r in cells['lgm']['probes'].items()}

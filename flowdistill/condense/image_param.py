@@ -8,6 +8,8 @@ levels [N, r, r, C], each resized bilinearly to full size; the optimiser adds a 
 colour decorrelation (the ImageNet colour covariance's square root, as in Lucid) applied to `a`.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +64,8 @@ def grow(levels: list, size: int, count: int, image_shape, key, *,
 
 def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e-3,
             mode: str = 'pixels', grow_every: int = 200, real: np.ndarray | None = None,
-            loss_args: tuple = (), on_progress=None, progress_every: int = 100):
+            loss_args: tuple = (), on_progress=None, progress_every: int = 100,
+            state_path: str | None = None):
   """Adam on the parameterised images.
 
   Args:
@@ -70,6 +73,9 @@ def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e
     real: initial images [count, H, W, C] in [-1, 1] (init 'real'), or None (noise).
     on_progress: called every `progress_every` steps and at the end with (steps done, last
       loss, `images()` -> the current images [count, H, W, C] numpy).
+    state_path: an `.npz` file that holds the levels, the Adam state and the loss history after
+      each `on_progress` call; a run started with the same arguments continues from it, and
+      reaches the same images as one that never stopped.
 
   Returns:
     (images [count, H, W, C] numpy, {'loss': [steps], 'adam_count': [steps]}).
@@ -90,20 +96,57 @@ def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e
     count_now = opt_state[0].count
     return optax.apply_updates(levels, updates), opt_state, loss, count_now
 
+  saved = _load_state(state_path, count, image_shape, steps)
+  done = 0 if saved is None else int(saved['step'])
   levels, losses, counts = [], [], []
+  if saved is not None:
+    losses, counts = list(saved['loss']), list(saved['adam_count'])
   for phase, size in enumerate(sizes):
     levels = grow(levels, size, count, image_shape, jax.random.fold_in(grow_key, phase),
                   real=real)
     opt_state = opt.init(levels)  # restarted at each growth
     end = steps if phase == len(sizes) - 1 else min(steps, (phase + 1) * grow_every)
-    for i in range(phase * grow_every, end):
+    if done > end:
+      continue  # a phase finished before the saved step (its levels are restored below)
+    if saved is not None:
+      levels, opt_state = jax.tree.unflatten(
+          jax.tree.structure((levels, opt_state)),
+          [jnp.asarray(saved[f'leaf{k}']) for k in range(int(saved['leaves']))])
+      saved = None
+    for i in range(max(done, phase * grow_every), end):
       levels, opt_state, loss, count_now = step(levels, opt_state, jnp.int32(i), *loss_args)
       losses.append(loss)
       counts.append(count_now)
-      if on_progress is not None and ((i + 1) % progress_every == 0 or i + 1 == steps):
-        on_progress(i + 1, float(loss),
-                    lambda levels=levels: np.asarray(render(levels, image_shape)))
+      if (i + 1) % progress_every == 0 or i + 1 == steps:
+        if on_progress is not None:
+          on_progress(i + 1, float(loss),
+                      lambda levels=levels: np.asarray(render(levels, image_shape)))
+        if state_path is not None:
+          _save_state(state_path, i + 1, levels, opt_state, losses, counts)
     if end >= steps:
       break
   history = {'loss': np.asarray(jnp.stack(losses)), 'adam_count': np.asarray(jnp.stack(counts))}
   return np.asarray(render(levels, image_shape)), history
+
+
+def _save_state(path: str, done: int, levels, opt_state, losses, counts) -> None:
+  leaves = jax.tree.leaves((levels, opt_state))
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, step=done, leaves=len(leaves), loss=np.asarray(jnp.stack(losses)),
+           adam_count=np.asarray(jnp.stack(counts)),
+           **{f'leaf{k}': np.asarray(leaf) for k, leaf in enumerate(leaves)})
+  os.replace(tmp, path)  # atomic: a kill while saving keeps the previous state
+
+
+def _load_state(path: str | None, count: int, image_shape, steps: int) -> dict | None:
+  if path is None or not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    saved = dict(f)
+  first = saved['leaf0']
+  if first.shape[0] != count or first.shape[-1] != image_shape[-1] or saved['step'] > steps:
+    raise ValueError(f'{path} holds a distillation of {first.shape[0]} images of '
+                     f'{first.shape[-1]} channels at step {saved["step"]}, but this run '
+                     f'distils {count} images of {image_shape[-1]} channels for {steps} steps; '
+                     'delete it to start over.')
+  return saved

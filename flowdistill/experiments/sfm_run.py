@@ -12,7 +12,8 @@ Stages, each cached so a rerun resumes where the last one stopped:
     WORKDIR/sets/<method>_ipc<n>.npz|png the set scored
     WORKDIR/snapshots/<method>_ipc<n>.npz  a distilled set every `sfm.snapshot_every` steps,
                 with its wall-clock time (benchmarks/sfm_cost.py: steps and time to the final
-                accuracy)
+                accuracy); while a set is distilled, `.state.npz` and `.partial.npz` beside it
+                let a killed run continue from its last snapshot
 """
 
 import dataclasses
@@ -162,11 +163,12 @@ def make_loss(name: str, ipc: int, backbone, real, dataset, p) -> tuple:
   return loss_fn, args
 
 
-def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.ndarray, dict,
-                                                                          dict]:
+def distil(name: str, ipc: int, backbone, real, dataset, p, key, folder: str) -> tuple[
+    np.ndarray, dict, dict]:
   """One distilled set [C·IPC, H, W, C], its cost record and its snapshots {'steps' [K],
-  'seconds' [K] since the first step, 'images' [K, C·IPC, H, W, C]} every `p.snapshot_every`
-  steps and at the end."""
+  'seconds' [K] of distillation, 'images' [K, C·IPC, H, W, C]} every `p.snapshot_every` steps
+  and at the end. Resumable: the optimiser state and the snapshots so far are kept in `folder`
+  (`<name>_ipc<n>.state.npz`, `.partial.npz`; `discard_progress` removes them)."""
   classes, shape = dataset.num_classes, dataset.shape
   labels = np.repeat(np.arange(classes), ipc)
   loss_fn, args = make_loss(name, ipc, backbone, real, dataset, p)
@@ -175,32 +177,50 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key) -> tuple[np.nda
     init = dataset.train['x'][subsets.select('random', None, dataset.train['label'], ipc,
                                              seed=0)]
   cost = step_cost(loss_fn, jnp.zeros((classes * ipc, *shape)), key, *args)
-  bar = tqdm.tqdm(total=p.steps, desc=f'{name} IPC {ipc}', unit='step', leave=False,
+  stem = os.path.join(folder, f'{name}_ipc{ipc}')
+  snapshots = {'steps': [], 'seconds': [], 'images': []}
+  if os.path.exists(stem + '.partial.npz'):
+    with np.load(stem + '.partial.npz') as f:
+      snapshots = {k: list(f[k]) for k in snapshots}
+  offset = snapshots['seconds'][-1] if snapshots['seconds'] else 0.0
+  bar = tqdm.tqdm(total=p.steps, initial=snapshots['steps'][-1] if snapshots['steps'] else 0,
+                  desc=f'{name} IPC {ipc}', unit='step', leave=False,
                   disable=jax.process_index() > 0)
   start = time.perf_counter()
-  snapshots = {'steps': [], 'seconds': [], 'images': []}
 
   def progress(done, loss, images):
     del loss
-    snapshots['seconds'].append(time.perf_counter() - start)
+    keep = [k for k, s in enumerate(snapshots['steps']) if s < done]  # killed before the state
+    for k in snapshots:
+      snapshots[k] = [snapshots[k][j] for j in keep]
+    snapshots['seconds'].append(offset + time.perf_counter() - start)
     snapshots['steps'].append(done)
     snapshots['images'].append(images())
+    np.savez(stem + '.partial.tmp.npz', **snapshots)
+    os.replace(stem + '.partial.tmp.npz', stem + '.partial.npz')
     bar.update(done - bar.n)
 
   images, history = image_param.distill(
       loss_fn, shape, classes * ipc, key, steps=p.steps, lr=p.lr, mode=p.param,
       grow_every=p.grow_every, real=init, loss_args=args, on_progress=progress,
-      progress_every=p.snapshot_every)
+      progress_every=p.snapshot_every, state_path=stem + '.state.npz')
   bar.close()
-  total = time.perf_counter() - start
-  first_done, first_seconds = snapshots['steps'][0], snapshots['seconds'][0]
-  steady = ((total - first_seconds) / (p.steps - first_done) if p.steps > first_done
-            else total / p.steps)
-  cost.update(labels=labels, seconds_per_step=steady, compile_and_first_seconds=first_seconds,
-              distill_seconds=total,
+  steps, seconds = snapshots['steps'], snapshots['seconds']
+  steady = ((seconds[-1] - seconds[0]) / (steps[-1] - steps[0]) if len(steps) > 1
+            else seconds[-1] / p.steps)
+  cost.update(labels=labels, seconds_per_step=steady, compile_and_first_seconds=seconds[0],
+              distill_seconds=seconds[-1],
               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               final_loss=float(history['loss'][-10:].mean()))
   return images, cost, {k: np.asarray(v) for k, v in snapshots.items()}
+
+
+def discard_progress(folder: str, name: str, ipc: int) -> None:
+  """Removes the resumption files of `distil` once its set is scored."""
+  for suffix in ('.state.npz', '.partial.npz'):
+    path = os.path.join(folder, f'{name}_ipc{ipc}{suffix}')
+    if os.path.exists(path):
+      os.remove(path)
 
 
 def backbones(dataset, config, *, train: bool = True) -> dict:
@@ -227,7 +247,9 @@ def backbones(dataset, config, *, train: bool = True) -> dict:
 
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
-  os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
+  snapshot_folder = os.path.join(workdir, 'snapshots')
+  for folder in ('cells', 'snapshots'):
+    os.makedirs(os.path.join(workdir, folder), exist_ok=True)
   dataset = sources.load(config.data)
   p = config.sfm
   sfm.check_classes(dataset.num_classes)
@@ -258,10 +280,10 @@ def run(config, workdir: str) -> dict:
         continue
       set_key = jax.random.fold_in(jax.random.fold_in(key, ipc), METHODS.index(name))
       if name in DISTILLED:
-        images, cell, snapshots = distil(name, ipc, phi_d, real, dataset, p, set_key)
+        images, cell, snapshots = distil(name, ipc, phi_d, real, dataset, p, set_key,
+                                         snapshot_folder)
         labels = cell.pop('labels')
-        os.makedirs(os.path.join(workdir, 'snapshots'), exist_ok=True)
-        np.savez(os.path.join(workdir, 'snapshots', f'{name}_ipc{ipc}.npz'), labels=labels,
+        np.savez(os.path.join(snapshot_folder, f'{name}_ipc{ipc}.npz'), labels=labels,
                  **snapshots)
       else:
         index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
@@ -285,6 +307,7 @@ def run(config, workdir: str) -> dict:
                                         + phi_e.feature_dim * phi_d.feature_dim)
       with open(path, 'w') as f:
         json.dump(cell, f, indent=2)
+      discard_progress(snapshot_folder, name, ipc)
       cells.append(cell)
   result = {'cells': cells, 'golden_accuracy': real['golden_accuracy'],
             'random_encoder_accuracy': control_accuracy,
