@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flowdistill.train import lease, parallel
-from flowdistill.train.checkpoint import check_local_path
+from flowdistill.train.checkpoint import check_workdir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -49,7 +49,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_orbax)
   config = _CONFIG.value
-  check_local_path(_WORKDIR.value)
+  check_workdir(_WORKDIR.value)
   parallel.maybe_initialize_distributed(config.distributed)
   import jax  # noqa: PLC0415  (device queries only after the optional distributed start-up)
 

@@ -14,8 +14,8 @@
 #   stop   SIGTERM the run on every host: each saves a checkpoint at the same step and exits;
 #          `start` again resumes
 #
-# On a pod every host must see the same --workdir: a shared filesystem mounted at the same path
-# on every host (Filestore/NFS, or a bucket through gcsfuse); gs:// URLs are not supported.
+# On a pod every host must see the same --workdir: a Cloud Storage URL (gs://bucket/run) or a
+# shared filesystem mounted at the same path on every host (Filestore/NFS).
 # --dry-run prints the gcloud commands instead of running them.
 set -euo pipefail
 

@@ -159,7 +159,7 @@ def _workdir_is_a_file(c, ctx):
 
 
 def _workdir_is_a_url(c, ctx):
-  ctx['workdir'] = 'gs://bucket/run'
+  ctx['workdir'] = 's3://bucket/run'
 
 
 def _fresh_workdir(c, ctx):
@@ -294,8 +294,8 @@ CASES = [
      r'None of the checkpoints'),
     ('workdir-is-a-file', _workdir_is_a_file, None, PermissionError,
      r'Cannot write checkpoints to .*file/run/checkpoints.*choose a writable --workdir'),
-    ('workdir-is-a-url', _workdir_is_a_url, None, ValueError,
-     r"'gs://bucket/run/checkpoints' is a URL.*pass its local path as --workdir"),
+    ('workdir-is-an-s3-url', _workdir_is_a_url, None, ValueError,
+     r"'s3://bucket/run/checkpoints'.*local paths and to gs:// buckets.*pass its local path"),
     # teachers that do not fit the student
     ('teacher-missing', _teacher_missing, None, FileNotFoundError,
      r'No checkpoints in .*no-such-run.*set config.teacher.workdir'),

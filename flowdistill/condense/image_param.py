@@ -8,12 +8,12 @@ levels [N, r, r, C], each resized bilinearly to full size; the optimiser adds a 
 colour decorrelation (the ImageNet colour covariance's square root, as in Lucid) applied to `a`.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from flowdistill import files
 
 MODES = ('pixels', 'pyramid')
 INITS = ('noise', 'real')
@@ -131,18 +131,15 @@ def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e
 
 def _save_state(path: str, done: int, levels, opt_state, losses, counts) -> None:
   leaves = jax.tree.leaves((levels, opt_state))
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, step=done, leaves=len(leaves), loss=np.asarray(jnp.stack(losses)),
-           adam_count=np.asarray(jnp.stack(counts)),
-           **{f'leaf{k}': np.asarray(leaf) for k, leaf in enumerate(leaves)})
-  os.replace(tmp, path)  # atomic: a kill while saving keeps the previous state
+  files.save_npz(path, step=done, leaves=len(leaves), loss=np.asarray(jnp.stack(losses)),
+                 adam_count=np.asarray(jnp.stack(counts)),
+                 **{f'leaf{k}': np.asarray(leaf) for k, leaf in enumerate(leaves)})
 
 
 def _load_state(path: str | None, count: int, image_shape, steps: int) -> dict | None:
-  if path is None or not os.path.exists(path):
+  if path is None or not files.exists(path):
     return None
-  with np.load(path) as f:
-    saved = dict(f)
+  saved = files.load_npz(path)
   first = saved['leaf0']
   if first.shape[0] != count or first.shape[-1] != image_shape[-1] or saved['step'] > steps:
     raise ValueError(f'{path} holds a distillation of {first.shape[0]} images of '

@@ -4,7 +4,6 @@ on disk, keyed by the data and the protocol."""
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flowdistill import files
 from flowdistill.condense.evaluate import (
   Protocol,
   TestSplit,
@@ -54,25 +54,25 @@ def load_or_train(train: dict, split: TestSplit, protocol: Protocol, *, seed: in
   """
   settings = json.dumps({**dataclasses.asdict(protocol), 'runs': 1, 'seed': seed},
                         sort_keys=True)
-  folder = cache_dir or os.path.join(cache_root(), 'reference_nets',
+  folder = cache_dir or files.join(cache_root(), 'reference_nets',
                                      data_fingerprint(train['x'], train['label'], settings))
   x = split.standardise(train['x'])
   graphdef, template = make_net(x.shape[1:], split.num_classes, protocol, jax.random.key(seed))
   checkpointer = ocp.StandardCheckpointer()
-  params_dir = os.path.join(folder, 'params')
-  if os.path.isdir(params_dir):
+  params_dir = files.join(folder, 'params')
+  if files.isdir(params_dir):
     params = checkpointer.restore(params_dir, template)
-    with open(os.path.join(folder, 'info.json')) as f:
-      return ReferenceNet(graphdef, params, split, json.load(f)['test_accuracy'])
+    info = files.read_json(files.join(folder, 'info.json'))
+    return ReferenceNet(graphdef, params, split, info['test_accuracy'])
   keys = jax.random.key(seed)[None]
   params, _ = train_networks(x, jnp.asarray(train['label'], jnp.int32), keys, protocol,
                              split.num_classes, on_progress=on_progress)
   params = jax.tree.map(lambda p: p[0], params)
   acc = float(jax.jit(lambda p, x, y: test_accuracy(graphdef, p, x, y))(
       params, split.standardise(split.x), jnp.asarray(split.label)))
-  os.makedirs(folder, exist_ok=True)
+  files.makedirs(folder)
   checkpointer.save(params_dir, params)
   checkpointer.wait_until_finished()
-  with open(os.path.join(folder, 'info.json'), 'w') as f:
-    json.dump({'test_accuracy': acc, 'protocol': json.loads(settings)}, f)
+  files.write_json(files.join(folder, 'info.json'),
+                   {'test_accuracy': acc, 'protocol': json.loads(settings)})
   return ReferenceNet(graphdef, params, split, acc)

@@ -11,7 +11,6 @@ train-time state: GroupNorm, no dropout).
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flowdistill import files
 from flowdistill.condense.augment import rotation, warp
 from flowdistill.eval.feature_net import cache_root, data_fingerprint
 from flowdistill.models.encoder import ConvEncoder, ProjectionHead
@@ -180,27 +180,26 @@ def cache_folder(train: dict, config: SSLConfig) -> tuple[str, str]:
   """(fingerprint, `cache_root()/ssl/<fingerprint>`) of this data set and config."""
   settings = json.dumps(dataclasses.asdict(config), sort_keys=True)
   fingerprint = data_fingerprint(train['x'], train['label'], settings)
-  return fingerprint, os.path.join(cache_root(), 'ssl', fingerprint)
+  return fingerprint, files.join(cache_root(), 'ssl', fingerprint)
 
 
 def load_cached(train: dict, config: SSLConfig) -> FrozenBackbone | None:
   """The cached backbone of this data set and config, or None where none was trained yet."""
   fingerprint, folder = cache_folder(train, config)
-  params_dir = os.path.join(folder, 'params')
-  if not os.path.isdir(params_dir):
+  params_dir = files.join(folder, 'params')
+  if not files.isdir(params_dir):
     return None
   graphdef, state = nnx.split(ConvEncoder(train['x'].shape[-1], widths=config.widths,
                                           rngs=nnx.Rngs(0)))
   params = ocp.StandardCheckpointer().restore(params_dir, nnx.to_pure_dict(state))
-  with open(os.path.join(folder, 'info.json')) as f:
-    info = json.load(f)
+  info = files.read_json(files.join(folder, 'info.json'))
   encoder = nnx.merge(graphdef, params)
-  path = os.path.join(folder, 'standardise.npz')
-  if not os.path.isfile(path):  # computed once from the train split, then stored
+  path = files.join(folder, 'standardise.npz')
+  if not files.exists(path):  # computed once from the train split, then stored
     backbone = standardised(encoder, train['x'], fingerprint, info)
-    np.savez(path, mean=backbone.params['mean'], scale=backbone.params['scale'])
-  with np.load(path) as f:
-    return FrozenBackbone(encoder, fingerprint, info, (f['mean'], f['scale']))
+    files.save_npz(path, mean=backbone.params['mean'], scale=backbone.params['scale'])
+  f = files.load_npz(path)
+  return FrozenBackbone(encoder, fingerprint, info, (f['mean'], f['scale']))
 
 
 def load_or_train(train: dict, config: SSLConfig, *,
@@ -219,10 +218,9 @@ def load_or_train(train: dict, config: SSLConfig, *,
   encoder, metrics = train_ssl(train['x'], config, on_progress=on_progress)
   info = {'config': dataclasses.asdict(config), 'train_seconds': time.perf_counter() - start,
           'final_loss': float(metrics['loss'][-min(100, config.steps):].mean())}
-  os.makedirs(folder, exist_ok=True)
+  files.makedirs(folder)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(folder, 'params'), nnx.to_pure_dict(nnx.split(encoder)[1]))
+  checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(encoder)[1]))
   checkpointer.wait_until_finished()
-  with open(os.path.join(folder, 'info.json'), 'w') as f:
-    json.dump(info, f)
+  files.write_json(files.join(folder, 'info.json'), info)
   return load_cached(train, config)

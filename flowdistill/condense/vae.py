@@ -9,7 +9,6 @@ same quantity for its autoencoder), and a latent is decoded as `decode(z / s)`.
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 
 import jax
@@ -19,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flowdistill import files
 from flowdistill.eval.feature_net import cache_root, data_fingerprint
 from flowdistill.models.vae import VAE
 
@@ -147,7 +147,7 @@ def cache_folder(train: dict, config: VAEConfig) -> tuple[str, str]:
   """(fingerprint, `cache_root()/vaes/<fingerprint>`) of this data set and config."""
   settings = json.dumps(dataclasses.asdict(config), sort_keys=True)
   fingerprint = data_fingerprint(train['x'], train['label'], settings)
-  return fingerprint, os.path.join(cache_root(), 'vaes', fingerprint)
+  return fingerprint, files.join(cache_root(), 'vaes', fingerprint)
 
 
 def load_cached(train: dict, config: VAEConfig, *,
@@ -160,15 +160,14 @@ def load_cached(train: dict, config: VAEConfig, *,
   """
   fingerprint, folder = cache_folder(train, config)
   folder = cache_dir or folder
-  params_dir = os.path.join(folder, 'params')
-  if not os.path.isdir(params_dir):
+  params_dir = files.join(folder, 'params')
+  if not files.isdir(params_dir):
     return None
   template = VAE(train['x'].shape[1:], latent_channels=config.latent_channels,
                  widths=config.widths, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(template)
   params = ocp.StandardCheckpointer().restore(params_dir, nnx.to_pure_dict(state))
-  with open(os.path.join(folder, 'info.json')) as f:
-    info = json.load(f)
+  info = files.read_json(files.join(folder, 'info.json'))
   return FrozenVAE(nnx.merge(graphdef, params), info['scale'], fingerprint, info)
 
 
@@ -191,10 +190,9 @@ def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = Non
   tail = slice(-min(100, config.steps), None)
   info = {'scale': float(1.0 / means.std()), 'config': dataclasses.asdict(config),
           **{f'final_{k}': float(v[tail].mean()) for k, v in metrics.items()}}
-  os.makedirs(folder, exist_ok=True)
+  files.makedirs(folder)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(folder, 'params'), nnx.to_pure_dict(nnx.split(model)[1]))
+  checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(model)[1]))
   checkpointer.wait_until_finished()
-  with open(os.path.join(folder, 'info.json'), 'w') as f:
-    json.dump(info, f)
+  files.write_json(files.join(folder, 'info.json'), info)
   return FrozenVAE(model, info['scale'], fingerprint, info)

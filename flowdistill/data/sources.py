@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import couplings
+from flowdistill import couplings, files
 from flowdistill.data import images, tabular, toy
 from flowdistill.data.pipeline import BatchIterator
 
@@ -90,7 +90,7 @@ def load(data_config) -> Dataset:
     if not path:
       raise ValueError("config.data.source='latent' needs config.data.path: the latent cache "
                        '(.npz) written by flowdistill.condense.latents.load_or_encode.')
-    if data_config.encode.vae and not os.path.isfile(path):
+    if data_config.encode.vae and not files.exists(path):
       splits = encode_with_autoencoder_kl(data_config.encode, path)
     else:
       splits = latents.load(path)

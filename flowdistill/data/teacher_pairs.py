@@ -4,18 +4,18 @@ A pairs folder holds `manifest.json` (the teacher's identity, the solver setting
 the seed) and `chunk_00000.npz`, ... each with `'states'` float32 [chunk, T, ...] and, for a
 class-conditional teacher, `'label'` int32 [chunk]. Row `i` starts from the noise of
 `fold_in(key(seed), i)`, so the folder is the same whoever writes it: generation resumes
-after an interruption (each chunk is written to a temporary file, then renamed), more rows
+after an interruption (each chunk is written atomically), more rows
 can be added later, and any run with the same teacher and settings reuses it.
 """
 
 import hashlib
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+
+from flowdistill import files
 
 MANIFEST = 'manifest.json'
 
@@ -43,18 +43,15 @@ def row_inputs(seed: int, start: int, num: int, shape: tuple[int, ...], num_clas
 
 
 def _chunk_path(directory, index):
-  return os.path.join(directory, f'chunk_{index:05d}.npz')
+  return files.join(directory, f'chunk_{index:05d}.npz')
 
 
 def _check_manifest(directory: str, manifest: dict) -> None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    with open(path + '.tmp', 'w') as f:
-      json.dump(manifest, f, indent=2)
-    os.replace(path + '.tmp', path)
+  path = files.join(directory, MANIFEST)
+  if not files.exists(path):
+    files.write_json(path, manifest)
     return
-  with open(path) as f:
-    stored = json.load(f)
+  stored = files.read_json(path)
   differ = sorted(k for k in set(stored) | set(manifest) if stored.get(k) != manifest.get(k))
   if differ:
     details = '; '.join(f'{k}: stored {stored.get(k)!r}, now {manifest.get(k)!r}'
@@ -73,22 +70,20 @@ def generate(directory: str, trajectory_fn, *, num: int, chunk: int, shape: tupl
     num, chunk: rows wanted (rounded up to whole chunks) and rows per file.
     identity: JSON-able facts that must match for reuse (teacher, solver, times, ...).
   """
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   manifest = dict(identity, seed=seed, chunk=chunk, shape=list(shape), num_classes=num_classes)
   if jax.process_index() == 0:
     _check_manifest(directory, manifest)
   for index in range(jax.process_index(), -(-num // chunk), jax.process_count()):
     path = _chunk_path(directory, index)
-    if os.path.exists(path):
+    if files.exists(path):
       continue
     x0, labels = row_inputs(seed, index * chunk, chunk, shape, num_classes)
     states = np.asarray(jnp.moveaxis(trajectory_fn(x0, labels), 0, 1), np.float32)
     arrays = {'states': states}
     if labels is not None:
       arrays['label'] = np.asarray(labels, np.int32)
-    with open(path + '.tmp', 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(path + '.tmp', path)
+    files.save_npz(path, **arrays)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'teacher_pairs:{directory}')
   if jax.process_index() != 0:
@@ -97,13 +92,11 @@ def generate(directory: str, trajectory_fn, *, num: int, chunk: int, shape: tupl
 
 def load(directory: str, num: int) -> dict[str, np.ndarray]:
   """The first `num` rows: {'states': [num, T, ...], 'label': [num] if conditional}."""
-  with open(os.path.join(directory, MANIFEST)) as f:
-    chunk = json.load(f)['chunk']
+  chunk = files.read_json(files.join(directory, MANIFEST))['chunk']
   parts = []
   for index in range(-(-num // chunk)):
     path = _chunk_path(directory, index)
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise FileNotFoundError(f'{path} is missing: run teacher_pairs.generate for {num} rows.')
-    with np.load(path) as data:
-      parts.append({k: data[k] for k in data.files})
+    parts.append(files.load_npz(path))
   return {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}

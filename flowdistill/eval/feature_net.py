@@ -2,7 +2,6 @@
 cached on disk (no Inception weights can be downloaded)."""
 
 import hashlib
-import json
 import os
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flowdistill import files
 from flowdistill.eval.classifier import accuracy, train_classifier
 from flowdistill.models.classifier import Classifier
 
@@ -77,23 +77,22 @@ def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
   """
   num_classes = int(train['label'].max()) + 1
   channels = _stages(train['x'].shape[1:3])
-  folder = cache_dir or os.path.join(cache_root(), 'feature_nets',
+  folder = cache_dir or files.join(cache_root(), 'feature_nets',
                                      data_fingerprint(train['x'], train['label'], str(steps)))
   template = Classifier(train['x'].shape[1:], num_classes, channels=channels, rngs=nnx.Rngs(0))
   checkpointer = ocp.StandardCheckpointer()
-  params_dir = os.path.join(folder, 'params')
-  if os.path.isdir(params_dir):
+  params_dir = files.join(folder, 'params')
+  if files.isdir(params_dir):
     graphdef, state = nnx.split(template)
     params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
     classifier = nnx.merge(graphdef, params)
-    with open(os.path.join(folder, 'info.json')) as f:
-      return FeatureNet(classifier, json.load(f)['test_accuracy'])
+    return FeatureNet(classifier, files.read_json(files.join(folder, 'info.json'))[
+        'test_accuracy'])
   classifier, _ = train_classifier(train['x'], train['label'], jax.random.key(seed),
                                    steps=steps, num_classes=num_classes, channels=channels)
   acc = accuracy(classifier, test['x'], test['label'])
-  os.makedirs(folder, exist_ok=True)
+  files.makedirs(folder)
   checkpointer.save(params_dir, nnx.to_pure_dict(nnx.split(classifier)[1]))
   checkpointer.wait_until_finished()
-  with open(os.path.join(folder, 'info.json'), 'w') as f:
-    json.dump({'test_accuracy': acc, 'steps': steps}, f)
+  files.write_json(files.join(folder, 'info.json'), {'test_accuracy': acc, 'steps': steps})
   return FeatureNet(classifier, acc)

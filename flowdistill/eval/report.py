@@ -8,15 +8,13 @@ images, and the NLL of the method's likelihood. A method adds its own results as
 """
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import ode
+from flowdistill import files, ode
 from flowdistill.eval import feature_net, metrics, plots
 
 FLOOR_LABEL = 'data (a second sample: the finite-sample floor)'
@@ -148,19 +146,19 @@ def _plot(workdir, dataset, outputs, rows, reference, cond, velocity_model, k_no
     nfe = {row['sampler']: row['nfe'] for row in rows}
     panels = {'data': reference, **{f'{label} (NFE {nfe[label]:.0f})': samples
                                     for label, samples in outputs.items()}}
-    plots.scatter_panels(os.path.join(workdir, 'samples.png'), panels)
+    plots.scatter_panels(files.join(workdir, 'samples.png'), panels)
     if velocity_model is not None:
       apply_fn, params = velocity_model
       _, info = ode.sample(apply_fn, params, k_noise, 300, dataset.shape, solver='euler',
                            steps=50, return_trajectory=True)
-      plots.trajectories(os.path.join(workdir, 'trajectories.png'),
+      plots.trajectories(files.join(workdir, 'trajectories.png'),
                          np.asarray(info['trajectory']))
   elif len(dataset.shape) == 3:
     for label, samples in outputs.items():
       order = (np.argsort(cond[:100], kind='stable') if cond is not None
                else np.arange(min(len(samples), 100)))
       name = label.replace(' ', '_').replace('/', '_per_')
-      plots.image_grid(os.path.join(workdir, f'samples_{name}.png'), samples[:100][order])
+      plots.image_grid(files.join(workdir, f'samples_{name}.png'), samples[:100][order])
 
 
 def report(samplers, dataset, eval_config, key, *, conditional: bool = False, seed: int = 0,
@@ -253,7 +251,5 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def save_results(workdir: str, result: dict, table: str) -> None:
   """Writes `results.json` and `results.md` into the workdir."""
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(table + '\n')
+  files.write_json(files.join(workdir, 'results.json'), result)
+  files.write_bytes(files.join(workdir, 'results.md'), (table + '\n').encode())

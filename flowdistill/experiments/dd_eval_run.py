@@ -14,7 +14,6 @@ k-means) is cached under `$FLOWDISTILL_CACHE/reference_nets/`.
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
+from flowdistill import files
 from flowdistill.condense import dm, evaluate, reference_net, subsets
 from flowdistill.condense.augment import DIGITS, RGB
 from flowdistill.data import sources
@@ -51,7 +51,7 @@ def validate(flat: dict) -> None:
   if unknown:
     raise ValueError(f'config.dd_eval.baselines has {unknown}; choose from {list(BASELINES)}.')
   for path in flat['dd_eval.synsets']:
-    if not os.path.isfile(path):
+    if not files.exists(path):
       raise FileNotFoundError(f'config.dd_eval.synsets: {path} does not exist; give .npz files '
                               'holding x [N, H, W, C] in [-1, 1] and label [N].')
   common.check_positive(flat, ints=('dd_eval.dm_iterations', 'dd_eval.dm_batch_real'),
@@ -93,12 +93,12 @@ def reductions(config) -> dict:
 
 def load_synset(path: str) -> dict:
   """A saved synthetic set {'x', 'label'}, refusing files without those arrays."""
-  with np.load(path) as f:
-    missing = [k for k in ('x', 'label') if k not in f.files]
-    if missing:
-      raise ValueError(f'{path} lacks {missing} (it has {f.files}); a synthetic set is an .npz '
-                       'with x [N, H, W, C] float in [-1, 1] and label int [N].')
-    return {'x': np.asarray(f['x']), 'label': np.asarray(f['label'])}
+  f = files.load_npz(path)
+  missing = [k for k in ('x', 'label') if k not in f]
+  if missing:
+    raise ValueError(f'{path} lacks {missing} (it has {sorted(f)}); a synthetic set is an .npz '
+                     'with x [N, H, W, C] float in [-1, 1] and label int [N].')
+  return {'x': f['x'], 'label': f['label']}
 
 
 def _bar(desc: str, total: int):
@@ -108,7 +108,7 @@ def _bar(desc: str, total: int):
 
 def save_set(stem: str, synset: dict, ipc: int, num_classes: int) -> None:
   """`stem`.npz (x, label) and `stem`.png (a grid, IPC per row, at most 10 columns)."""
-  np.savez(stem + '.npz', x=synset['x'], label=synset['label'])
+  files.save_npz(stem + '.npz', x=synset['x'], label=synset['label'])
   order = np.argsort(synset['label'], kind='stable')
   columns = min(ipc, 10)
   grid = np.concatenate([synset['x'][order][synset['label'][order] == c][:columns]
@@ -121,8 +121,8 @@ def score(name: str, ipc: int, synsets: list[dict], split, dd, ipc_index, key,
   """Evaluates one set with R runs, or R sets (one per run, as the random baseline), saves each
   set and its grid, and returns the cell."""
   proto = protocol(dd, ipc_index, channels=split.x.shape[-1])
-  os.makedirs(os.path.join(workdir, 'sets'), exist_ok=True)
-  stem = os.path.join(workdir, 'sets', f'{name}_ipc{ipc}')
+  files.makedirs(files.join(workdir, 'sets'))
+  stem = files.join(workdir, 'sets', f'{name}_ipc{ipc}')
   bar = _bar(f'{name} IPC {ipc}', evaluate.epochs_total(proto))
   one_each = len(synsets) > 1
   accs, seconds = [], 0.0
@@ -206,25 +206,23 @@ def run(config, workdir: str) -> dict:
       features = ref.features(dataset.train['x'])
   key = jax.random.key(dd.seed)
   cells = []
-  os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
+  files.makedirs(files.join(workdir, 'cells'))
   jobs = [(os.path.splitext(os.path.basename(p))[0], None, p) for p in config.dd_eval.synsets]
   jobs += [(name, ipc, None) for ipc in ipcs for name in config.dd_eval.baselines]
   for name, ipc, path in jobs:
     synsets = [load_synset(path)] if path else None
     if synsets is not None:
       ipc = int(np.bincount(synsets[0]['label']).max())
-    cell_path = os.path.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
-    if os.path.exists(cell_path):
-      with open(cell_path) as f:
-        cells.append(json.load(f))
+    cell_path = files.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
+    if files.exists(cell_path):
+      cells.append(files.read_json(cell_path))
       continue
     ipc_index = ipcs.index(ipc) if ipc in ipcs else 0
     set_key = jax.random.fold_in(key, ipc)
     if synsets is None:
       synsets = baseline_sets(name, ipc, dataset, features, config, set_key)
     cell = score(name, ipc, synsets, split, dd, ipc_index, set_key, workdir)
-    with open(cell_path, 'w') as f:
-      json.dump(cell, f, indent=2)
+    files.write_json(cell_path, cell)
     cells.append(cell)
   dataset_name = config.data.source
   preset = {'name': dd.preset, 'reductions': reductions(config),

@@ -19,14 +19,12 @@ pushed-forward training set (for toys a fixed draw of `config.local_fm.train_siz
 """
 
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import ode
+from flowdistill import files, ode
 from flowdistill.data import pipeline, sources, toy
 from flowdistill.eval import report
 from flowdistill.experiments import common
@@ -78,10 +76,9 @@ def _chain_spec(config) -> dict:
 
 def check_workdir(config, workdir: str) -> None:
   """Writes `chain.json`, or refuses a workdir whose existing chain differs from `config`."""
-  spec, file = _chain_spec(config), os.path.join(workdir, 'chain.json')
-  if os.path.exists(file):
-    with open(file) as f:
-      old = json.load(f)
+  spec, file = _chain_spec(config), files.join(workdir, 'chain.json')
+  if files.exists(file):
+    old = files.read_json(file)
     changed = [k for k in spec if json.dumps(old.get(k), sort_keys=True) != json.dumps(
         spec[k], sort_keys=True)]
     if changed:
@@ -90,10 +87,7 @@ def check_workdir(config, workdir: str) -> None:
                        'the settings of that chain to resume it.')
     return
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(file + '.tmp', 'w') as f:
-      json.dump(spec, f, indent=2)
-    os.replace(file + '.tmp', file)
+    files.write_json(file, spec)
 
 
 def training_set(config, dataset) -> np.ndarray:
@@ -107,33 +101,31 @@ def training_set(config, dataset) -> np.ndarray:
 def cached_push_forward(directory: str, push_fn, x: np.ndarray, chunk: int) -> np.ndarray:
   """`push_fn(rows) -> (pushed rows, nfe)` over x [N, ...] in chunks, cached on disk.
 
-  Each chunk goes to its own `.npz` by an atomic rename, so an interrupted push-forward
+  Each chunk goes to its own `.npz`, written atomically, so an interrupted push-forward
   restarts at the first missing chunk; the last chunk is padded to the chunk size (one compiled
   shape). The result is `directory/pushforward.npy`, with `pushforward.json` holding the
   velocity evaluations spent (`evaluations`: sum over points of the NFE). Returns [N, ...].
   """
-  final = os.path.join(directory, 'pushforward.npy')
-  if not os.path.exists(final):
-    parts = os.path.join(directory, f'pushforward_parts_c{chunk}')
-    os.makedirs(parts, exist_ok=True)
+  final = files.join(directory, 'pushforward.npy')
+  if not files.exists(final):
+    parts = files.join(directory, f'pushforward_parts_c{chunk}')
+    files.makedirs(parts)
     starts = range(0, len(x), chunk)
     for i, start in enumerate(starts):
-      part = os.path.join(parts, f'{i:06d}.npz')
-      if os.path.exists(part):
+      part = files.join(parts, f'{i:06d}.npz')
+      if files.exists(part):
         continue
       rows = x[start:start + chunk]
       padded = np.concatenate([rows, x[:chunk - len(rows)]]) if len(rows) < chunk else rows
       out, nfe = push_fn(padded)
-      np.savez(part + '.tmp.npz', x=np.asarray(out)[:len(rows)], nfe=np.asarray(nfe))
-      os.replace(part + '.tmp.npz', part)
-    loaded = [np.load(os.path.join(parts, f'{i:06d}.npz')) for i in range(len(starts))]
-    with open(os.path.join(directory, 'pushforward.json'), 'w') as f:
-      json.dump({'evaluations': int(sum(int(p['nfe']) * len(p['x']) for p in loaded)),
-                 'chunk': chunk}, f)
-    np.save(final + '.tmp.npy', np.concatenate([p['x'] for p in loaded]))
-    os.replace(final + '.tmp.npy', final)
-    shutil.rmtree(parts)
-  pushed = np.load(final)
+      files.save_npz(part, x=np.asarray(out)[:len(rows)], nfe=np.asarray(nfe))
+    loaded = [files.load_npz(files.join(parts, f'{i:06d}.npz')) for i in range(len(starts))]
+    files.write_json(files.join(directory, 'pushforward.json'),
+                     {'evaluations': int(sum(int(p['nfe']) * len(p['x']) for p in loaded)),
+                      'chunk': chunk})
+    files.save_npy(final, np.concatenate([p['x'] for p in loaded]))
+    files.rmtree(parts)
+  pushed = files.load_npy(final)
   if pushed.shape != x.shape:
     raise ValueError(f'{final} holds {pushed.shape[0]} points of shape {pushed.shape[1:]}, but '
                      f'the training set has {x.shape}; delete it (or use a new --workdir).')
@@ -169,7 +161,7 @@ class Chain:
     self._push = jax.jit(lambda p, x: local_fm.push_forward(self.apply_fn, p, x, **solve))
 
   def block_dir(self, n: int) -> str:
-    return os.path.join(self.workdir, f'block_{n}')
+    return files.join(self.workdir, f'block_{n}')
 
   def data(self, n: int) -> np.ndarray:
     """The data side of block n: the training set (n = 0) or block n-1's push-forward."""
@@ -178,7 +170,7 @@ class Chain:
         self._train_set = training_set(self.config, self.dataset)
       return self._train_set
     if n not in self._data:
-      self._data[n] = np.load(os.path.join(self.block_dir(n - 1), 'pushforward.npy'))
+      self._data[n] = files.load_npy(files.join(self.block_dir(n - 1), 'pushforward.npy'))
     return self._data[n]
 
   def batches(self, n: int):
@@ -241,7 +233,7 @@ class Chain:
       loss_fn = local_fm.distill_loss(map_apply_fn, self.apply_fn, self.path, h,
                                       loss=lf.distill_loss, scheme=lf.distill_scheme)
       state = common.fit(distill_config, common.warm_start(map_init, teacher), loss_fn,
-                         self.batches(n), os.path.join(self.block_dir(n), 'distill'),
+                         self.batches(n), files.join(self.block_dir(n), 'distill'),
                          meta=self.meta(distill_config, n, two_time=True),
                          extras={'teacher_params': teacher},
                          key=jax.random.fold_in(jax.random.key(config.seed + 1), n))
@@ -319,8 +311,7 @@ def pushforward_evaluations(chain: Chain) -> int:
   """Velocity evaluations (points x NFE) spent pushing the training set through the chain."""
   total = 0
   for n in range(len(chain.step_sizes) - 1):
-    with open(os.path.join(chain.block_dir(n), 'pushforward.json')) as f:
-      total += json.load(f)['evaluations']
+    total += files.read_json(files.join(chain.block_dir(n), 'pushforward.json'))['evaluations']
   return total
 
 

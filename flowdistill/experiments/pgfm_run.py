@@ -19,8 +19,6 @@ decoded k-means centres) and `random` (real images, one subset per run).
 import copy
 import dataclasses
 import functools
-import json
-import os
 import time
 
 import jax
@@ -29,6 +27,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from flowdistill import files
 from flowdistill.condense import coverage, evaluate, latents, pgfm, vae
 from flowdistill.data import sources
 from flowdistill.eval import feature_net, report
@@ -105,16 +104,16 @@ def load_or_make_prototypes(workdir: str, lat: dict, ipc: int, config,
                             fingerprint: str) -> np.ndarray:
   """`workdir/prototypes_ipc<ipc>.npz` [C, IPC, h, w, c], computed from the latents `lat` and
   saved where missing; refused where another VAE (`fingerprint`) made it."""
-  path = os.path.join(workdir, f'prototypes_ipc{ipc}.npz')
-  if os.path.isfile(path):
-    with np.load(path) as f:
-      if str(f['fingerprint']) != fingerprint:
-        raise ValueError(f'{path} holds prototypes of VAE {f["fingerprint"]}, but the VAE in '
-                         f'use is {fingerprint}; delete it to recompute them.')
-      return f['prototypes']
+  path = files.join(workdir, f'prototypes_ipc{ipc}.npz')
+  if files.exists(path):
+    f = files.load_npz(path)
+    if str(f['fingerprint']) != fingerprint:
+      raise ValueError(f'{path} holds prototypes of VAE {f["fingerprint"]}, but the VAE in '
+                       f'use is {fingerprint}; delete it to recompute them.')
+    return f['prototypes']
   protos = pgfm.class_prototypes(lat['train']['x'], lat['train']['label'], ipc,
                                  seed=config.dd.seed, n_init=config.pgfm.prototype_n_init)
-  np.savez(path, prototypes=protos, fingerprint=fingerprint)
+  files.save_npz(path, prototypes=protos, fingerprint=fingerprint)
   return protos
 
 
@@ -169,12 +168,11 @@ def check_flow(flow: Trained, latent_shape: tuple[int, ...], where: str) -> None
 def load_finished(workdir: str) -> FinishedRun:
   """Reads back what `run` trained in `workdir` (nothing is retrained: the VAE and the
   latents come from their caches, the flow from `workdir/latent_fm`)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = files.join(workdir, 'config.json')
+  if not files.exists(path):
     raise FileNotFoundError(f'{path} does not exist: run method="pgfm" with '
                             f'--workdir={workdir} first.')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(files.read_json(path))
   make = (f'`python -m flowdistill.main --config=configs/pgfm.py:{config.data.source} '
           f'--workdir={workdir}` (with the config of that run)')
   dataset = sources.load(config.data)
@@ -184,8 +182,8 @@ def load_finished(workdir: str) -> FinishedRun:
     folder = vae.cache_folder(dataset.train, settings)[1]
     raise FileNotFoundError(f'No VAE of this run is cached ({folder} does not exist); train it '
                             f'with {make}.')
-  flow_dir = os.path.join(workdir, 'latent_fm')
-  if not os.path.isdir(os.path.join(flow_dir, 'checkpoints')):
+  flow_dir = files.join(workdir, 'latent_fm')
+  if not files.isdir(files.join(flow_dir, 'checkpoints')):
     raise FileNotFoundError(f'{flow_dir} holds no latent flow; train it with {make}.')
   lat = latents.load_or_encode(frozen, dataset.train, dataset.test, mode=config.pgfm.latent,
                                seed=config.seed)
@@ -198,9 +196,9 @@ def load_finished(workdir: str) -> FinishedRun:
 
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json())  # what benchmarks/pgfm_efficiency.py rebuilds the run from
+  files.makedirs(workdir)
+  # what benchmarks/pgfm_efficiency.py rebuilds the run from
+  files.write_bytes(files.join(workdir, 'config.json'), config.to_json().encode())
   dataset = sources.load(config.data)
   p = config.pgfm
   bar = tqdm.tqdm(total=p.vae_steps, desc='VAE', unit='step', leave=False,
@@ -211,10 +209,10 @@ def run(config, workdir: str) -> dict:
   lat = latents.load_or_encode(frozen, dataset.train, dataset.test, mode=p.latent,
                                seed=config.seed)
   fm_config = latent_fm_config(config, latents.cache_path(frozen, p.latent))
-  os.makedirs(os.path.join(workdir, 'latent_fm'), exist_ok=True)
-  with open(os.path.join(workdir, 'latent_fm', 'config.json'), 'w') as f:
-    f.write(fm_config.to_json())  # what configs/pgfm_student.py builds a student from
-  _, apply_fn, state = fm_run.train(fm_config, os.path.join(workdir, 'latent_fm'))
+  files.makedirs(files.join(workdir, 'latent_fm'))
+  # what configs/pgfm_student.py builds a student from
+  files.write_bytes(files.join(workdir, 'latent_fm', 'config.json'), fm_config.to_json().encode())
+  _, apply_fn, state = fm_run.train(fm_config, files.join(workdir, 'latent_fm'))
   if jax.process_index() != 0:
     return {}
   params = common.eval_params(config, state)
@@ -236,7 +234,7 @@ def run(config, workdir: str) -> dict:
   split = evaluate.test_split(dataset.train, dataset.test)
   real_features = judge.features(dataset.train['x'])
   cells = []
-  os.makedirs(os.path.join(workdir, 'cells'), exist_ok=True)
+  files.makedirs(files.join(workdir, 'cells'))
   for ipc_index, ipc in enumerate(config.dd.ipcs):
     protos = load_or_make_prototypes(workdir, lat, ipc, config, frozen.fingerprint)
     flat_protos = protos.reshape(-1, *protos.shape[2:])
@@ -248,10 +246,9 @@ def run(config, workdir: str) -> dict:
                                         seed=config.dd.seed)
     set_key = jax.random.fold_in(key, ipc)
     for name in p.sets:
-      cell_path = os.path.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
-      if os.path.exists(cell_path):
-        with open(cell_path) as f:
-          cells.append(json.load(f))
+      cell_path = files.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
+      if files.exists(cell_path):
+        cells.append(files.read_json(cell_path))
         continue
       extra = {}
       if name == 'random':
@@ -281,8 +278,7 @@ def run(config, workdir: str) -> dict:
       synsets[0] = dict(first, extra=extra)
       cell = dd_eval_run.score(name, ipc, synsets, split, config.dd, ipc_index, set_key,
                                workdir)
-      with open(cell_path, 'w') as f:
-        json.dump(cell, f, indent=2)
+      files.write_json(cell_path, cell)
       cells.append(cell)
   result = {'cells': cells, 'vae': {**frozen.info, 'fingerprint': frozen.fingerprint,
                                     'recon_label_accuracy': recon_accuracy},

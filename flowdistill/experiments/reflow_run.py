@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import ode
+from flowdistill import files, ode
 from flowdistill.data import sources, teacher_pairs
 from flowdistill.data.pipeline import BatchIterator
 from flowdistill.eval import report
@@ -61,7 +61,8 @@ def make_pairs(config, teacher, teacher_apply, dataset, times, workdir: str) -> 
   rc = config.reflow
   directory = rc.pairs_dir or os.path.join(workdir, 'pairs')
   identity = {
-      'teacher_workdir': os.path.abspath(config.teacher.workdir),
+      'teacher_workdir': (config.teacher.workdir if files.is_url(config.teacher.workdir)
+                          else os.path.abspath(config.teacher.workdir)),
       'teacher_fingerprint': teacher_pairs.fingerprint(teacher.params),
       'guidance': config.eval.guidance if config.data.conditional else None,
       'times': [round(float(t), 6) for t in times],

@@ -18,7 +18,6 @@ Stages, each cached so a rerun resumes where the last one stopped:
 
 import dataclasses
 import functools
-import json
 import os
 import resource
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from flowdistill import files
 from flowdistill.condense import image_param, linear_probe, sfm, ssl, subsets
 from flowdistill.data import sources
 from flowdistill.eval import report
@@ -98,14 +98,14 @@ def probe_protocol(p, mode: str = 'normal') -> linear_probe.ProbeProtocol:
 def load_statistics(path: str, fingerprint: str) -> dict | None:
   """{'mu', 'nu', 'flow', 'golden': Head, 'golden_accuracy'} from `path`, or None if missing;
   refuses a file made with another backbone."""
-  if not os.path.isfile(path):
+  if not files.exists(path):
     return None
-  with np.load(path) as f:
-    if str(f['fingerprint']) != fingerprint:
-      raise ValueError(f'{path} holds statistics of backbone {f["fingerprint"]}, but the '
-                       f'backbone in use is {fingerprint}; delete the file and rerun '
-                       'method="sfm" to recompute them.')
-    return {'mu': jnp.asarray(f['mu']), 'nu': jnp.asarray(f['nu']),
+  f = files.load_npz(path)
+  if str(f['fingerprint']) != fingerprint:
+    raise ValueError(f'{path} holds statistics of backbone {f["fingerprint"]}, but the '
+                     f'backbone in use is {fingerprint}; delete the file and rerun '
+                     'method="sfm" to recompute them.')
+  return {'mu': jnp.asarray(f['mu']), 'nu': jnp.asarray(f['nu']),
             'flow': jnp.asarray(f['flow']),
             'golden': linear_probe.Head(jnp.asarray(f['weight']), jnp.asarray(f['bias'])),
             'golden_accuracy': float(f['golden_accuracy'])}
@@ -117,7 +117,7 @@ def statistics(backbone: ssl.FrozenBackbone, dataset, config,
   (`train_features`: φ_d of the train split, where the caller has them already)."""
   p = config.sfm
   settings = ssl_configs(p, config.seed)[0]
-  path = os.path.join(ssl.cache_folder(dataset.train, settings)[1], 'statistics.npz')
+  path = files.join(ssl.cache_folder(dataset.train, settings)[1], 'statistics.npz')
   cached = load_statistics(path, backbone.fingerprint)
   if cached is not None:
     return cached
@@ -129,7 +129,7 @@ def statistics(backbone: ssl.FrozenBackbone, dataset, config,
                                           epochs=p.golden_epochs)
   accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
                                    dataset.test['label'])
-  np.savez(path, fingerprint=backbone.fingerprint, weight=golden.weight, bias=golden.bias,
+  files.save_npz(path, fingerprint=backbone.fingerprint, weight=golden.weight, bias=golden.bias,
            golden_accuracy=accuracy, **{k: np.asarray(v) for k, v in real.items()})
   return load_statistics(path, backbone.fingerprint)
 
@@ -177,11 +177,10 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key, folder: str) ->
     init = dataset.train['x'][subsets.select('random', None, dataset.train['label'], ipc,
                                              seed=0)]
   cost = step_cost(loss_fn, jnp.zeros((classes * ipc, *shape)), key, *args)
-  stem = os.path.join(folder, f'{name}_ipc{ipc}')
+  stem = files.join(folder, f'{name}_ipc{ipc}')
   snapshots = {'steps': [], 'seconds': [], 'images': []}
-  if os.path.exists(stem + '.partial.npz'):
-    with np.load(stem + '.partial.npz') as f:
-      snapshots = {k: list(f[k]) for k in snapshots}
+  if files.exists(stem + '.partial.npz'):
+    snapshots = {k: list(v) for k, v in files.load_npz(stem + '.partial.npz').items()}
   offset = snapshots['seconds'][-1] if snapshots['seconds'] else 0.0
   bar = tqdm.tqdm(total=p.steps, initial=snapshots['steps'][-1] if snapshots['steps'] else 0,
                   desc=f'{name} IPC {ipc}', unit='step', leave=False,
@@ -196,8 +195,7 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key, folder: str) ->
     snapshots['seconds'].append(offset + time.perf_counter() - start)
     snapshots['steps'].append(done)
     snapshots['images'].append(images())
-    np.savez(stem + '.partial.tmp.npz', **snapshots)
-    os.replace(stem + '.partial.tmp.npz', stem + '.partial.npz')
+    files.save_npz(stem + '.partial.npz', **snapshots)
     bar.update(done - bar.n)
 
   images, history = image_param.distill(
@@ -218,9 +216,7 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key, folder: str) ->
 def discard_progress(folder: str, name: str, ipc: int) -> None:
   """Removes the resumption files of `distil` once its set is scored."""
   for suffix in ('.state.npz', '.partial.npz'):
-    path = os.path.join(folder, f'{name}_ipc{ipc}{suffix}')
-    if os.path.exists(path):
-      os.remove(path)
+    files.remove(files.join(folder, f'{name}_ipc{ipc}{suffix}'))
 
 
 def backbones(dataset, config, *, train: bool = True) -> dict:
@@ -247,9 +243,9 @@ def backbones(dataset, config, *, train: bool = True) -> dict:
 
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
-  snapshot_folder = os.path.join(workdir, 'snapshots')
+  snapshot_folder = files.join(workdir, 'snapshots')
   for folder in ('cells', 'snapshots'):
-    os.makedirs(os.path.join(workdir, folder), exist_ok=True)
+    files.makedirs(files.join(workdir, folder))
   dataset = sources.load(config.data)
   p = config.sfm
   sfm.check_classes(dataset.num_classes)
@@ -273,23 +269,22 @@ def run(config, workdir: str) -> dict:
   cells = []
   for ipc in config.dd.ipcs:
     for name in p.methods:
-      path = os.path.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
-      if os.path.exists(path):
-        with open(path) as f:
-          cells.append(json.load(f))
+      path = files.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
+      if files.exists(path):
+        cells.append(files.read_json(path))
         continue
       set_key = jax.random.fold_in(jax.random.fold_in(key, ipc), METHODS.index(name))
       if name in DISTILLED:
         images, cell, snapshots = distil(name, ipc, phi_d, real, dataset, p, set_key,
                                          snapshot_folder)
         labels = cell.pop('labels')
-        np.savez(os.path.join(snapshot_folder, f'{name}_ipc{ipc}.npz'), labels=labels,
+        files.save_npz(files.join(snapshot_folder, f'{name}_ipc{ipc}.npz'), labels=labels,
                  **snapshots)
       else:
         index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
         images, labels, cell = dataset.train['x'][index], dataset.train['label'][index], {}
-      stem = os.path.join(workdir, 'sets', f'{name}_ipc{ipc}')
-      os.makedirs(os.path.dirname(stem), exist_ok=True)
+      stem = files.join(workdir, 'sets', f'{name}_ipc{ipc}')
+      files.makedirs(os.path.dirname(stem))
       dd_eval_run.save_set(stem, {'x': np.asarray(images), 'label': np.asarray(labels)}, ipc,
                            dataset.num_classes)
       probes = p.probes if name in DISTILLED else ('normal',)
@@ -305,8 +300,7 @@ def run(config, workdir: str) -> dict:
       if 'ci' in probes:
         cell['ci_storage_floats'] = int(real['golden'].weight.size + real['golden'].bias.size
                                         + phi_e.feature_dim * phi_d.feature_dim)
-      with open(path, 'w') as f:
-        json.dump(cell, f, indent=2)
+      files.write_json(path, cell)
       discard_progress(snapshot_folder, name, ipc)
       cells.append(cell)
   result = {'cells': cells, 'golden_accuracy': real['golden_accuracy'],

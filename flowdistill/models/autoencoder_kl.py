@@ -10,7 +10,6 @@ Images are [B, H, W, 3] in [-1, 1]; latents are [B, H/8, W/8, 4] for SD's four l
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 
@@ -18,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from flowdistill import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,11 +186,10 @@ class AutoencoderKL(nnx.Module):
 def read_config(weights_path: str) -> AutoencoderKLConfig:
   """The architecture of the weights at `weights_path`: from the diffusers `config.json` in the
   same folder when there is one, else SD's defaults."""
-  file = os.path.join(os.path.dirname(weights_path), 'config.json')
-  if not os.path.isfile(file):
+  file = files.join(os.path.dirname(weights_path), 'config.json')
+  if not files.exists(file):
     return AutoencoderKLConfig()
-  with open(file) as f:
-    stored = json.load(f)
+  stored = files.read_json(file)
   fields = {f.name for f in dataclasses.fields(AutoencoderKLConfig)}
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
   return AutoencoderKLConfig(**values)
@@ -220,15 +220,16 @@ def _to_nnx(array: np.ndarray) -> np.ndarray:
   return array.T if array.ndim == 2 else array
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """{key: float32 array} of a `.safetensors` file (float16/bfloat16 weights are widened)."""
+def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
+  """{key: float32 array} of a `.safetensors` file's bytes (float16/bfloat16 weights are
+  widened)."""
   try:
-    from safetensors.flax import load_file  # bfloat16 needs the JAX reader, not NumPy's
+    from safetensors.flax import load  # bfloat16 needs the JAX reader, not NumPy's
   except ImportError as e:
     raise ImportError('Reading .safetensors weights needs the safetensors package: pip install '
                       '"flowdistill[sd]" (or safetensors).') from e
 
-  return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+  return {k: np.asarray(v, np.float32) for k, v in load(data).items()}
 
 
 def load_autoencoder_kl(path: str, image_shape: Sequence[int],
@@ -241,14 +242,15 @@ def load_autoencoder_kl(path: str, image_shape: Sequence[int],
     ValueError: a parameter is missing from the file or has another shape (named, with both
       shapes); the file is then of another architecture or `config` does not match it.
   """
-  if not os.path.isfile(path):
+  if not files.exists(path):
     raise FileNotFoundError(f'No AutoencoderKL weights at {path}; download '
                             'vae/diffusion_pytorch_model.safetensors of the model (e.g. '
                             'stabilityai/sd-vae-ft-mse) and pass its path.')
   module = AutoencoderKL(config, image_shape, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(module)
   params = nnx.to_pure_dict(state)
-  weights = read_safetensors(path)
+  data = files.read_bytes(path)  # a local path or gs://
+  weights = read_safetensors(data)
   for key, (names, torch_shape) in weight_layout(params).items():
     if key not in weights:
       raise ValueError(f'{path} has no weight {key!r} (shape {list(torch_shape)}): not a '
@@ -263,9 +265,5 @@ def load_autoencoder_kl(path: str, image_shape: Sequence[int],
     for name in names[:-1]:
       node = node[name]
     node[names[-1]] = jnp.asarray(_to_nnx(weights[key]))
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
   nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), digest.hexdigest()[:16]
+  return nnx.merge(graphdef, state), hashlib.sha256(data).hexdigest()[:16]

@@ -9,7 +9,10 @@ import shutil
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from flowdistill.files import is_url
 
 _log = logging.getLogger(__name__)
 
@@ -48,12 +51,16 @@ def param_shapes(tree) -> dict[str, list[int]]:
           for path, leaf in flat}
 
 
-def check_local_path(path: str) -> None:
-  """Refuses URLs (gs://, s3://): runs read and write through the local filesystem."""
-  if '://' in str(path):
-    raise ValueError(f'{path!r} is a URL; flowdistill writes through the local filesystem. '
-                     'Mount the bucket (e.g. gcsfuse) or use a shared filesystem, and pass '
-                     'its local path as --workdir.')
+def check_workdir(path) -> None:
+  """Refuses URLs other than gs:// (Cloud Storage, the one object store that is tested)."""
+  if is_url(path) and not str(path).startswith('gs://'):
+    raise ValueError(f'{str(path)!r}: flowdistill writes to local paths and to gs:// buckets; '
+                     'mount this store (e.g. s3fs) and pass its local path as --workdir.')
+
+
+def _free_bytes(directory: str) -> int | None:
+  """Free bytes of a local filesystem; None for an object store (no quota to check)."""
+  return None if is_url(directory) else shutil.disk_usage(directory).free
 
 
 class Checkpointer:
@@ -66,17 +73,16 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    check_local_path(directory)
-    directory = os.path.abspath(directory)
+    check_workdir(directory)
+    directory = str(directory if is_url(directory) else os.path.abspath(directory))
     try:
-      os.makedirs(directory, exist_ok=True)
-      probe = os.path.join(directory, f'.write_test.{jax.process_index()}')
-      with open(probe, 'w') as f:
-        f.write('ok')
-      os.remove(probe)
+      epath.Path(directory).mkdir(parents=True, exist_ok=True)
+      probe = epath.Path(directory) / f'.write_test.{jax.process_index()}'
+      probe.write_text('ok')
+      probe.unlink()
     except OSError as e:
-      raise PermissionError(f'Cannot write checkpoints to {directory!r} ({e.strerror}); choose '
-                            'a writable --workdir.') from e
+      raise PermissionError(f'Cannot write checkpoints to {directory!r} ({e.strerror or e}); '
+                            'choose a writable --workdir.') from e
     self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
@@ -95,8 +101,8 @@ class Checkpointer:
     """
     need = sum(x.nbytes for x in jax.tree.leaves(state)) * (
         2 if self.manager.is_saving_in_progress() else 1) + SAVE_MARGIN_BYTES
-    free = shutil.disk_usage(self.directory).free
-    if free < need:
+    free = _free_bytes(self.directory)
+    if free is not None and free < need:
       _, full, fix = WRITE_FAILURES[0]
       raise CheckpointWriteError(self._failure(
           step, f'{full} ({free / 2**20:.1f} MiB free, the checkpoint needs about '
@@ -192,12 +198,12 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       for step in steps:
-        aside = os.path.join(self.directory, f'unreadable-{step}')
+        aside = epath.Path(self.directory) / f'unreadable-{step}'
         suffix = 0
-        while os.path.exists(aside + (f'.{suffix}' if suffix else '')):
+        while aside.with_name(f'{aside.name}.{suffix}' if suffix else aside.name).exists():
           suffix += 1
-        aside += f'.{suffix}' if suffix else ''
-        os.rename(os.path.join(self.directory, str(step)), aside)
+        aside = aside.with_name(f'{aside.name}.{suffix}' if suffix else aside.name)
+        (epath.Path(self.directory) / str(step)).rename(aside)
         _log.warning('Moved the unreadable checkpoint of step %d to %s.', step, aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('flowdistill: unreadable checkpoints moved aside')

@@ -1,11 +1,14 @@
 """One run per workdir: an exclusive lease file `WORKDIR/.lease`, held for the run's lifetime.
 
 The lease is created with `O_CREAT | O_EXCL` (atomic on local disks and NFS), holds
-`{host, pid, started}` and is touched every `heartbeat_s` by a daemon thread. A lease left by a
-killed run is stale — on the same host its pid is gone, on another host (a shared filesystem)
-its heartbeat is older than `stale_after_s` — and is taken over; a live one is refused with its
-holder and the fix. With several processes only process 0 takes the lease; the others learn the
-outcome from it (`agree`).
+`{host, pid, started, touched}` and is touched every `heartbeat_s` by a daemon thread. In an
+object store (a gs:// workdir) there is no exclusive create: a run writes the lease when it is
+absent, waits `OBJECT_STORE_SETTLE_S` and reads it back; of two runs that both wrote, only the
+last writer finds itself there (the other is refused), and the heartbeat rewrites `touched`.
+A lease left by a killed run is stale — on the same host its pid is gone, on another host (a
+shared filesystem or a bucket) its heartbeat is older than `stale_after_s` — and is taken over;
+a live one is refused with its holder and the fix. With several processes only process 0 takes
+the lease; the others learn the outcome from it (`agree`).
 """
 
 import contextlib
@@ -17,9 +20,13 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
+from flowdistill.files import is_url
+
 LEASE_FILE = '.lease'
+OBJECT_STORE_SETTLE_S = 2.0  # longer than a check-then-write takes, so the last writer is seen
 
 
 class WorkdirInUseError(RuntimeError):
@@ -46,7 +53,8 @@ class WorkdirLease:
   """
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
-    self.path = os.path.join(workdir, LEASE_FILE)
+    self.url = is_url(workdir)
+    self.path = str(epath.Path(workdir) / LEASE_FILE)
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),
                    'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
@@ -54,23 +62,31 @@ class WorkdirLease:
     self._thread = None
 
   def _create(self) -> bool:
+    path = epath.Path(self.path)
     try:
-      os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      if self.url:  # no exclusive create in an object store: write, wait, see who won
+        if path.exists():
+          return False
+        path.write_text(json.dumps(dict(self.holder, touched=time.time())))
+        time.sleep(OBJECT_STORE_SETTLE_S)
+        holder = self._read()
+        return holder is not None and all(holder[k] == v for k, v in self.holder.items())
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
     except OSError as e:
-      raise PermissionError(f'Cannot create the workdir lease {self.path!r} ({e.strerror}); '
-                            'choose a writable --workdir.') from e
+      raise PermissionError(f'Cannot create the workdir lease {self.path!r} ({e.strerror or e});'
+                            ' choose a writable --workdir.') from e
     with os.fdopen(fd, 'w') as f:
       json.dump(self.holder, f)
     return True
 
   def _read(self) -> dict | None:
     try:
-      with open(self.path) as f:
-        holder = json.load(f)
-      return dict(holder, age_s=time.time() - os.path.getmtime(self.path))
+      holder = json.loads(epath.Path(self.path).read_text())
+      touched = holder['touched'] if self.url else os.path.getmtime(self.path)
+      return dict(holder, age_s=time.time() - touched)
     except (FileNotFoundError, json.JSONDecodeError):  # released, or being written right now
       return None
 
@@ -89,12 +105,13 @@ class WorkdirLease:
         continue
       if not self._stale(holder):
         raise WorkdirInUseError(
-            f'{os.path.dirname(self.path)} is in use by another run: pid {holder["pid"]} on '
+            f'{epath.Path(self.path).parent} is in use by another run: pid {holder["pid"]} on '
             f'{holder["host"]}, started {holder["started"]} (lease {self.path}, touched '
             f'{holder["age_s"]:.0f} s ago). Use another --workdir, or wait for that run to end.')
       try:  # rename first, so that of two takers only one removes the stale file
-        os.rename(self.path, f'{self.path}.stale.{os.getpid()}')
-        os.remove(f'{self.path}.stale.{os.getpid()}')
+        stale = epath.Path(f'{self.path}.stale.{os.getpid()}')
+        epath.Path(self.path).rename(stale)
+        stale.unlink()
       except FileNotFoundError:
         pass
     else:
@@ -106,7 +123,10 @@ class WorkdirLease:
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
       try:
-        os.utime(self.path)
+        if self.url:
+          epath.Path(self.path).write_text(json.dumps(dict(self.holder, touched=time.time())))
+        else:
+          os.utime(self.path)
       except FileNotFoundError:
         return
 
@@ -115,7 +135,7 @@ class WorkdirLease:
     holder = self._read()
     if holder is not None and holder['pid'] == self.holder['pid'] and (
         holder['host'] == self.holder['host']):
-      os.remove(self.path)
+      epath.Path(self.path).unlink(missing_ok=True)
 
   def __enter__(self):
     self.acquire()

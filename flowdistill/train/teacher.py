@@ -3,10 +3,10 @@
 import dataclasses
 import json
 import logging
-import os
 
 import jax
 import ml_collections
+from etils import epath
 
 from flowdistill.models.factory import build_model
 from flowdistill.train.checkpoint import (
@@ -58,8 +58,8 @@ def load_trained(workdir: str, *, ema: float | None = None) -> Trained:
     workdir: the other run's --workdir.
     ema: which EMA to return (None: that run's `train.eval_ema`; 0: the raw params).
   """
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = str(epath.Path(workdir) / 'checkpoints')
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f'No checkpoints in {directory!r}: set config.teacher.workdir to '
                             'the --workdir of a finished training run.')
   ckpt = Checkpointer(directory, async_save=False)
