@@ -55,7 +55,7 @@ def load_or_train(train: dict, split: TestSplit, protocol: Protocol, *, seed: in
   settings = json.dumps({**dataclasses.asdict(protocol), 'runs': 1, 'seed': seed},
                         sort_keys=True)
   folder = cache_dir or files.join(cache_root(), 'reference_nets',
-                                     data_fingerprint(train['x'], train['label'], settings))
+                                   data_fingerprint(train['x'], train['label'], settings))
   x = split.standardise(train['x'])
   graphdef, template = make_net(x.shape[1:], split.num_classes, protocol, jax.random.key(seed))
   checkpointer = ocp.StandardCheckpointer()

@@ -78,7 +78,7 @@ def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
   num_classes = int(train['label'].max()) + 1
   channels = _stages(train['x'].shape[1:3])
   folder = cache_dir or files.join(cache_root(), 'feature_nets',
-                                     data_fingerprint(train['x'], train['label'], str(steps)))
+                                   data_fingerprint(train['x'], train['label'], str(steps)))
   template = Classifier(train['x'].shape[1:], num_classes, channels=channels, rngs=nnx.Rngs(0))
   checkpointer = ocp.StandardCheckpointer()
   params_dir = files.join(folder, 'params')

@@ -106,9 +106,9 @@ def load_statistics(path: str, fingerprint: str) -> dict | None:
                      f'backbone in use is {fingerprint}; delete the file and rerun '
                      'method="sfm" to recompute them.')
   return {'mu': jnp.asarray(f['mu']), 'nu': jnp.asarray(f['nu']),
-            'flow': jnp.asarray(f['flow']),
-            'golden': linear_probe.Head(jnp.asarray(f['weight']), jnp.asarray(f['bias'])),
-            'golden_accuracy': float(f['golden_accuracy'])}
+          'flow': jnp.asarray(f['flow']),
+          'golden': linear_probe.Head(jnp.asarray(f['weight']), jnp.asarray(f['bias'])),
+          'golden_accuracy': float(f['golden_accuracy'])}
 
 
 def statistics(backbone: ssl.FrozenBackbone, dataset, config,
@@ -129,8 +129,9 @@ def statistics(backbone: ssl.FrozenBackbone, dataset, config,
                                           epochs=p.golden_epochs)
   accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
                                    dataset.test['label'])
-  files.save_npz(path, fingerprint=backbone.fingerprint, weight=golden.weight, bias=golden.bias,
-           golden_accuracy=accuracy, **{k: np.asarray(v) for k, v in real.items()})
+  files.save_npz(path, fingerprint=backbone.fingerprint, weight=golden.weight,
+                 bias=golden.bias, golden_accuracy=accuracy,
+                 **{k: np.asarray(v) for k, v in real.items()})
   return load_statistics(path, backbone.fingerprint)
 
 
@@ -279,7 +280,7 @@ def run(config, workdir: str) -> dict:
                                          snapshot_folder)
         labels = cell.pop('labels')
         files.save_npz(files.join(snapshot_folder, f'{name}_ipc{ipc}.npz'), labels=labels,
-                 **snapshots)
+                       **snapshots)
       else:
         index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
         images, labels, cell = dataset.train['x'][index], dataset.train['label'][index], {}
