@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from flowdistill import files
 from flowdistill.files import is_url
 
 _log = logging.getLogger(__name__)
@@ -76,10 +77,10 @@ class Checkpointer:
     check_workdir(directory)
     directory = str(directory if is_url(directory) else os.path.abspath(directory))
     try:
-      epath.Path(directory).mkdir(parents=True, exist_ok=True)
-      probe = epath.Path(directory) / f'.write_test.{jax.process_index()}'
-      probe.write_text('ok')
-      probe.unlink()
+      files.makedirs(directory)
+      probe = files.join(directory, f'.write_test.{jax.process_index()}')
+      files.write_bytes(probe, b'ok')
+      files.remove(probe)
     except OSError as e:
       raise PermissionError(f'Cannot write checkpoints to {directory!r} ({e.strerror or e}); '
                             'choose a writable --workdir.') from e
@@ -198,12 +199,12 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       for step in steps:
-        aside = epath.Path(self.directory) / f'unreadable-{step}'
+        base = aside = files.join(self.directory, f'unreadable-{step}')
         suffix = 0
-        while aside.with_name(f'{aside.name}.{suffix}' if suffix else aside.name).exists():
+        while files.exists(aside):
           suffix += 1
-        aside = aside.with_name(f'{aside.name}.{suffix}' if suffix else aside.name)
-        (epath.Path(self.directory) / str(step)).rename(aside)
+          aside = f'{base}.{suffix}'
+        epath.Path(files.join(self.directory, str(step))).rename(aside)
         _log.warning('Moved the unreadable checkpoint of step %d to %s.', step, aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('flowdistill: unreadable checkpoints moved aside')

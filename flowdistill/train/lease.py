@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from flowdistill import files
 from flowdistill.files import is_url
 
 LEASE_FILE = '.lease'
@@ -54,7 +55,7 @@ class WorkdirLease:
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
     self.url = is_url(workdir)
-    self.path = str(epath.Path(workdir) / LEASE_FILE)
+    self.path = files.join(workdir, LEASE_FILE)
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),
                    'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
@@ -62,13 +63,12 @@ class WorkdirLease:
     self._thread = None
 
   def _create(self) -> bool:
-    path = epath.Path(self.path)
     try:
-      path.parent.mkdir(parents=True, exist_ok=True)
+      files.makedirs(os.path.dirname(self.path))
       if self.url:  # no exclusive create in an object store: write, wait, see who won
-        if path.exists():
+        if files.exists(self.path):
           return False
-        path.write_text(json.dumps(dict(self.holder, touched=time.time())))
+        self._write_touched()
         time.sleep(OBJECT_STORE_SETTLE_S)
         holder = self._read()
         return holder is not None and all(holder[k] == v for k, v in self.holder.items())
@@ -82,9 +82,13 @@ class WorkdirLease:
       json.dump(self.holder, f)
     return True
 
+  def _write_touched(self) -> None:
+    """The lease in an object store, where the heartbeat's time is a field (no mtime)."""
+    files.write_json(self.path, dict(self.holder, touched=time.time()))
+
   def _read(self) -> dict | None:
     try:
-      holder = json.loads(epath.Path(self.path).read_text())
+      holder = files.read_json(self.path)
       touched = holder['touched'] if self.url else os.path.getmtime(self.path)
       return dict(holder, age_s=time.time() - touched)
     except (FileNotFoundError, json.JSONDecodeError):  # released, or being written right now
@@ -105,7 +109,7 @@ class WorkdirLease:
         continue
       if not self._stale(holder):
         raise WorkdirInUseError(
-            f'{epath.Path(self.path).parent} is in use by another run: pid {holder["pid"]} on '
+            f'{os.path.dirname(self.path)} is in use by another run: pid {holder["pid"]} on '
             f'{holder["host"]}, started {holder["started"]} (lease {self.path}, touched '
             f'{holder["age_s"]:.0f} s ago). Use another --workdir, or wait for that run to end.')
       try:  # rename first, so that of two takers only one removes the stale file
@@ -124,7 +128,7 @@ class WorkdirLease:
     while not self._stop.wait(self.heartbeat_s):
       try:
         if self.url:
-          epath.Path(self.path).write_text(json.dumps(dict(self.holder, touched=time.time())))
+          self._write_touched()
         else:
           os.utime(self.path)
       except FileNotFoundError:
@@ -135,7 +139,7 @@ class WorkdirLease:
     holder = self._read()
     if holder is not None and holder['pid'] == self.holder['pid'] and (
         holder['host'] == self.holder['host']):
-      epath.Path(self.path).unlink(missing_ok=True)
+      files.remove(self.path)
 
   def __enter__(self):
     self.acquire()

@@ -6,8 +6,8 @@ import logging
 
 import jax
 import ml_collections
-from etils import epath
 
+from flowdistill import files
 from flowdistill.models.factory import build_model
 from flowdistill.train.checkpoint import (
   Checkpointer,
@@ -58,8 +58,8 @@ def load_trained(workdir: str, *, ema: float | None = None) -> Trained:
     workdir: the other run's --workdir.
     ema: which EMA to return (None: that run's `train.eval_ema`; 0: the raw params).
   """
-  directory = str(epath.Path(workdir) / 'checkpoints')
-  if not epath.Path(directory).is_dir():
+  directory = files.join(workdir, 'checkpoints')
+  if not files.isdir(directory):
     raise FileNotFoundError(f'No checkpoints in {directory!r}: set config.teacher.workdir to '
                             'the --workdir of a finished training run.')
   ckpt = Checkpointer(directory, async_save=False)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 from etils import epath
 
+from flowdistill import files
 from flowdistill.files import is_url
 
 
@@ -21,11 +22,11 @@ class MetricWriter:
       return
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
 
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    files.makedirs(workdir)
     self.path = epath.Path(workdir) / filename
     self.url = is_url(workdir)
     self.lines = self.path.read_text() if self.url and self.path.exists() else ''
-    self.tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+    self.tb = SummaryWriter(files.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
