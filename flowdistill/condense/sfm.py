@@ -80,6 +80,20 @@ def check_ipc(ipc: int) -> None:
     raise ValueError(f'IPC (images per class) must be >= 1; got {ipc}.')
 
 
+def _synthetic_statistics_fn(apply, num_classes, ipc, augment, copies, denominator):
+  """Checks the sizes; `(images, key, params) -> synthetic_statistics` of the set's features."""
+  check_classes(num_classes)
+  check_copies(copies)
+  check_ipc(ipc)
+  labels = jnp.repeat(jnp.arange(num_classes), ipc)
+
+  def statistics(images, key, params):
+    return synthetic_statistics(_embedded(apply, params, images, key, augment, copies), labels,
+                                num_classes, ipc, denominator)
+
+  return statistics
+
+
 def make_sfm_loss(apply: Callable, real: dict, num_classes: int, ipc: int, *,
                   augment: Callable, copies: int = 1, denominator: str = 'classes') -> Callable:
   """`loss_fn(images, key, backbone_params) -> (1 − cos(F_real, F_syn), metrics)`.
@@ -88,14 +102,10 @@ def make_sfm_loss(apply: Callable, real: dict, num_classes: int, ipc: int, *,
     apply: the backbone `(params, x [B, H, W, C]) -> [B, D]`. real: `real_statistics`.
     augment: `(images, key) -> images`. copies: A augmented copies averaged per image.
   """
-  check_classes(num_classes)
-  check_copies(copies)
-  check_ipc(ipc)
-  labels = jnp.repeat(jnp.arange(num_classes), ipc)
+  statistics = _synthetic_statistics_fn(apply, num_classes, ipc, augment, copies, denominator)
 
   def loss_fn(images, key, params):
-    syn = synthetic_statistics(_embedded(apply, params, images, key, augment, copies), labels,
-                               num_classes, ipc, denominator)
+    syn = statistics(images, key, params)
     loss = cosine_distance(real['flow'], syn['flow'])
     return loss, {'cosine': 1.0 - loss}
 
@@ -106,14 +116,10 @@ def make_sfm_decouple_loss(apply: Callable, real: dict, num_classes: int, ipc: i
                            augment: Callable, copies: int = 1, alpha: float = 0.5,
                            denominator: str = 'classes') -> Callable:
   """`loss_fn(images, key, backbone_params) -> (α MSE(μ, μ̃) + (1 − α) MSE(ν, ν̃), metrics)`."""
-  check_classes(num_classes)
-  check_copies(copies)
-  check_ipc(ipc)
-  labels = jnp.repeat(jnp.arange(num_classes), ipc)
+  statistics = _synthetic_statistics_fn(apply, num_classes, ipc, augment, copies, denominator)
 
   def loss_fn(images, key, params):
-    syn = synthetic_statistics(_embedded(apply, params, images, key, augment, copies), labels,
-                               num_classes, ipc, denominator)
+    syn = statistics(images, key, params)
     mse_mu = jnp.mean(jnp.square(real['mu'] - syn['mu']))
     mse_nu = jnp.mean(jnp.square(real['nu'] - syn['nu']))
     return alpha * mse_mu + (1 - alpha) * mse_nu, {'mse_mu': mse_mu, 'mse_nu': mse_nu}
