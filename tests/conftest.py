@@ -11,7 +11,7 @@ os.environ['XLA_FLAGS'] = (
     ' --xla_cpu_collective_call_terminate_timeout_seconds=10')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests compile the same programs again (a resumed run, a CLI in a subprocess): a cache
-# shared by this session and its subprocesses, fresh each session, cuts the suite by a quarter.
+# shared by this session and its subprocesses, fresh each session, cuts the suite by a fifth.
 _XLA_CACHE = tempfile.mkdtemp(prefix='flowdistill-tests-xla-')
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
