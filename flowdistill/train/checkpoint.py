@@ -13,7 +13,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from flowdistill import files
-from flowdistill.files import is_url
 
 _log = logging.getLogger(__name__)
 
@@ -54,14 +53,14 @@ def param_shapes(tree) -> dict[str, list[int]]:
 
 def check_workdir(path) -> None:
   """Refuses URLs other than gs:// (Cloud Storage, the one object store that is tested)."""
-  if is_url(path) and not str(path).startswith('gs://'):
+  if files.is_url(path) and not str(path).startswith('gs://'):
     raise ValueError(f'{str(path)!r}: flowdistill writes to local paths and to gs:// buckets; '
                      'mount this store (e.g. s3fs) and pass its local path as --workdir.')
 
 
 def _free_bytes(directory: str) -> int | None:
   """Free bytes of a local filesystem; None for an object store (no quota to check)."""
-  return None if is_url(directory) else shutil.disk_usage(directory).free
+  return None if files.is_url(directory) else shutil.disk_usage(directory).free
 
 
 class Checkpointer:
@@ -75,7 +74,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     check_workdir(directory)
-    directory = str(directory if is_url(directory) else os.path.abspath(directory))
+    directory = str(directory if files.is_url(directory) else os.path.abspath(directory))
     try:
       files.makedirs(directory)
       probe = files.join(directory, f'.write_test.{jax.process_index()}')

@@ -24,7 +24,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from flowdistill import files
-from flowdistill.files import is_url
 
 LEASE_FILE = '.lease'
 OBJECT_STORE_SETTLE_S = 2.0  # longer than a check-then-write takes, so the last writer is seen
@@ -54,7 +53,7 @@ class WorkdirLease:
   """
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
-    self.url = is_url(workdir)
+    self.url = files.is_url(workdir)
     self.path = files.join(workdir, LEASE_FILE)
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),

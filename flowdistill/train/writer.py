@@ -6,7 +6,6 @@ import numpy as np
 from etils import epath
 
 from flowdistill import files
-from flowdistill.files import is_url
 
 
 class MetricWriter:
@@ -24,7 +23,7 @@ class MetricWriter:
 
     files.makedirs(workdir)
     self.path = epath.Path(workdir) / filename
-    self.url = is_url(workdir)
+    self.url = files.is_url(workdir)
     self.lines = self.path.read_text() if self.url and self.path.exists() else ''
     self.tb = SummaryWriter(files.join(workdir, 'tensorboard'))
 
