@@ -11,7 +11,7 @@ equal, every JAX array is copied into the twin parameter of the same name and sh
 start from the same weights), and both models' outputs on one batch must agree.
 
 - 'unet': the flow-matching step of the MNIST U-Net, wired as the `fm` experiment wires it
-  (`flowdistill.experiments.fm_run.build`): `configs/mnist.py` (`MNIST_UNET`: channels
+  (`flowdistill.train.configured.fm_setup`): `configs/mnist.py` (`MNIST_UNET`: channels
   (32, 64, 64), one residual block per level, attention at the lowest level, time embedding
   128; batch 128 of 28x28x1; Adam lr 5e-4 with warm-up + cosine schedule, global-norm
   clipping at 1, EMA 0.999) but unconditional (`num_classes=0`, so no label embedding and no
@@ -22,7 +22,7 @@ start from the same weights), and both models' outputs on one batch must agree.
   `clip_grad_norm_(1.0)`, Adam (constant lr 5e-4) and an EMA update of the parameters.
 - 'convnet': one SGD step of the dataset-distillation evaluator, ConvNet-3 (width 128,
   instance norm) on a batch of 256 standardised 28x28x1 images with 10 classes:
-  `flowdistill.condense.evaluate.train_network(..., epochs=(0, 1), state=state)` with
+  `flowdistill.condense.synset_eval.train_network(..., epochs=(0, 1), state=state)` with
   `Protocol(dsa=False)` and 256 images, i.e. exactly one `sgd_step` (shuffle, patch-product
   convs, cross-entropy, momentum 0.9, weight decay 5e-4, lr 0.01), no augmentation. Twin:
   `torch_convnet` of benchmarks/dd_eval_vs_torch.py with `torch.optim.SGD` (same settings).
@@ -68,8 +68,8 @@ sys.path.insert(0, BENCH_DIR)
 from dd_eval_vs_torch import torch_convnet  # noqa: E402  pylint: disable=wrong-import-position
 from fm_step import cpu_seconds, cycling_runner, time_loop  # noqa: E402
 
-from flowdistill.condense import evaluate  # noqa: E402
-from flowdistill.experiments import fm_run  # noqa: E402
+from flowdistill.condense import synset_eval  # noqa: E402
+from flowdistill.train import configured  # noqa: E402
 from flowdistill.train.step import make_train_step  # noqa: E402
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -336,7 +336,7 @@ def unet_setup():
 def unet_check(setup) -> dict:
   """Parameter counts and output agreement of the JAX U-Net and its twin (the zero-initialised
   output conv set to random values first, so that the output is not trivially 0)."""
-  apply_fn, params, _ = fm_run.make_loss(setup['config'], setup['dataset'])
+  apply_fn, params, _ = configured.fm_loss(setup['config'], setup['dataset'])
   model = torch_unet(setup['config'])
   ours, theirs = count_params(params), torch_count(model)
   print(f'unet parameters: JAX {ours[1]:,} in {ours[0]} arrays, torch {theirs[1]:,} in '
@@ -380,14 +380,14 @@ def jax_runner(step, state, batches, extra_args=()):
 
 def unet_jax(setup, compile_model: bool):
   del compile_model
-  _, loss_fn, optimizer, state = fm_run.build(setup['config'], setup['dataset'])
+  _, loss_fn, optimizer, state = configured.fm_setup(setup['config'], setup['dataset'])
   step = jax.jit(make_train_step(loss_fn, optimizer, 1), donate_argnums=0)
   return jax_runner(step, state, setup['jax_batches'])
 
 
 def unet_torch(setup, compile_model: bool):
   config = setup['config']
-  _, params, _ = fm_run.make_loss(config, setup['dataset'])
+  _, params, _ = configured.fm_loss(config, setup['dataset'])
   model = torch_unet(config)
   load_into(model, unet_torch_params(params))
   forward = torch.compile(model) if compile_model else model
@@ -415,7 +415,7 @@ def unet_torch(setup, compile_model: bool):
   return run
 
 
-CONVNET_PROTOCOL = evaluate.Protocol(dsa=False)
+CONVNET_PROTOCOL = synset_eval.Protocol(dsa=False)
 
 
 def convnet_setup():
@@ -430,7 +430,7 @@ def convnet_setup():
 
 def convnet_init():
   """`(graphdef, params)` of a fresh ConvNet-3, as `train_network` makes it."""
-  return evaluate.make_net(IMAGE_SHAPE, NUM_CLASSES, CONVNET_PROTOCOL, jax.random.key(6))
+  return synset_eval.make_net(IMAGE_SHAPE, NUM_CLASSES, CONVNET_PROTOCOL, jax.random.key(6))
 
 
 def torch_convnet_from(params) -> nn.Module:
@@ -464,7 +464,7 @@ def convnet_jax(setup, compile_model: bool):
 
   def step(state, batch, key):
     images, labels = batch
-    state = evaluate.train_network(images, labels, key, CONVNET_PROTOCOL, NUM_CLASSES,
+    state = synset_eval.train_network(images, labels, key, CONVNET_PROTOCOL, NUM_CLASSES,
                                    epochs=(0, 1), state=state)
     return state, state[0]['head']['bias']
 

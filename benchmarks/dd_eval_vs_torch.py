@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from flowdistill.condense import evaluate, subsets
+from flowdistill.condense import subsets, synset_eval
 from flowdistill.data import images
 
 try:
@@ -159,10 +159,10 @@ def bench_torch(synset, split, epochs, runs) -> dict:
 
 
 def bench_ours(synset, split, epochs, runs, runs_per_call) -> dict:
-  protocol = evaluate.Protocol(runs=runs, epochs=epochs, runs_per_call=runs_per_call)
-  cold = evaluate.evaluate_synset(synset['x'], synset['label'], split, jax.random.key(0),
+  protocol = synset_eval.Protocol(runs=runs, epochs=epochs, runs_per_call=runs_per_call)
+  cold = synset_eval.evaluate_synset(synset['x'], synset['label'], split, jax.random.key(0),
                                   protocol)
-  warm = evaluate.evaluate_synset(synset['x'], synset['label'], split, jax.random.key(1),
+  warm = synset_eval.evaluate_synset(synset['x'], synset['label'], split, jax.random.key(1),
                                   protocol)
   return {'seconds_per_run': cold['seconds_per_run'],
           'warm_seconds_per_run': warm['seconds_per_run'],
@@ -180,7 +180,7 @@ def main():
   if torch is not None:
     torch.set_num_threads(os.cpu_count())
   data = mnist()
-  split = evaluate.test_split(data['train'], data['test'])
+  split = synset_eval.test_split(data['train'], data['test'])
   rows = []
   for ipc in args.ipcs:
     index = subsets.select('random', None, data['train']['label'], ipc, seed=0)

@@ -33,8 +33,7 @@ import orbax.checkpoint as ocp
 
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import fm_run
-from flowdistill.train import lease, loop, parallel
+from flowdistill.train import configured, lease, loop, parallel
 from flowdistill.train.checkpoint import SAVE_MARGIN_BYTES
 from flowdistill.train.step import make_train_step
 
@@ -50,12 +49,12 @@ def config(steps: int, ckpt_every: int):
 
 
 def worker(workdir: str, steps: int, ckpt_every: int) -> None:
-  """The training part of `flowdistill.experiments.fm_run.run` under the workdir lease, as
+  """The training part of `flowdistill.train.configured.train_fm` under the workdir lease, as
   `flowdistill.main` runs it (child process)."""
   c = config(steps, ckpt_every)
   with lease.hold(workdir):
     dataset = sources.load(c.data)
-    _, loss_fn, optimizer, state = fm_run.build(c, dataset)
+    _, loss_fn, optimizer, state = configured.fm_setup(c, dataset)
     loop.train(state, make_train_step(loss_fn, optimizer),
                sources.batch_source(dataset, c.data.batch_size, seed=c.seed, conditional=False),
                mesh=parallel.make_mesh(), workdir=workdir, num_steps=steps, log_every=1,

@@ -37,13 +37,13 @@ def main():
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'flow_map'))
   args = parser.parse_args()
 
+  from flowdistill import experiments  # noqa: PLC0415
   from flowdistill.config import load_config_file  # noqa: PLC0415
-  from flowdistill.experiments import flow_map_run, fm_run  # noqa: PLC0415
 
   summary = {}
   for name in args.sets.split(','):
     teacher_dir = str(ROOT / 'benchmarks' / 'out' / 'teacher' / name)
-    teacher_result = fm_run.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
+    teacher_result = experiments.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
     results = {}
     for loss in LOSSES:
       config = load_config_file(CONFIGS / 'flow_map.py', f'{loss},{name}')
@@ -51,7 +51,7 @@ def main():
       config.teacher.workdir = {'lmd': teacher_dir, 'emd': teacher_dir, 'fmm': '',
                                 'pfmm': os.path.join(args.out, name, 'lmd')}[loss]
       workdir = os.path.join(args.out, name, loss)
-      result = flow_map_run.run(config, workdir)
+      result = experiments.run(config, workdir)
       results[loss] = {'rows': result['rows'], 'nll': result['nll'],
                        **loss_stability(workdir)}
     summary[name] = {'teacher': teacher_result, 'students': results}

@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_config(name: str, *, blocks: int, hidden: int, steps: int, distill: int = 0):
-  from flowdistill.config import load_config_file, validate
+  from flowdistill.config import load_config_file
+  from flowdistill.experiments import validate
   config = load_config_file(ROOT / 'configs' / 'local_fm.py', name)
   config.local_fm.update(num_blocks=blocks, distill_steps=distill)
   config.model.hidden = hidden
@@ -49,7 +50,7 @@ def summarize(result: dict, label: str, steps: int, wall: float) -> dict:
 
 
 def run_set(name: str, args, out: str) -> list:
-  from flowdistill.experiments import local_fm_run
+  from flowdistill import experiments
   entries, previous = [], None
   for steps in args.global_steps:
     workdir = os.path.join(out, name, f'global_{steps}')
@@ -57,14 +58,14 @@ def run_set(name: str, args, out: str) -> list:
       shutil.copytree(os.path.join(previous, 'block_0', 'checkpoints'),
                       os.path.join(workdir, 'block_0', 'checkpoints'))
     start = time.perf_counter()
-    result = local_fm_run.run(make_config(name, blocks=1, hidden=256, steps=steps), workdir)
+    result = experiments.run(make_config(name, blocks=1, hidden=256, steps=steps), workdir)
     entries.append(summarize(result, 'global FM 3x256', steps, time.perf_counter() - start))
     previous = workdir
   for steps in args.block_steps:
     distill = args.distill if steps == max(args.block_steps) else 0
     start = time.perf_counter()
-    result = local_fm_run.run(make_config(name, blocks=4, hidden=104, steps=steps, distill=distill),
-                          os.path.join(out, name, f'chain_{steps}'))
+    config = make_config(name, blocks=4, hidden=104, steps=steps, distill=distill)
+    result = experiments.run(config, os.path.join(out, name, f'chain_{steps}'))
     entries.append(summarize(result, '4-block chain 3x104', steps, time.perf_counter() - start))
   return entries
 

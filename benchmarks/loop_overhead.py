@@ -10,7 +10,7 @@ default), in one process, alternating (bare, loop) `--repeats` times:
 - bare: `jax.jit(make_train_step(...), donate_argnums=0)` called back to back on 8 batches of
   the run's own data placed on the device beforehand; `--steps` steps after one warm-up call,
   `block_until_ready` on the last state only.
-- loop: `fm_run.train` (the CLI's path: data pipeline, two dispatches in flight, metrics,
+- loop: `configured.train_fm` (the CLI's path: data pipeline, two dispatches in flight, metrics,
   TensorBoard, progress bar, checkpoints every `train.ckpt_every`) for `--steps` steps in a
   fresh workdir; its rate is the steps between the first and the last metrics record divided
   by their wall-clock distance (the first window, with compilation, is left out).
@@ -32,18 +32,17 @@ import numpy as np
 
 from flowdistill import config as config_lib
 from flowdistill.data import sources
-from flowdistill.experiments import fm_run
-from flowdistill.train import parallel
+from flowdistill.train import configured, parallel
 from flowdistill.train.step import make_train_step
 
 
 def bare_rate(config, steps: int) -> float:
   """Steps/s of the jitted step alone on device-resident batches."""
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   step = jax.jit(make_train_step(loss_fn, optimizer, 1), donate_argnums=0)
   mesh = parallel.make_mesh(config.train.num_devices)
-  data = fm_run.batches(config, dataset)(0)
+  data = configured.fm_batches(config, dataset)(0)
   batches = [parallel.global_batch(next(data), mesh) for _ in range(8)]
   state = parallel.replicate(state, mesh)
   state, _ = step(state, batches[0], {})
@@ -56,11 +55,11 @@ def bare_rate(config, steps: int) -> float:
 
 
 def loop_rate(config, steps: int) -> float:
-  """Steps/s of `fm_run.train` between its first and last metrics records."""
+  """Steps/s of `configured.train_fm` between its first and last metrics records."""
   config = config.copy_and_resolve_references()
   config.train.steps = steps
   with tempfile.TemporaryDirectory() as workdir:
-    fm_run.train(config, workdir)
+    configured.train_fm(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       records = [json.loads(line) for line in f]
   # Each record's steps_per_s covers the window since the previous record.

@@ -73,7 +73,7 @@ def step_costs(teacher_dir: str, student_dir: str, batch: int = 250, repeats: in
   from flowdistill.train.teacher import load_trained  # noqa: PLC0415
 
   teacher, student = load_trained(teacher_dir), load_trained(student_dir)
-  guidance = student.config.eval.guidance
+  guidance = student.config.eval.cfg_scale
   x = ode.noise(jax.random.key(0), batch, teacher.data_shape)
   cond = jnp.arange(batch) % teacher.num_classes
   grid = ode.time_grid(1)
@@ -81,7 +81,7 @@ def step_costs(teacher_dir: str, student_dir: str, batch: int = 250, repeats: in
       'teacher Euler step': lambda: ode.solve(
           ode.velocity_fn(teacher.apply_fn, teacher.params, cond=cond), x, grid=grid)[0],
       f'teacher Euler step, guided {guidance:g}': lambda: ode.solve(
-          ode.velocity_fn(teacher.apply_fn, teacher.params, cond=cond, guidance=guidance,
+          ode.velocity_fn(teacher.apply_fn, teacher.params, cond=cond, cfg_scale=guidance,
                           null_label=teacher.num_classes), x, grid=grid)[0],
       'student jump': lambda: flow_map.jump(student.apply_fn, student.params, x, grid, cond)[0],
   }
@@ -121,21 +121,22 @@ def main():
     parser.error(f'unknown --methods {sorted(unknown)}; choose from flow_map, '
                  f'{", ".join(REFLOW_VARIANTS)}')
 
+  from flowdistill import experiments  # noqa: PLC0415
   from flowdistill.config import load_config_file  # noqa: PLC0415
-  from flowdistill.experiments import flow_map_run, fm_run, reflow_run  # noqa: PLC0415
+  from flowdistill.train import configured  # noqa: PLC0415
 
   teacher_dir = os.path.join(args.out, 'teacher')
   if args.costs_only:
     print(json.dumps(step_costs(teacher_dir, os.path.join(args.out, 'flow_map')), indent=2))
     return
   start = time.time()
-  fm_run.train(shrink(load_config_file(CONFIGS / 'mnist.py', 'mnist'), args,
+  configured.train_fm(shrink(load_config_file(CONFIGS / 'mnist.py', 'mnist'), args,
                              args.teacher_steps), teacher_dir)
   teacher_s = time.time() - start
   for method in methods:
     start = time.time()
-    run = flow_map_run.run if method == 'flow_map' else reflow_run.run
-    result = run(student_config(method, args, teacher_dir), os.path.join(args.out, method))
+    result = experiments.run(student_config(method, args, teacher_dir),
+                             os.path.join(args.out, method))
     fd = {row['sampler']: row['fd'] for row in result['rows']}
     summary = {'args': vars(args), 'teacher_train_and_load_s': teacher_s,
                'student_train_and_eval_s': time.time() - start, 'result': result}

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill.condense import coverage, evaluate, pgfm
-from flowdistill.experiments import pgfm_run
+from flowdistill.condense import coverage, pgfm, pgfm_workdir, synset_eval
 
 
 def main():
@@ -39,13 +38,13 @@ def main():
   parser.add_argument('--out', default='benchmarks/out/pgfm_ablation.json')
   args = parser.parse_args()
 
-  done = pgfm_run.load_finished(args.workdir)
+  done = pgfm_workdir.load_finished(args.workdir)
   config, frozen, judge = done.config, done.frozen, done.judge
   task = done.scoring(args.ipc, runs=args.runs, epochs=args.epochs)
   labels, assigned, protos, targets, modes, split, protocol = (task[k] for k in (
       'labels', 'assigned', 'prototypes', 'targets', 'modes', 'split', 'protocol'))
   key = jax.random.key(config.seed)
-  base = pgfm_run.guidance(config.pgfm)
+  base = pgfm_workdir.prototype_guidance(config)
 
   @functools.partial(jax.jit, static_argnames='guidance')
   def sample(params, guidance):
@@ -61,7 +60,7 @@ def main():
     guidance = dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop)
     z = np.asarray(sample(done.flow.params, guidance))
     images = frozen.decode_scaled(z)
-    result = evaluate.evaluate_synset(images, labels, split, jax.random.fold_in(key, 1),
+    result = synset_eval.evaluate_synset(images, labels, split, jax.random.fold_in(key, 1),
                                       protocol)
     row = {'form': form, 'schedule': schedule, 'w0': w0, 't_stop': t_stop,
            'accuracy': result['mean'], 'std': result['std'],

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill.condense import coverage, evaluate, pgfm
+from flowdistill.condense import coverage, pgfm, pgfm_workdir, synset_eval
 from flowdistill.condense import mode_guided_diffusion as mgd
-from flowdistill.experiments import common, pgfm_run
+from flowdistill.train import configured
 from flowdistill.train.teacher import load_trained
 
 
@@ -55,14 +55,14 @@ def main():
   parser.add_argument('--out', default='benchmarks/out/pgfm_efficiency.json')
   args = parser.parse_args()
 
-  done = pgfm_run.load_finished(args.workdir)
+  done = pgfm_workdir.load_finished(args.workdir)
   config, frozen, flow, judge = done.config, done.frozen, done.flow, done.judge
   task = done.scoring(args.ipc, runs=args.runs, epochs=args.epochs)
   labels, targets, modes, split, protocol = (jnp.asarray(task['labels']), task['targets'],
                                              task['modes'], task['split'], task['protocol'])
-  path = common.build_path(config.path)
+  path = configured.build_path(config.path)
   key = jax.random.key(config.seed)
-  guidance = pgfm_run.guidance(config.pgfm)
+  guidance = pgfm_workdir.prototype_guidance(config)
 
   @functools.partial(jax.jit, static_argnames='steps')
   def pgfm_sample(params, steps):
@@ -98,7 +98,7 @@ def main():
       start = time.perf_counter()
       images = frozen.decode_scaled(z)
       decode_seconds = time.perf_counter() - start
-      result = evaluate.evaluate_synset(images, np.asarray(labels), split,
+      result = synset_eval.evaluate_synset(images, np.asarray(labels), split,
                                         jax.random.fold_in(key, steps), protocol)
       row = {'family': family, 'steps': steps, 'nfe': steps * per_step,
              'accuracy': result['mean'], 'std': result['std'],

@@ -6,7 +6,7 @@ nice -n 10 python benchmarks/pod_scale.py [--fsdp-dits tiny,S] [--presets S,B,L,
 
 Nothing trains; every number in parts 1 and 2 is XLA's own, on this CPU.
 
-1. FSDP memory, 8 simulated CPU devices: the flow-matching step (`fm_run.build`, Adam with
+1. FSDP memory, 8 simulated CPU devices: the flow-matching step (`configured.fm_setup`, Adam with
    gradient clipping, one EMA) of the MLP of tests/test_fsdp.py (hidden 512, depth 3, moons,
    batch 64) and of class-conditional DiTs (`--fsdp-dits`) on 32x32x4 latents with 1000 classes
    (batch 16, zeros), compiled by `loop.jit_step` under `make_mesh(8, fsdp=1)` (replicated) and
@@ -49,13 +49,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from flowdistill.config import base_config  # noqa: E402
 from flowdistill.data import sources  # noqa: E402
 from flowdistill.data.sources import Dataset  # noqa: E402
-from flowdistill.experiments import fm_run  # noqa: E402
+from flowdistill.experiments import method_config  # noqa: E402
 from flowdistill.models import dit  # noqa: E402
 from flowdistill.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
-from flowdistill.train import loop, parallel  # noqa: E402
+from flowdistill.train import configured, loop, parallel  # noqa: E402
 from flowdistill.train.step import make_train_step  # noqa: E402
 
 LATENT = (32, 32, 4)  # ImageNet 256 px through the SD VAE (factor 8, 4 channels)
@@ -82,7 +81,7 @@ def count(tree) -> int:
 
 
 def dit_config(preset: str):
-  config = base_config()
+  config = method_config()
   config.model.update(name='dit', dit=preset, patch_size=2)
   config.data.update(conditional=True)
   return config
@@ -93,7 +92,7 @@ def abstract_dit(preset: str):
   held = {}
 
   def build():
-    apply_fn, loss_fn, optimizer, state = fm_run.build(dit_config(preset),
+    apply_fn, loss_fn, optimizer, state = configured.fm_setup(dit_config(preset),
                                                        Dataset(LATENT, CLASSES))
     held.update(apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer)
     return state
@@ -132,15 +131,15 @@ def fsdp_memory(name: str, state, loss_fn, optimizer, batch: dict) -> list[dict]
 
 
 def part_fsdp(dits: list[str]) -> list[dict]:
-  config = base_config()
+  config = method_config()
   config.data.update(name='moons', batch_size=64)
   config.model.update(hidden=512, depth=3, time_dim=32)
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   rows = fsdp_memory('MLP 512x3 (moons, batch 64)', state, loss_fn, optimizer,
-                     next(fm_run.batches(config, dataset)(0)))
+                     next(configured.fm_batches(config, dataset)(0)))
   for preset in dits:
-    _, loss_fn, optimizer, state = fm_run.build(dit_config(preset), Dataset(LATENT, CLASSES))
+    _, loss_fn, optimizer, state = configured.fm_setup(dit_config(preset), Dataset(LATENT, CLASSES))
     rows += fsdp_memory(f'DiT-{preset}/2 (32x32x4, batch 16)', state, loss_fn, optimizer,
                         latent_batch(16, abstract=False))
     del state

@@ -49,13 +49,13 @@ def main():
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'reflow'))
   args = parser.parse_args()
 
+  from flowdistill import experiments
   from flowdistill.config import load_config_file
-  from flowdistill.experiments import fm_run, reflow_run
 
   summary = {}
   for name in args.sets.split(','):
     teacher_dir = str(ROOT / 'benchmarks' / 'out' / 'teacher' / name)
-    fm_run.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
+    experiments.run(load_config_file(CONFIGS / 'quickstart.py', name), teacher_dir)
     summary[name] = {}
     for variant in args.variants.split(','):
       config = load_config_file(CONFIGS / 'reflow.py', f'{variant},{name}')
@@ -72,7 +72,7 @@ def main():
       if variant.endswith('-ma'):
         tag += (f'-{config.reflow.align_weight:g}-eps{config.reflow.score_eps:g}'
                 f'-{config.reflow.align_logdet}')
-      result = reflow_run.run(config, os.path.join(args.out, name, tag))
+      result = experiments.run(config, os.path.join(args.out, name, tag))
       summary[name][tag] = summarise(result)
       summary[name]['teacher'] = teacher_rows(result)
   os.makedirs(args.out, exist_ok=True)

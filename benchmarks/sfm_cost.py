@@ -15,10 +15,9 @@ import os
 import jax
 import numpy as np
 
-from flowdistill.condense import linear_probe
+from flowdistill.condense import linear_probe, sfm_setup, ssl
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import sfm_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +30,7 @@ def curve(snapshots, phi, test_features, dataset, protocol) -> list[dict]:
                                    snapshots['images'], strict=True):
     result = linear_probe.evaluate_probe(
         embed, images, snapshots['labels'], test_features, dataset.test['label'],
-        dataset.num_classes, jax.random.key(1), protocol, augment=sfm_run.augment)
+        dataset.num_classes, jax.random.key(1), protocol, augment=ssl.view)
     out.append({'step': int(step), 'seconds': float(seconds), 'accuracy': result['mean']})
   return out
 
@@ -48,9 +47,9 @@ def main():
 
   config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), args.config)
   dataset = sources.load(config.data)
-  phi = sfm_run.backbones(dataset, config, train=False)['distill']
+  phi = sfm_setup.backbones(dataset, config, train=False)['distill']
   test_features = phi.features(dataset.test['x'])
-  protocol = dataclasses.replace(sfm_run.probe_protocol(config.sfm), runs=args.probe_runs)
+  protocol = dataclasses.replace(sfm_setup.probe_protocol(config), runs=args.probe_runs)
   ipcs = args.ipcs or config.dd.ipcs
   rows = []
   for ipc in ipcs:

@@ -25,8 +25,8 @@ def main():
 
   import jax  # noqa: PLC0415
 
+  from flowdistill import experiments  # noqa: PLC0415
   from flowdistill.config import load_config_file, validate  # noqa: PLC0415
-  from flowdistill.experiments import fm_run  # noqa: PLC0415
 
   summary = {}
   for name in args.sets.split(','):
@@ -35,7 +35,7 @@ def main():
     config = load_config_file(ROOT / 'configs' / 'quickstart.py', name)
     validate(config, num_devices=jax.device_count())
     start = time.perf_counter()
-    result = fm_run.run(config, workdir)
+    result = experiments.run(config, workdir)
     result['wall_s'] = time.perf_counter() - start
     summary[name] = result
   with open(os.path.join(args.out, 'summary.json'), 'w') as f:

@@ -42,7 +42,7 @@ def measure(kind: str, checkpoint_dir: str) -> dict:
 
   from flowdistill.config import load_config_file  # noqa: PLC0415
   from flowdistill.data.sources import Dataset  # noqa: PLC0415
-  from flowdistill.experiments import fm_run  # noqa: PLC0415
+  from flowdistill.train import configured  # noqa: PLC0415
   from flowdistill.train.checkpoint import Checkpointer  # noqa: PLC0415
   from flowdistill.train.step import make_train_step  # noqa: PLC0415
 
@@ -55,7 +55,7 @@ def measure(kind: str, checkpoint_dir: str) -> dict:
     config = load_config_file(ROOT / 'configs' / 'mnist.py', 'mnist')
     dataset = Dataset(shape=(28, 28, 1), num_classes=10)
     batch = {'x': np.zeros((rows, 28, 28, 1), np.float32), 'label': np.zeros(rows, np.int32)}
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   mesh = parallel.make_mesh()
   rep = parallel.replicated(mesh)
   step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0,

@@ -12,20 +12,20 @@ python -m flowdistill.main --config=configs/dd_protocol.py:cifar10 --workdir=run
   --config.dd_eval.synsets='("pgfm_ipc10.npz",)'
 """
 
-from flowdistill.config import MNIST_DATA, base_config, check_preset, parse_arg
+from flowdistill.config import MNIST_DATA, check_preset, parse_arg
+from flowdistill.experiments import method_config
 
 # Reductions of the `cpu` preset (2-core CPU): 3 runs instead of 20, 300 epochs instead of
 # 1000, a 3-epoch whole-data ConvNet, and DM with 1000 iterations of 64 real images per class.
 CPU_DD = dict(runs=3, epochs=(300,), whole_data_epochs=3)
-CPU_DM = dict(dm_iterations=1000, dm_batch_real=64)
+CPU_DM = dict(iterations=1000, batch_real=64)
 PRESETS = ('paper', 'cpu')
 
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='mnist', preset='paper')
   check_preset('configs/dd_protocol.py', arg.preset, PRESETS)
-  config = base_config()
-  config.method = 'dd_eval'
+  config = method_config('dd_eval')
   config.model.name = 'unet'  # unused here; image data sets take the U-Net
   if arg.data == 'mnist':
     config.data.update(**MNIST_DATA)
@@ -39,5 +39,5 @@ def get_config(arg: str = ''):
                      f'{arg.data!r}.')
   if arg.preset == 'cpu':
     config.dd.update(preset='cpu', **CPU_DD)
-    config.dd_eval.update(**CPU_DM)
+    config.dd_eval.dm.update(**CPU_DM)
   return config

@@ -7,12 +7,13 @@ python -m flowdistill.main --config=configs/digits.py --workdir=runs/digits
 python -m flowdistill.main --config=configs/digits.py:dit --workdir=runs/digits-dit
 """
 
-from flowdistill.config import base_config, parse_arg
+from flowdistill.config import parse_arg
+from flowdistill.experiments import method_config
 
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, model='unet')
-  config = base_config()
+  config = method_config()
   config.data.update(source='digits', batch_size=128, conditional=True)
   if arg.model == 'unet':
     config.model.update(name='unet', channels=(32, 64, 64), num_res_blocks=1, attention=False,
@@ -25,7 +26,7 @@ def get_config(arg: str = ''):
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
   config.train.update(steps=3000, log_every=100, ckpt_every=1000, ema_rates=(0.995,),
                       eval_ema=0.995)
-  config.eval.update(num_samples=297, euler_steps=(1, 2, 4, 8, 16, 100), guidance=1.5,
+  config.eval.update(num_samples=297, euler_steps=(1, 2, 4, 8, 16, 100), cfg_scale=1.5,
                      nll_samples=297, nll_divergence='hutchinson', rtol=1e-4, atol=1e-4,
                      classifier_steps=500)
   return config

@@ -13,13 +13,13 @@ python -m flowdistill.main --config=configs/flow_map.py:pfmm \
 python -m flowdistill.main --config=configs/flow_map.py:fmm --workdir=runs/fmm
 """
 
-from flowdistill.config import MNIST_DATA, MNIST_EVAL, MNIST_UNET, base_config, parse_arg
+from flowdistill.config import MNIST_DATA, MNIST_EVAL, MNIST_UNET, parse_arg
+from flowdistill.experiments import method_config
 
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, loss='lmd', data='checkerboard')
-  config = base_config()
-  config.method = 'flow_map'
+  config = method_config('flow_map')
   config.data.name = arg.data
   config.flow_map.update(loss=arg.loss, scheme='uniform' if arg.loss == 'fmm' else 'ordered')
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
@@ -30,5 +30,5 @@ def get_config(arg: str = ''):
     config.model.update(**MNIST_UNET)
     config.optim.update(lr=2e-4, warmup_steps=500)
     config.train.update(steps=20_000, log_every=100)
-    config.eval.update(**MNIST_EVAL, guidance=1.5)
+    config.eval.update(**MNIST_EVAL, cfg_scale=1.5)
   return config

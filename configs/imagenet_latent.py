@@ -15,7 +15,8 @@ launch/tpu.sh --pod --tpu my-v5e-64 --zone us-west4-a start -- \
   --config.data.encode.path=/mnt/shared/imagenet256
 """
 
-from flowdistill.config import base_config, parse_arg
+from flowdistill.config import parse_arg
+from flowdistill.experiments import method_config
 from flowdistill.models.dit import PRESETS
 
 
@@ -24,7 +25,7 @@ def get_config(arg: str = ''):
   if arg.model not in PRESETS:
     raise ValueError(f'configs/imagenet_latent.py: model must be one of {list(PRESETS)}; got '
                      f'{arg.model!r}.')
-  config = base_config()
+  config = method_config()
   config.data.update(source='latent', batch_size=256, conditional=True,
                      path='/mnt/shared/latents/imagenet256.npz')
   config.data.encode.update(source='imagenet2012', path='/mnt/shared/imagenet256', vae='')
@@ -35,6 +36,6 @@ def get_config(arg: str = ''):
   config.train.update(steps=400_000, log_every=100, ckpt_every=5000, keep=3,
                       ema_rates=(0.9999,), eval_ema=0.9999)
   config.train.mesh.update(data=-1, fsdp=arg.fsdp)
-  config.eval.update(num_samples=10_000, euler_steps=(32, 250), guidance=1.5, nll_samples=256,
+  config.eval.update(num_samples=10_000, euler_steps=(32, 250), cfg_scale=1.5, nll_samples=256,
                      nll_divergence='hutchinson', rtol=1e-3, atol=1e-3, plot=False)
   return config

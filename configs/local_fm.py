@@ -15,14 +15,14 @@ the quickstart's parameters in total), trained `train.steps` steps; OU steps 0.1
 and a free last block. `--config.local_fm.num_blocks=1` is global flow matching.
 """
 
-from flowdistill.config import MNIST_EVAL, MNIST_UNET, base_config, parse_arg
+from flowdistill.config import MNIST_EVAL, MNIST_UNET, parse_arg
+from flowdistill.experiments import method_config
 
 
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='checkerboard', distill=False)
   name = arg.data
-  config = base_config()
-  config.method = 'local_fm'
+  config = method_config('local_fm')
   config.local_fm.update(num_blocks=4, h0=0.1, growth=1.5, warm_start=True, train_size=50_000,
                          distill_steps=2000 if arg.distill else 0)
   config.model.update(hidden=104, depth=3)

@@ -10,7 +10,8 @@ FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/pgfm.py:mnist,cpu --workdir=runs/pgfm-mnist-cpu
 """
 
-from flowdistill.config import MNIST_DATA, base_config, check_preset, parse_arg
+from flowdistill.config import MNIST_DATA, check_preset, parse_arg
+from flowdistill.experiments import method_config
 
 PRESETS = ('paper', 'cpu')
 CPU_DD = dict(preset='cpu', runs=3, epochs=(300,), whole_data_epochs=3, ipcs=(1, 10))
@@ -19,8 +20,7 @@ CPU_DD = dict(preset='cpu', runs=3, epochs=(300,), whole_data_epochs=3, ipcs=(1,
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='mnist', preset='paper')
   check_preset('configs/pgfm.py', arg.preset, PRESETS)
-  config = base_config()
-  config.method = 'pgfm'
+  config = method_config('pgfm')
   config.fm.label_dropout = 0.1
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
   config.model.update(name='unet', channels=(32, 64, 64), num_res_blocks=1, attention=True,
@@ -31,12 +31,13 @@ def get_config(arg: str = ''):
     config.data.update(**MNIST_DATA)
   elif arg.data == 'cifar10':
     config.data.update(source='cifar10', conditional=True, batch_size=256)
-    config.pgfm.update(vae_widths=(64, 128, 256), vae_steps=50_000)
+    config.pgfm.vae.update(widths=(64, 128, 256), steps=50_000)
     config.model.update(channels=(128, 256, 256), num_res_blocks=2)
     config.train.update(steps=100_000, ckpt_every=2000)
   elif arg.data == 'digits':
     config.data.update(source='digits', conditional=True, batch_size=64)
-    config.pgfm.update(vae_steps=500, check_samples=200)
+    config.pgfm.vae.steps = 500
+    config.pgfm.check_samples = 200
     config.model.update(channels=(32, 32), attention=False)
     config.train.update(steps=500)
     config.dd.update(depth=2, ipcs=(1, 10))

@@ -13,7 +13,8 @@ import os
 
 import ml_collections
 
-from flowdistill.config import MNIST_EVAL, base_config, parse_arg
+from flowdistill.config import MNIST_EVAL, parse_arg
+from flowdistill.experiments import method_config
 
 
 def get_config(arg: str = ''):
@@ -25,8 +26,7 @@ def get_config(arg: str = ''):
                             f'--config=configs/pgfm.py:mnist,cpu --workdir={pgfm_workdir} first.')
   with open(path) as f:
     flow = ml_collections.ConfigDict(json.load(f))
-  config = base_config()
-  config.method = 'flow_map'
+  config = method_config('flow_map')
   config.seed = flow.seed
   for section in ('data', 'model', 'path'):
     config[section].update(flow[section])
@@ -36,5 +36,5 @@ def get_config(arg: str = ''):
   config.train.update(steps=1000, log_every=100, ckpt_every=250, ema_rates=(0.99,),
                       eval_ema=0.99)  # 0.999 would keep 37 % of the warm start after 1000 steps
   config.eval.update(dict(MNIST_EVAL, nll_samples=64), map_steps=(1, 2, 4, 8),
-                     euler_steps=(1, 2, 4, 8, 100), classifier_steps=1500, guidance=1.0)
+                     euler_steps=(1, 2, 4, 8, 100), classifier_steps=1500, cfg_scale=1.0)
   return config

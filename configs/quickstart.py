@@ -4,11 +4,12 @@ python -m flowdistill.main --config=configs/quickstart.py --workdir=/tmp/fd-quic
 python -m flowdistill.main --config=configs/quickstart.py:moons --workdir=/tmp/fd-moons
 """
 
-from flowdistill.config import base_config, parse_arg
+from flowdistill.config import parse_arg
+from flowdistill.experiments import method_config
 
 
 def get_config(arg: str = ''):
-  config = base_config()
+  config = method_config()
   config.data.name = parse_arg(arg, data='checkerboard').data
   config.data.batch_size = 1024
   config.train.steps = 4000

@@ -14,7 +14,8 @@ python -m flowdistill.main --config=configs/reflow.py:reflow \
     --config.teacher.workdir=runs/reflow --workdir=runs/2-rectified   # reflow again
 """
 
-from flowdistill.config import MNIST_DATA, MNIST_EVAL, MNIST_UNET, base_config, parse_arg
+from flowdistill.config import MNIST_DATA, MNIST_EVAL, MNIST_UNET, parse_arg
+from flowdistill.experiments import method_config
 
 VARIANTS = ('reflow', 'piecewise', 'reflow-ma', 'piecewise-ma')
 
@@ -24,8 +25,7 @@ def get_config(arg: str = ''):
   variant = arg.variant
   if variant not in VARIANTS:
     raise ValueError(f'configs/reflow.py:{variant!r}: choose one of {list(VARIANTS)}.')
-  config = base_config()
-  config.method = 'reflow'
+  config = method_config('reflow')
   config.data.name = arg.data
   config.reflow.update(windows=2 if variant.startswith('piecewise') else 1, num_pairs=50_000,
                        align_weight=0.001 if variant.endswith('-ma') else 0.0, score_eps=0.05,
@@ -40,5 +40,5 @@ def get_config(arg: str = ''):
                          align_logdet='hutchinson', kl_samples=256)
     config.optim.update(lr=2e-4, warmup_steps=500)
     config.train.update(steps=20_000, log_every=100)
-    config.eval.update(**MNIST_EVAL, guidance=1.5)
+    config.eval.update(**MNIST_EVAL, cfg_scale=1.5)
   return config

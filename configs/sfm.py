@@ -10,7 +10,8 @@ FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/sfm.py:mnist,cpu --workdir=runs/sfm-mnist-cpu
 """
 
-from flowdistill.config import MNIST_DATA, base_config, check_preset, parse_arg
+from flowdistill.config import MNIST_DATA, check_preset, parse_arg
+from flowdistill.experiments import method_config
 
 PRESETS = ('paper', 'cpu')
 
@@ -18,24 +19,25 @@ PRESETS = ('paper', 'cpu')
 def get_config(arg: str = ''):
   arg = parse_arg(arg, data='mnist', preset='paper')
   check_preset('configs/sfm.py', arg.preset, PRESETS)
-  config = base_config()
-  config.method = 'sfm'
+  config = method_config('sfm')
   config.model.name = 'unet'  # unused here; image data sets take the U-Net
   config.dd.update(ipcs=(1, 10), preset=arg.preset)
   if arg.data == 'mnist':
     config.data.update(**MNIST_DATA)
   elif arg.data == 'cifar10':
     config.data.update(source='cifar10', conditional=True)
-    config.sfm.update(ssl_widths=(64, 128, 256, 512), eval_widths=(64, 128, 256, 384),
-                      ssl_steps=50_000, param='pyramid')
+    config.sfm.ssl.update(widths=(64, 128, 256, 512), steps=50_000)
+    config.sfm.update(cross_widths=(64, 128, 256, 384), param='pyramid')
   elif arg.data == 'digits':
     config.data.update(source='digits', conditional=True)
-    config.sfm.update(ssl_steps=500, ssl_widths=(16, 32, 64), eval_widths=(16, 32, 48))
+    config.sfm.ssl.update(steps=500, widths=(16, 32, 64))
+    config.sfm.cross_widths = (16, 32, 48)
   else:
     raise ValueError(f"configs/sfm.py: data must be 'mnist', 'cifar10' or 'digits'; got "
                      f'{arg.data!r}.')
   if arg.preset == 'cpu':
-    config.sfm.update(steps=1000, snapshot_every=100, probe_epochs=300)
+    config.sfm.update(steps=1000, snapshot_every=100)
+    config.sfm.probe.epochs = 300
     if arg.data == 'mnist':
-      config.sfm.eval_widths = (16, 32, 64, 128)  # φ_e pre-trains in ~15 min instead of 35
+      config.sfm.cross_widths = (16, 32, 64, 128)  # φ_e pre-trains in ~15 min instead of 35
   return config

@@ -1,9 +1,10 @@
-"""The experiment configuration: its full set of keys, `validate`, and what configs share.
+"""The experiment configuration: the shared sections, their checks, and what configs share.
 
-Every `configs/*.py` starts from `base_config()` and changes values, so a key missing here is a
-typo: `validate` rejects it (and any inconsistent value) with a message naming the key, before
-any work starts. The shared sections are listed here; each registered method
-(`flowdistill.experiments.METHODS`) adds its own section and its own checks.
+Every `configs/*.py` starts from `flowdistill.experiments.method_config(name)`: these shared
+sections plus each registered method's own section, every key with its default. A key missing
+there is a typo: `validate` rejects it (and any inconsistent value) with a message naming the
+key, before any work starts. Settings that a library dataclass defines (`condense.protocol.Plan`
+and `condense.synset_eval.Protocol` for `dd`) take their defaults and checks from it.
 
 Config files are loaded by path (`--config=configs/x.py:arg`), so what they share lives here,
 importable: `parse_arg` for their argument and presets such as `MNIST_UNET`.
@@ -15,9 +16,9 @@ import os
 
 import ml_collections
 
-from flowdistill import experiments, ode, paths, timesampling
-from flowdistill.condense.augment import parse_strategy
-from flowdistill.couplings import METHODS as COUPLINGS
+from flowdistill import ode, paths, timesampling
+from flowdistill.condense import protocol
+from flowdistill.couplings import COUPLINGS
 from flowdistill.couplings import SOLVERS as OT_SOLVERS
 from flowdistill.data.sources import (
   IMAGE_SOURCES,
@@ -26,7 +27,6 @@ from flowdistill.data.sources import (
   TABULAR_SOURCES,
   TOY_SOURCES,
 )
-from flowdistill.experiments.common import check_choice, check_positive
 from flowdistill.models import dit
 from flowdistill.train import identity, parallel
 from flowdistill.train import state as train_state
@@ -43,8 +43,24 @@ MNIST_EVAL = dict(num_samples=1000, nll_samples=256, nll_divergence='hutchinson'
                   atol=1e-4)
 
 
+def check_positive(flat: dict, ints=(), floats=()) -> None:
+  """Raises naming the first key of `ints` below 1 or of `floats` not above 0."""
+  for key in ints:
+    if flat[key] < 1:
+      raise ValueError(f'config.{key}={flat[key]} must be >= 1.')
+  for key in floats:
+    if not flat[key] > 0:
+      raise ValueError(f'config.{key}={flat[key]} must be > 0.')
+
+
+def check_choice(flat: dict, key: str, options) -> None:
+  """Raises unless `config.<key>` is one of `options`."""
+  if flat[key] not in options:
+    raise ValueError(f'config.{key}={flat[key]!r} is not one of {list(options)}.')
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """All keys with defaults (a 2-D flow-matching run)."""
+  """The shared sections with their defaults (a 2-D flow-matching run)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = 'fm'
@@ -84,27 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
       euler_steps=(1, 2, 4, 8, 16, 100),
       adaptive_solver='dopri5', rtol=1e-5, atol=1e-5,
       nll_samples=1000, nll_divergence='exact', nll_probes=1,
-      guidance=1.0,               # classifier-free guidance weight for conditional sampling
+      cfg_scale=1.0,              # classifier-free guidance weight for conditional sampling
       dtype='float32',            # compute dtype of the network in sampling and likelihoods
       classifier_steps=1500,      # feature network for the image Fréchet distance
       map_steps=(1, 2, 4, 8),    # flow-map jumps to evaluate
       plot=True,
   )
-  c.dd = dict(                  # dataset-distillation protocol; defaults are the paper values
-      preset='paper',           # the name results record ('paper', 'cpu', ...)
-      ipcs=(1, 10, 50),         # images per class
-      runs=20,                  # ConvNets trained per set (the reference's num_eval)
-      epochs=(1000,),           # per IPC (one value: all); 300 is the reference without DSA
-      dsa=True, strategy='',    # '' picks digits (grey) or RGB families
-      lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256,
-      width=128, depth=3, norm='instance',
-      whole_data_epochs=20,     # the whole-data ConvNet (our choice; the papers give none)
-      runs_per_call=1, epochs_per_call=50,  # speed only: runs under vmap, epochs per dispatch
-      seed=0,
-  )
-  for method in experiments.METHODS.values():
-    if method.defaults is not None:
-      c[method.name] = dict(method.defaults)
+  c.dd = protocol.dd_section()  # the dataset-distillation protocol; defaults: paper values
   return c
 
 
@@ -161,9 +163,11 @@ def load_config_file(path: str | os.PathLike, arg: str = ''):
   return module.get_config(arg)
 
 
-def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
-  """Raises ValueError naming the first unknown key or inconsistent value."""
-  known, flat = identity.flatten(base_config()), identity.flatten(config)
+def validate(config, defaults, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """Raises ValueError naming the first key of `config` that `defaults` (the full config of its
+  method, `experiments.method_config`) lacks or types otherwise, or the first inconsistent
+  value of the shared sections (the registry's `experiments.validate` adds the method's)."""
+  known, flat = identity.flatten(defaults), identity.flatten(config)
   for key in flat:
     if key not in known:
       near = difflib.get_close_matches(key, known, n=1)
@@ -179,13 +183,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
             isinstance(default, str) and not isinstance(value, str)):
       raise ValueError(f'config.{key}={value!r} has the wrong type; expected a '
                        f'{type(default).__name__} like {default!r}.')
-  method = experiments.get(flat['method'])
   check_choice(flat, 'data.source', SOURCES)
-  if flat['data.source'] not in method.sources:
-    takers = [m.name for m in experiments.METHODS.values() if flat['data.source'] in m.sources]
-    raise ValueError(f'config.method={method.name!r} does not take config.data.source='
-                     f'{flat["data.source"]!r} (it takes {list(method.sources)}); methods '
-                     f'that do: {takers}.')
   check_choice(flat, 'model.name', MODELS)
   check_choice(flat, 'model.dtype', DTYPES)
   check_choice(flat, 'eval.dtype', DTYPES)
@@ -200,8 +198,8 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   check_positive(flat, ints=('data.batch_size', 'train.steps', 'train.steps_per_call',
                              'train.log_every', 'train.ckpt_every', 'train.keep',
                              'eval.num_samples', 'eval.nll_samples'), floats=('optim.lr',))
-  if flat['eval.guidance'] < 0:
-    raise ValueError(f'config.eval.guidance={flat["eval.guidance"]} must be >= 0 (0: '
+  if flat['eval.cfg_scale'] < 0:
+    raise ValueError(f'config.eval.cfg_scale={flat["eval.cfg_scale"]} must be >= 0 (0: '
                      'unconditional, 1: conditional, > 1: guided).')
   for key in ('eval.euler_steps', 'eval.map_steps'):
     if key in flat and any(n < 1 for n in flat[key]):
@@ -248,8 +246,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
     raise ValueError(f'config.train.allow_config_change names {sorted(not_identity)}, which '
                      'do not define this run (a resume never checks them); list keys such as '
                      'train.steps or optim.lr.')
-  _validate_dd(flat)
-  method.validate(flat)
+  protocol.check_section(config.dd)
   if flat['fm.ot_on_host'] and (flat['fm.coupling'] != 'exact' or flat['method'] != 'fm'):
     raise ValueError(f'config.fm.ot_on_host=True pairs by exact OT in the data pipeline of '
                      f'method="fm"; got config.fm.coupling={flat["fm.coupling"]!r} and '
@@ -259,20 +256,3 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   if block and (flat['data.batch_size'] // (devices or 1)) % block:
     raise ValueError(f'config.fm.ot_block_size={block} must divide the per-device batch '
                      f'{flat["data.batch_size"] // (devices or 1)}.')
-
-
-def _validate_dd(flat: dict) -> None:
-  """Checks the dataset-distillation protocol section `config.dd`."""
-  check_positive(flat, ints=('dd.runs', 'dd.batch_size', 'dd.width', 'dd.depth',
-                             'dd.whole_data_epochs', 'dd.runs_per_call', 'dd.epochs_per_call'),
-                 floats=('dd.lr',))
-  check_choice(flat, 'dd.norm', ('instance', 'none'))
-  if not flat['dd.ipcs'] or min(flat['dd.ipcs']) < 1:
-    raise ValueError(f'config.dd.ipcs={flat["dd.ipcs"]} must be images per class >= 1.')
-  epochs = flat['dd.epochs']
-  if len(epochs) not in (1, len(flat['dd.ipcs'])) or min(epochs) < 1:
-    raise ValueError(f'config.dd.epochs={epochs} must be one value >= 1, or one per IPC of '
-                     f'config.dd.ipcs={flat["dd.ipcs"]}.')
-  if flat['dd.strategy']:
-    parse_strategy(flat['dd.strategy'])
-

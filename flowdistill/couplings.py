@@ -48,7 +48,7 @@ from ott.solvers import linear
 
 from flowdistill.auction import auction_assignment
 
-METHODS = ('independent', 'exact', 'sinkhorn')
+COUPLINGS = ('independent', 'exact', 'sinkhorn')
 SOLVERS = ('auction', 'scipy')
 
 
@@ -148,8 +148,8 @@ def _sinkhorn_pairing(key, cost, epsilon, num_iters):
 
 def _check(x0, x1, labels, labels0, method, block_size, solver='auction'):
   """Validates the static arguments and shapes of `couple`; returns the block size."""
-  if method not in METHODS:
-    raise ValueError(f'Unknown coupling `method`={method!r}; valid options are {METHODS}.')
+  if method not in COUPLINGS:
+    raise ValueError(f'Unknown coupling `method`={method!r}; valid options are {COUPLINGS}.')
   if solver not in SOLVERS:
     raise ValueError(f'Unknown exact-OT `solver`={solver!r}; valid options are {SOLVERS}.')
   if x0.shape != x1.shape:

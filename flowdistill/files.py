@@ -6,6 +6,7 @@ file is renamed over the target; in an object store an upload becomes visible on
 complete, so the object is written in place.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -93,3 +94,28 @@ def save_npy(path, array) -> None:
 
 def load_npy(path) -> np.ndarray:
   return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+def walk(folder) -> list[str]:
+  """Relative paths ('/'-separated, sorted) of every file under `folder`, at any depth."""
+  found = []
+  for entry in epath.Path(folder).iterdir():  # not Path.walk: it drops gs:// from its paths
+    if entry.is_dir():
+      found.extend(f'{entry.name}/{name}' for name in walk(entry))
+    else:
+      found.append(entry.name)
+  return sorted(found)
+
+
+def size(path) -> int:
+  """Size of the file `path` in bytes."""
+  return int(epath.Path(path).stat().length)
+
+
+def sha256(path, chunk: int = 1 << 22) -> str:
+  """Hex sha256 of the contents of the file `path`, read in chunks."""
+  digest = hashlib.sha256()
+  with epath.Path(path).open('rb') as f:
+    while block := f.read(chunk):
+      digest.update(block)
+  return digest.hexdigest()

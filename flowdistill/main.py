@@ -2,7 +2,8 @@
 
 Overrides: `--config.train.steps=500`. Trains (resuming from DIR), then evaluates as the config
 says; checkpoints, metrics (JSON lines, TensorBoard), figures and a results table go to DIR.
-The method is `config.method`, looked up in `flowdistill.experiments.METHODS`.
+The method is `config.method`, looked up in the registry `flowdistill.experiments.REGISTRY`,
+which validates the config (shared sections and the method's own) before any work.
 """
 
 import contextlib
@@ -57,9 +58,9 @@ def main(argv):
   with lease.hold(_WORKDIR.value), _stop_cleanly(_WORKDIR.value,
                                                  jax.distributed.is_initialized()):
     from flowdistill import experiments  # noqa: PLC0415
-    from flowdistill.config import validate  # noqa: PLC0415
 
-    validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    experiments.validate(config, num_devices=jax.device_count(),
+                         num_processes=jax.process_count())
     logging.info('Config:\n%s', config)
     experiments.get(config.method).run(config, _WORKDIR.value)
 

@@ -25,19 +25,19 @@ SOLVERS = FIXED_SOLVERS + ADAPTIVE_SOLVERS
 _STAGES = {'euler': 1, 'midpoint': 2, 'heun': 2, 'tsit5': 6, 'dopri5': 6}
 
 
-def velocity_fn(apply_fn, params, *, cond=None, guidance: float | None = None,
+def velocity_fn(apply_fn, params, *, cond=None, cfg_scale: float | None = None,
                 null_label: int | None = None) -> VelocityFn:
   """Closes a model over its parameters as `v(x, t)` with a scalar time.
 
   Args:
     apply_fn, params: the model pair (`apply_fn(params, x, t, *, cond=None)`).
     cond: labels [B] for a class-conditional model, else None.
-    guidance: classifier-free guidance weight w: `v = v_u + w (v_c - v_u)` at every stage
+    cfg_scale: classifier-free guidance weight w: `v = v_u + w (v_c - v_u)` at every stage
       (w = 1 is the conditional model). None disables guidance.
     null_label: the label index meaning "no class" (the model's `num_classes`).
   """
   checks.check_model(apply_fn)
-  if guidance is not None and (cond is None or null_label is None):
+  if cfg_scale is not None and (cond is None or null_label is None):
     raise ValueError('Classifier-free guidance needs `cond` labels and the model `null_label`.')
 
   def v(x, t):
@@ -45,18 +45,18 @@ def velocity_fn(apply_fn, params, *, cond=None, guidance: float | None = None,
     if cond is not None and cond.shape[0] != x.shape[0]:
       raise ValueError(f'`cond` has batch {cond.shape[0]} but x has {x.shape[0]}.')
     tb = jnp.full((x.shape[0],), t, x.dtype)
-    if guidance is None:
+    if cfg_scale is None:
       return checks.apply_model(apply_fn, params, x, tb, cond=cond)
     both = checks.apply_model(apply_fn, params, jnp.concatenate([x, x]),
                               jnp.concatenate([tb, tb]),
                               cond=jnp.concatenate([cond, jnp.full_like(cond, null_label)]))
     v_c, v_u = jnp.split(both, 2)
-    return v_u + guidance * (v_c - v_u)
+    return v_u + cfg_scale * (v_c - v_u)
 
   return v
 
 
-def guided_apply_fn(apply_fn, guidance: float, null_label: int):
+def guided_apply_fn(apply_fn, cfg_scale: float, null_label: int):
   """A model whose output is the classifier-free-guided velocity `v_u + w (v_c - v_u)`, behind
   the same `apply_fn(params, x, t, *, cond)` contract (e.g. a guided teacher to distil)."""
 
@@ -68,7 +68,7 @@ def guided_apply_fn(apply_fn, guidance: float, null_label: int):
                     s=None if s is None else jnp.concatenate([s, s]),
                     cond=jnp.concatenate([cond, jnp.full_like(cond, null_label)]), train=train)
     v_c, v_u = jnp.split(both, 2)
-    return v_u + guidance * (v_c - v_u)
+    return v_u + cfg_scale * (v_c - v_u)
 
   return guided
 
@@ -162,7 +162,7 @@ def noise(key, num: int, shape: tuple[int, ...], dtype=jnp.float32):
 
 
 def sample(apply_fn, params, key, num: int, shape: tuple[int, ...], *, cond=None,
-           guidance: float | None = None, null_label: int | None = None,
+           cfg_scale: float | None = None, null_label: int | None = None,
            check_finite: bool = False, **solve_kwargs):
   """Draws `num` samples of `shape` from noise at t = 0 to data at t = 1.
 
@@ -170,7 +170,7 @@ def sample(apply_fn, params, key, num: int, shape: tuple[int, ...], *, cond=None
   `check_finite` raises FloatingPointError on NaN or infinite samples (e.g. NaN parameters).
   Returns (samples [num, *shape], info with 'nfe').
   """
-  v = velocity_fn(apply_fn, params, cond=cond, guidance=guidance, null_label=null_label)
+  v = velocity_fn(apply_fn, params, cond=cond, cfg_scale=cfg_scale, null_label=null_label)
   x, info = solve(v, noise(key, num, shape), **solve_kwargs)
   return (checks.check_finite(x, 'samples') if check_finite else x), info
 

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from flowdistill.condense import latents
-from flowdistill.config import base_config, load_config_file, validate
+from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import fm_run
+from flowdistill.experiments import fm_run, method_config, validate
 from flowdistill.models import autoencoder_kl as akl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_missing_or_misshaped_weight_is_refused_by_name(tmp_path):
 
 def test_latent_source_encodes_once_and_resumes_after_a_kill(tmp_path, monkeypatch):
   path, _ = _write_checkpoint(tmp_path / 'vae')
-  config = base_config()
+  config = method_config()
   config.data.update(source='latent', path=str(tmp_path / 'latents.npz'), conditional=True)
   config.data.encode.update(vae=str(path), source='digits')
   encoded = []

@@ -19,14 +19,22 @@ import pytest
 from flax import nnx
 
 from flowdistill import experiments, fm, ode, paths
-from flowdistill.condense import evaluate as dd_evaluate
-from flowdistill.condense import latents, linear_probe, pgfm, sfm, vae
-from flowdistill.config import base_config, load_config_file, validate
+from flowdistill.condense import (
+  frozen_vae,
+  latents,
+  linear_probe,
+  pgfm,
+  pgfm_workdir,
+  sfm,
+  sfm_setup,
+)
+from flowdistill.condense import synset_eval as synset_eval
+from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import common, fm_run, pgfm_run, sfm_run
+from flowdistill.experiments import method_config, validate
 from flowdistill.models.convnet import ConvNet
 from flowdistill.models.factory import build_model
-from flowdistill.train import loop, parallel
+from flowdistill.train import configured, loop, parallel
 from flowdistill.train.checkpoint import (
   Checkpointer,
   CheckpointMismatchError,
@@ -40,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  config = base_config()
+  config = method_config()
   config.data.name, config.data.batch_size = 'moons', 64
   config.model.hidden, config.model.depth, config.model.time_dim = 32, 2, 16
   config.train.update(steps=6, ckpt_every=3, log_every=3)
@@ -49,13 +57,13 @@ def _config():
 
 def _train(config, workdir, batches=None):
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   batches = batches or sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
                                             conditional=False)
   return loop.train(state, make_train_step(loss_fn, optimizer), batches,
                     mesh=parallel.make_mesh(config.train.num_devices), workdir=str(workdir),
                     num_steps=config.train.steps, ckpt_every=config.train.ckpt_every,
-                    meta=common.checkpoint_meta(config, dataset, two_time=False),
+                    meta=configured.checkpoint_meta(config, dataset, two_time=False),
                     progress=False)
 
 
@@ -211,8 +219,8 @@ CASES = [
      r'config.eval.euler_steps=\(1, 0\): every step count must be >= 1'),
     ('zero-nll-samples', _set('eval', nll_samples=0), None, ValueError,
      r'config.eval.nll_samples=0 must be >= 1'),
-    ('negative-guidance', _set('eval', guidance=-1.0), None, ValueError,
-     r'config.eval.guidance=-1.0 must be >= 0'),
+    ('negative-guidance', _set('eval', cfg_scale=-1.0), None, ValueError,
+     r'config.eval.cfg_scale=-1.0 must be >= 0'),
     ('negative-lr', _set('optim', lr=-1.0), None, ValueError, r'config.optim.lr=-1.0 must be > 0'),
     ('batch-not-divisible', _set('data', batch_size=100), None, ValueError,
      r'batch_size=100 is not divisible by the 8 devices'),
@@ -376,10 +384,10 @@ def _dd_main(tmp_path, **sections):
 
 
 def _score(x, label=None):
-  split = dd_evaluate.TestSplit(np.zeros((4, 8, 8, 1), np.float32), np.arange(4) % 2,
+  split = synset_eval.TestSplit(np.zeros((4, 8, 8, 1), np.float32), np.arange(4) % 2,
                                 np.zeros(1, np.float32), np.ones(1, np.float32))
   label = np.arange(len(x)) % 2 if label is None else np.asarray(label)
-  dd_evaluate.evaluate_synset(x, label, split, jax.random.key(0), dd_evaluate.Protocol(runs=1))
+  synset_eval.evaluate_synset(x, label, split, jax.random.key(0), synset_eval.Protocol(runs=1))
 
 
 def _synset_file(tmp_path):
@@ -390,11 +398,11 @@ def _synset_file(tmp_path):
 _GOOD = np.zeros((4, 8, 8, 1), np.float32)
 DD_CASES = [
     ('ipc-zero', lambda t: _dd_main(t, dd={'ipcs': (0,)}), ValueError,
-     r'config.dd.ipcs=\(0,\) must be images per class >= 1'),
+     r'config.dd: Plan.ipcs=\(0,\) must be images per class >= 1'),
     ('ipc-above-smallest-class', lambda t: _dd_main(t, dd={'ipcs': (160,)}), ValueError,
      r'IPC 160 is larger than class \d, which has only 14\d images; use IPC <= 14\d'),
     ('runs-zero', lambda t: _dd_main(t, dd={'runs': 0}), ValueError,
-     r'config.dd.runs=0 must be >= 1'),
+     r'config.dd: Protocol.runs must be >= 1; got 0'),
     ('unknown-dsa-family', lambda t: _dd_main(t, dd={'strategy': 'color_blur'}), ValueError,
      r"Unknown DSA family \['blur'\].*valid families are \('color', 'crop'"),
     ('unknown-preset', lambda t: load_config_file(
@@ -421,9 +429,10 @@ DD_CASES = [
 ]
 
 
-def _pgfm_validate(sections=None, **values):
+def _pgfm_validate(sections=None, pull=None, **values):
   config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
   config.pgfm.update(values)
+  config.pgfm.prototype_guidance.update(pull or {})
   for section, settings in (sections or {}).items():
     config[section].update(settings)
   validate(config)
@@ -439,20 +448,20 @@ def _foreign_latent_cache(tmp_path):
 def _foreign_prototypes(tmp_path):
   np.savez(tmp_path / 'prototypes_ipc1.npz', prototypes=np.zeros((2, 1, 2, 2, 4)),
            fingerprint='aaaa')
-  pgfm_run.load_or_make_prototypes(str(tmp_path), None, 1, None, 'bbbb')
+  pgfm_workdir.load_or_make_prototypes(str(tmp_path), None, 1, None, 'bbbb')
 
 
 PGFM_CASES = [
-    ('t-stop-outside-0-1', lambda t: _pgfm_validate(t_stop=1.5), ValueError,
-     r'pgfm.t_stop must lie in \[0, 1\]; got 1.5'),
-    ('negative-delta', lambda t: _pgfm_validate(delta=-0.1), ValueError,
-     r'pgfm.delta must be >= 0'),
-    ('straight-w0-above-1', lambda t: _pgfm_validate(form='straight', w0=1.5), ValueError,
-     r'pgfm.w0 must be \[0, 1\] for the straight form'),
-    ('unknown-guidance-form', lambda t: _pgfm_validate(form='curved'), ValueError,
-     r"Unknown guidance form 'curved' \(config pgfm.form\); choose one of"),
-    ('unknown-schedule', lambda t: _pgfm_validate(schedule='step'), ValueError,
-     r"Unknown guidance schedule 'step'"),
+    ('t-stop-outside-0-1', lambda t: _pgfm_validate(pull={'t_stop': 1.5}), ValueError,
+     r'config.pgfm.prototype_guidance: PrototypeGuidance.t_stop must lie in \[0, 1\]; got 1.5'),
+    ('negative-delta', lambda t: _pgfm_validate(pull={'delta': -0.1}), ValueError,
+     r'config.pgfm.prototype_guidance: PrototypeGuidance.delta must be >= 0'),
+    ('straight-w0-above-1', lambda t: _pgfm_validate(pull={'form': 'straight', 'w0': 1.5}),
+     ValueError, r'PrototypeGuidance.w0 must be \[0, 1\] for the straight form'),
+    ('unknown-guidance-form', lambda t: _pgfm_validate(pull={'form': 'curved'}), ValueError,
+     r"config.pgfm.prototype_guidance: PrototypeGuidance.form='curved' is not one of"),
+    ('unknown-schedule', lambda t: _pgfm_validate(pull={'schedule': 'step'}), ValueError,
+     r"PrototypeGuidance.schedule='step' is not one of"),
     ('zero-sampling-steps', lambda t: _pgfm_validate(steps=0), ValueError,
      r'config.pgfm.steps=0 must be >= 1'),
     ('ipc-above-class-latents', lambda t: pgfm.class_prototypes(
@@ -477,30 +486,30 @@ def test_pgfm_finished_run_refuses_missing_or_foreign_parts(tmp_path, monkeypatc
   named with the command that makes it, in the order the run makes them."""
   monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
   config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
-  config.pgfm.vae_steps = 2
+  config.pgfm.vae.steps = 2
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'config.json').write_text(config.to_json())
   make = r'train it with `python -m flowdistill.main --config=configs/pgfm.py:digits'
   with pytest.raises(FileNotFoundError, match=r'No VAE of this run is cached .*' + make):
-    pgfm_run.load_finished(str(workdir))
+    pgfm_workdir.load_finished(str(workdir))
   dataset = sources.load(config.data)
-  frozen = vae.load_or_train(dataset.train, pgfm_run.vae_config(config.pgfm, config.seed))
+  frozen = frozen_vae.load_or_train(dataset.train, pgfm_workdir.vae_settings(config))
   with pytest.raises(FileNotFoundError, match=r'latent_fm holds no latent flow; ' + make):
-    pgfm_run.load_finished(str(workdir))
+    pgfm_workdir.load_finished(str(workdir))
   shutil.copytree(good_run, workdir / 'latent_fm')
   with pytest.raises(ValueError, match=r'models data of shape \(2,\), but the VAE latents have '
                      r'shape \(2, 2, 4\): it was trained on another VAE'):
-    pgfm_run.load_finished(str(workdir))
+    pgfm_workdir.load_finished(str(workdir))
   shutil.rmtree(workdir / 'latent_fm')
-  unconditional = base_config()
+  unconditional = method_config()
   unconditional.data.update(source='latent', path=latents.cache_path(frozen, 'mean'),
                             batch_size=16)
   unconditional.model.update(name='unet', channels=(8, 8), attention=False, time_dim=8)
   unconditional.train.update(steps=1, ckpt_every=1)
-  fm_run.train(unconditional, str(workdir / 'latent_fm'))
+  configured.train_fm(unconditional, str(workdir / 'latent_fm'))
   with pytest.raises(ValueError, match=r'latent_fm is not class-conditional; PGFM guides'):
-    pgfm_run.load_finished(str(workdir))
+    pgfm_workdir.load_finished(str(workdir))
 
 
 def _sfm_validate(**values):
@@ -513,7 +522,7 @@ def _foreign_statistics(tmp_path):
   path = tmp_path / 'statistics.npz'
   np.savez(path, fingerprint='aaaa', mu=np.zeros((2, 3)), nu=np.zeros((2, 3)),
            flow=np.zeros((2, 3)), weight=np.zeros((3, 2)), bias=np.zeros(2), golden_accuracy=0.5)
-  sfm_run.load_statistics(str(path), 'bbbb')
+  sfm_setup.load_statistics(str(path), 'bbbb')
 
 
 def _probe(images, **kwargs):
@@ -541,8 +550,8 @@ SFM_CASES = [
      ValueError, r'augmented copies A must be >= 1; got 0'),
     ('projector-dims-mismatch', lambda t: _probe(np.zeros((2, 3)), mode='ci', golden_dim=4),
      ValueError, r'golden head W\* takes 4 features but the distillation backbone gives 3'),
-    ('unknown-method', lambda t: _sfm_validate(methods=('sfm', 'mtt')), ValueError,
-     r"config.sfm.methods has \['mtt'\]"),
+    ('unknown-method', lambda t: _sfm_validate(sets=('sfm', 'mtt')), ValueError,
+     r"config.sfm.sets has \['mtt'\]"),
     ('unknown-denominator', lambda t: _sfm_validate(nontarget_denominator='all'), ValueError,
      r"config.sfm.nontarget_denominator='all' is not one of"),
     ('unknown-ci-mode', lambda t: _sfm_validate(probes=('normal', 'inherit')), ValueError,
@@ -557,7 +566,7 @@ SFM_CASES = [
 
 
 def _api_model():
-  model = base_config().model
+  model = method_config().model
   model.update(hidden=16, depth=1, time_dim=8)
   return build_model(model, (2,))
 

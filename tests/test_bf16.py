@@ -6,15 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowdistill import ode
-from flowdistill.config import base_config
 from flowdistill.data import sources
-from flowdistill.experiments import common, fm_run
+from flowdistill.experiments import common, method_config
 from flowdistill.models.factory import build_model
+from flowdistill.train import configured
 from flowdistill.train.step import make_train_step
 
 
 def _config(dtype):
-  config = base_config()
+  config = method_config()
   config.data.name = 'moons'
   config.data.batch_size = 64
   config.model.update(hidden=64, depth=2, time_dim=16, dtype=dtype)
@@ -48,9 +48,9 @@ def test_bfloat16_mlp_computes_in_bfloat16_and_returns_float32():
 def test_bfloat16_training_keeps_float32_state_and_sampling_defaults_to_float32():
   config = _config('bfloat16')
   dataset = sources.load(config.data)
-  apply_fn, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  apply_fn, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   step = jax.jit(make_train_step(loss_fn, optimizer))
-  batch = next(fm_run.batches(config, dataset)(0))
+  batch = next(configured.fm_batches(config, dataset)(0))
   state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
   for leaf in jax.tree.leaves((state.params, state.opt_state, state.ema, metrics['loss'])):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype

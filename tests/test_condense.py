@@ -12,11 +12,11 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from flowdistill import experiments
-from flowdistill.condense import augment, dm, evaluate, subsets
+from flowdistill.condense import augment, dm, protocol, subsets, synset_eval
 from flowdistill.condense.kmeans import kmeans
-from flowdistill.config import load_config_file, validate
+from flowdistill.config import load_config_file
 from flowdistill.data import images
-from flowdistill.experiments import dd_eval_run
+from flowdistill.experiments import validate
 from flowdistill.models.convnet import ConvNet, InstanceNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,28 +158,28 @@ def _patches(n, size=8, seed=0):
 
 
 def _tiny(**kw):
-  return evaluate.Protocol(**{**dict(runs=2, epochs=20, width=16, depth=2, dsa=False), **kw})
+  return synset_eval.Protocol(**{**dict(runs=2, epochs=20, width=16, depth=2, dsa=False), **kw})
 
 
 def test_training_fits_a_separable_set_exactly():
   x, y = _patches(32)
-  split = evaluate.test_split({'x': x, 'label': y}, {'x': x, 'label': y})
-  result = evaluate.evaluate_synset(x, y, split, jax.random.key(0), _tiny(lr=0.05))
+  split = synset_eval.test_split({'x': x, 'label': y}, {'x': x, 'label': y})
+  result = synset_eval.evaluate_synset(x, y, split, jax.random.key(0), _tiny(lr=0.05))
   np.testing.assert_array_equal(result['accs'], 1.0)
 
 
 def test_sgd_step_and_the_single_lr_drop_after_epoch_e_over_2_plus_1():
   x, y = _patches(8)
   proto = _tiny(epochs=6, momentum=0.0, weight_decay=0.0, lr=0.1)
-  graphdef, params = evaluate.make_net(x.shape[1:], 2, proto, jax.random.key(0))
+  graphdef, params = synset_eval.make_net(x.shape[1:], 2, proto, jax.random.key(0))
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
       nnx.merge(graphdef, p)(jnp.asarray(x)), y).mean()
   key = jax.random.key(3)
-  state = evaluate.train_network(x, y, key, proto, 2, epochs=(0, 0))
+  state = synset_eval.train_network(x, y, key, proto, 2, epochs=(0, 0))
   lrs = []
   for epoch in range(proto.epochs + 2):    # one past the end: a no-op
     grads = jax.grad(loss)(state[0])
-    new = evaluate.train_network(x, y, key, proto, 2, epochs=(epoch, 1), state=state)
+    new = synset_eval.train_network(x, y, key, proto, 2, epochs=(epoch, 1), state=state)
     g = jnp.concatenate([v.ravel() for v in jax.tree.leaves(grads)])
     step = jnp.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(state[0]),
                                                              jax.tree.leaves(new[0]))])
@@ -200,11 +200,11 @@ def _digits(ipc):
 
 def test_evaluate_synset_on_digits_is_seeded_and_batches_runs():
   split, x, y = _digits(ipc=5)
-  test = evaluate.test_split(split['train'], split['test'])
+  test = synset_eval.test_split(split['train'], split['test'])
   proto = _tiny(runs=3, epochs=30, width=32, dsa=True)
-  first = evaluate.evaluate_synset(x, y, test, jax.random.key(1), proto)
+  first = synset_eval.evaluate_synset(x, y, test, jax.random.key(1), proto)
   assert first['accs'].shape == (3,) and first['mean'] > 0.5    # chance is 0.1
-  again = evaluate.evaluate_synset(x, y, test, jax.random.key(1),
+  again = synset_eval.evaluate_synset(x, y, test, jax.random.key(1),
                                    _tiny(runs=3, epochs=30, width=32, dsa=True, runs_per_call=3,
                                          epochs_per_call=7))
   np.testing.assert_array_equal(first['accs'], again['accs'])
@@ -285,7 +285,7 @@ def test_distribution_matching_lowers_its_loss_on_digits():
 
 def _tiny_dd(config):
   config.dd.update(runs=2, epochs=(3,), width=8, whole_data_epochs=1, epochs_per_call=2)
-  config.dd_eval.update(dm_iterations=3, dm_batch_real=8)
+  config.dd_eval.dm.update(iterations=3, batch_real=8)
   return config
 
 
@@ -297,7 +297,7 @@ def test_dd_eval_scores_baselines_writes_the_table_and_resumes(tmp_path, monkeyp
   validate(config)
   result = experiments.get('dd_eval').run(config, str(tmp_path))
   cells = {(c['set'], c['ipc']) for c in result['cells']}
-  assert cells == {(b, 2) for b in dd_eval_run.BASELINES}
+  assert cells == {(b, 2) for b in protocol.BASELINES}
   assert 0 < result['whole_data']['test_accuracy'] <= 1
   table = (tmp_path / 'results.md').read_text()
   assert '| herding |' in table and "preset `cpu`" in table and '`dd.runs`: 2 (paper 20)' in table

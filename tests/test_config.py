@@ -5,8 +5,8 @@ import pathlib
 import ml_collections
 import pytest
 
-from flowdistill.config import base_config, load_config_file, parse_arg, validate
-from flowdistill.experiments import pgfm_run
+from flowdistill.config import load_config_file, parse_arg
+from flowdistill.experiments import method_config, pgfm_run, validate
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -49,7 +49,7 @@ def test_shipped_configs_validate(path, tmp_path):
     (lambda c: c.fm.__setattr__('ot_on_host', True), r'ot_on_host=True .*fm.coupling="exact"'),
 ])
 def test_bad_values_are_named(mutate, message):
-  config = base_config()
+  config = method_config()
   with config.unlocked():
     mutate(config)
   with pytest.raises(ValueError, match=message):
@@ -57,7 +57,7 @@ def test_bad_values_are_named(mutate, message):
 
 
 def test_wrong_type_is_named():
-  config = base_config()
+  config = method_config()
   config.data = ml_collections.ConfigDict(dict(config.data.to_dict(), name=3))
   with pytest.raises(ValueError, match=r'config.data.name=3 has the wrong type'):
     validate(config)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowdistill.config import base_config, load_config_file, validate
-from flowdistill.experiments import flow_map_run
+from flowdistill.config import load_config_file
+from flowdistill.experiments import flow_map_run, method_config, validate
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.dit import DiT, sincos_2d
 
@@ -122,7 +122,7 @@ def test_tiny_dit_trains_on_digits_through_the_cli_and_distils_into_a_flow_map(t
   samplers = [r['sampler'] for r in distilled['rows']]
   assert {'student 1-jump', 'student 2-jump'} <= set(samplers)
   assert all(np.isfinite(v['nll']) for v in distilled['nll_jumps'].values())
-  config = base_config()
+  config = method_config()
   config.update(method='fm')
   config.data.update(source='digits')
   config.model.update(name='dit', dit='huge')

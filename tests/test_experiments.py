@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from flowdistill import experiments
-from flowdistill.config import base_config, validate
 from flowdistill.data import sources
 from flowdistill.eval import report
-from flowdistill.experiments import common, flow_map_run, fm_run
+from flowdistill.experiments import common, flow_map_run, fm_run, method_config, validate
+from flowdistill.train import configured
 from flowdistill.train.teacher import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,11 +54,11 @@ def test_cli_rejects_an_unknown_override_before_any_work(tmp_path):
 
 
 def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
-  teacher = _tiny(base_config())
+  teacher = _tiny(method_config())
   teacher.data.name = 'moons'
-  fm_run.train(teacher, str(tmp_path / 'teacher'))
+  configured.train_fm(teacher, str(tmp_path / 'teacher'))
   for loss in ('lmd', 'emd'):
-    student = _tiny(base_config())
+    student = _tiny(method_config())
     student.data.name = 'moons'
     student.method = 'flow_map'
     student.flow_map.loss = loss
@@ -69,7 +69,7 @@ def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
     assert {'student 1-jump', 'student 2-jump', 'teacher euler-1', 'teacher dopri5'} <= set(
         labels)
     assert all(v['nll'] > 0 and v['inverse_error'] < 10 for v in result['nll_jumps'].values())
-  pfmm = _tiny(base_config())
+  pfmm = _tiny(method_config())
   pfmm.data.name = 'moons'
   pfmm.method = 'flow_map'
   pfmm.flow_map.loss = 'pfmm'
@@ -82,7 +82,7 @@ def test_flow_map_distils_a_teacher_from_its_workdir(tmp_path):
 
 
 def test_missing_teacher_is_refused_with_the_fix(tmp_path):
-  student = _tiny(base_config())
+  student = _tiny(method_config())
   student.method = 'flow_map'
   student.teacher.workdir = str(tmp_path / 'nothing')
   with pytest.raises(FileNotFoundError, match='config.teacher.workdir'):
@@ -95,12 +95,12 @@ def test_missing_teacher_is_refused_with_the_fix(tmp_path):
 def test_image_pipeline_on_builtin_digits(tmp_path, monkeypatch):
   """Class-conditional U-Net, guidance, feature-net Fréchet distance, bits/dim, sample grid."""
   monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
-  config = base_config()
+  config = method_config()
   config.data.update(source='digits', batch_size=32, conditional=True)
   config.model.update(name='unet', channels=(16, 16, 16), attention=False, time_dim=16)
   config.fm.label_dropout = 0.2
   config.train.update(steps=4, ckpt_every=4, log_every=2)
-  config.eval.update(num_samples=40, euler_steps=(2,), guidance=2.0, nll_samples=4,
+  config.eval.update(num_samples=40, euler_steps=(2,), cfg_scale=2.0, nll_samples=4,
                      nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=30)
   validate(config)
   result = fm_run.run(config, str(tmp_path / 'digits'))
@@ -114,7 +114,7 @@ def test_image_pipeline_on_builtin_digits(tmp_path, monkeypatch):
 def test_flow_map_on_images_reports_the_series_jump_likelihood(tmp_path, monkeypatch):
   """Direct FMM with a two-time U-Net on built-in digits; jump NLL by the power series."""
   monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
-  config = base_config()
+  config = method_config()
   config.method = 'flow_map'
   config.flow_map.update(loss='fmm', scheme='uniform')
   config.data.update(source='digits', batch_size=32)
@@ -133,19 +133,20 @@ def test_flow_map_on_images_reports_the_series_jump_likelihood(tmp_path, monkeyp
 def _scaled_run(config, workdir):
   """A toy method: flow matching with the loss scaled by `config.scaled.weight`."""
   dataset = sources.load(config.data)
-  apply_fn, params, loss_fn = fm_run.make_loss(config, dataset)
+  apply_fn, params, loss_fn = configured.fm_loss(config, dataset)
 
   def scaled(params, batch, key):
     loss, metrics = loss_fn(params, batch, key)
     return config.scaled.weight * loss, metrics
 
-  state = common.fit(config, params, scaled, fm_run.batches(config, dataset), workdir,
-                     meta=common.checkpoint_meta(config, dataset, two_time=False))
+  state = configured.fit(config, params, scaled, configured.fm_batches(config, dataset), workdir,
+                         meta=configured.checkpoint_meta(config, dataset, two_time=False))
   params = common.eval_params(config, state)
   section = report.Section({'weight': config.scaled.weight},
                            f'Loss weight: {config.scaled.weight}')
-  return common.evaluate(config, dataset, report.velocity_samplers(apply_fn, params, config.eval),
-                         workdir, velocity_model=(apply_fn, params), sections=[section])
+  samplers = report.velocity_samplers(apply_fn, params, config.eval)
+  return common.write_report(config, dataset, samplers, workdir,
+                             velocity_model=(apply_fn, params), sections=[section])
 
 
 def _validate_scaled(flat):
@@ -156,10 +157,10 @@ def _validate_scaled(flat):
 def test_a_method_added_to_the_registry_gets_config_validation_and_the_run_layer(
     tmp_path, monkeypatch):
   """One registry entry: its section joins base_config, its checks run in validate only when
-  it is selected, `fit` trains it resumably and `evaluate` reports it with its own section."""
-  monkeypatch.setitem(experiments.METHODS, 'scaled', common.Method(
+  it is selected, `fit` trains it resumably and `write_report` reports it with its own section."""
+  monkeypatch.setitem(experiments.REGISTRY, 'scaled', common.Method(
       'scaled', _scaled_run, defaults={'weight': 2.0}, validate=_validate_scaled))
-  config = _tiny(base_config())
+  config = _tiny(method_config())
   config.data.name = 'moons'
   config.scaled.weight = -1.0
   validate(config)  # method 'fm': the section of another method is not checked

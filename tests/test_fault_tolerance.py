@@ -10,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from flowdistill.config import base_config
 from flowdistill.data import sources
-from flowdistill.experiments import fm_run
-from flowdistill.train import loop, parallel
+from flowdistill.experiments import method_config
+from flowdistill.train import configured, loop, parallel
 from flowdistill.train.checkpoint import Checkpointer
 from flowdistill.train.step import make_train_step
 
@@ -21,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _config():
-  config = base_config()
+  config = method_config()
   config.data.name, config.data.batch_size = 'moons', 64
   config.model.hidden, config.model.depth, config.model.time_dim = 32, 2, 16
   return config
@@ -30,7 +29,7 @@ def _config():
 def _train(workdir, *, num_steps=12, num_devices=0, batches=None):
   config = _config()
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   batches = batches or sources.batch_source(dataset, 64, seed=0, conditional=False)
   return loop.train(state, make_train_step(loss_fn, optimizer), batches,
                     mesh=parallel.make_mesh(num_devices), workdir=str(workdir),
@@ -92,7 +91,7 @@ def test_checkpoint_written_on_8_devices_continues_on_fewer(tmp_path, devices):
   shutil.copytree(tmp_path / 'eight', moved)
   shutil.rmtree(moved / 'checkpoints' / '12')  # as if the 8-device job had stopped at step 6
 
-  _, _, _, template = fm_run.build(_config(), sources.load(_config().data))
+  _, _, _, template = configured.fm_setup(_config(), sources.load(_config().data))
   ckpt = Checkpointer(str(moved / 'checkpoints'))
   on_eight, _ = ckpt.restore(6, parallel.replicate(template, parallel.make_mesh(8)))
   on_fewer, _ = ckpt.restore(6, parallel.replicate(template, parallel.make_mesh(devices)))

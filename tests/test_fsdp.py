@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flowdistill.config import base_config, validate
 from flowdistill.data import sources
-from flowdistill.experiments import common, fm_run
-from flowdistill.train import loop, parallel
+from flowdistill.experiments import method_config, validate
+from flowdistill.train import configured, loop, parallel
 from flowdistill.train.checkpoint import Checkpointer
 from flowdistill.train.step import make_train_step
 
@@ -32,7 +31,7 @@ def test_fsdp_rule_shards_the_largest_divisible_axis_of_large_arrays(shape, spec
 
 
 def _config(fsdp=1, devices=8, steps=20):
-  config = base_config()
+  config = method_config()
   config.data.name = 'moons'
   config.data.batch_size = 64
   config.model.update(hidden=512, depth=3, time_dim=32)
@@ -44,10 +43,10 @@ def _config(fsdp=1, devices=8, steps=20):
 
 def _fit(config, workdir):
   dataset = sources.load(config.data)
-  _, params, loss_fn = fm_run.make_loss(config, dataset)
-  meta = common.checkpoint_meta(config, dataset, two_time=False)
-  state = common.fit(config, params, loss_fn, fm_run.batches(config, dataset), str(workdir),
-                     meta=meta)
+  _, params, loss_fn = configured.fm_loss(config, dataset)
+  meta = configured.checkpoint_meta(config, dataset, two_time=False)
+  batches = configured.fm_batches(config, dataset)
+  state = configured.fit(config, params, loss_fn, batches, str(workdir), meta=meta)
   losses = [json.loads(line)['loss'] for line in
             (workdir / 'metrics.jsonl').read_text().splitlines()]
   return state, losses
@@ -69,17 +68,17 @@ def test_fsdp_trains_like_data_parallel_and_holds_an_eighth_of_the_state(tmp_pat
 def _state_argument_bytes(config):
   """Per-device argument bytes of the compiled step, as XLA reports them."""
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   mesh = parallel.make_mesh(8, fsdp=config.train.mesh.fsdp)
   state = parallel.place(state, mesh)
-  batch = parallel.global_batch(next(fm_run.batches(config, dataset)(0)), mesh)
+  batch = parallel.global_batch(next(configured.fm_batches(config, dataset)(0)), mesh)
   jitted = loop.jit_step(make_train_step(loss_fn, optimizer), state, {}, mesh)
   return jitted.lower(state, batch, {}).compile().memory_analysis().argument_size_in_bytes
 
 
 def test_fsdp_state_is_sharded_on_the_mesh_and_gathered_for_evaluation():
   config = _config(fsdp=8)
-  _, _, _, state = fm_run.build(config, sources.load(config.data))
+  _, _, _, state = configured.fm_setup(config, sources.load(config.data))
   placed = parallel.place(state, parallel.make_mesh(8, fsdp=8))
   kernel = placed.params['hidden'][1]['kernel']
   assert kernel.sharding.spec == P('fsdp') and kernel.addressable_shards[0].data.shape == (64, 512)
@@ -94,7 +93,7 @@ def test_fsdp_state_is_sharded_on_the_mesh_and_gathered_for_evaluation():
 def test_fsdp_checkpoint_restores_bit_exact_on_another_mesh(tmp_path, devices, fsdp):
   config = _config(fsdp=8, steps=10)
   trained, _ = _fit(config, tmp_path)
-  _, _, _, template = fm_run.build(config, sources.load(config.data))
+  _, _, _, template = configured.fm_setup(config, sources.load(config.data))
   ckpt = Checkpointer(str(tmp_path / 'checkpoints'))
   restored, _ = ckpt.restore(10, parallel.place(template, parallel.make_mesh(devices, fsdp=fsdp)))
   ckpt.close()

@@ -131,11 +131,11 @@ def test_gs_workdir_trains_survives_sigkill_resumes_bit_exact_and_reports(gcs_en
 
 
 SFM_RUN = ['--config=configs/sfm.py:digits,cpu', '--config.dd.ipcs=(2,)',
-           "--config.sfm.methods=('random','sfm')", '--config.sfm.probes=("normal",)',
-           '--config.sfm.ssl_steps=3', '--config.sfm.ssl_batch_size=16',
-           '--config.sfm.ssl_widths=(8,16)', '--config.sfm.eval_widths=(8,12)',
-           '--config.sfm.steps=4', '--config.sfm.snapshot_every=2', '--config.sfm.probe_epochs=2',
-           '--config.sfm.probe_runs=2', '--config.sfm.golden_epochs=1']
+           "--config.sfm.sets=('random','sfm')", '--config.sfm.probes=("normal",)',
+           '--config.sfm.ssl.steps=3', '--config.sfm.ssl.batch_size=16',
+           '--config.sfm.ssl.widths=(8,16)', '--config.sfm.cross_widths=(8,12)',
+           '--config.sfm.steps=4', '--config.sfm.snapshot_every=2', '--config.sfm.probe.epochs=2',
+           '--config.sfm.probe.runs=2', '--config.sfm.golden_epochs=1']
 
 
 def test_gs_cache_and_dataset_distillation_workdir(gcs_env, tmp_path):

@@ -16,9 +16,9 @@ from flax import nnx
 
 from flowdistill import closed_form as cf
 from flowdistill import fm, ode, paths
-from flowdistill.config import base_config, load_config_file, validate
+from flowdistill.config import load_config_file
 from flowdistill.data import sources, tabular
-from flowdistill.experiments import local_fm_run
+from flowdistill.experiments import local_fm_run, method_config, validate
 from flowdistill.fewstep import local_fm
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.mlp import MLP
@@ -202,7 +202,7 @@ def test_tabular_mixture_density_and_samples_match_the_mixture():
 def test_config_files_validate_and_bad_keys_are_named():
   for arg in ('checkerboard', 'tabular,distill', 'mnist', 'digits'):
     validate(load_config_file(os.path.join(CONFIGS, 'local_fm.py'), arg), num_devices=8)
-  config = base_config()
+  config = method_config()
   config.data.source = 'tabular'
   with pytest.raises(ValueError, match=r"config.method='fm' does not take config.data.source="
                      r"'tabular'.*methods that do: \['local_fm'\]"):
@@ -270,7 +270,7 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
   seen = {}
   monkeypatch.setattr(local_fm_run, 'chain_section',
                       lambda chain, blocks: seen.update(blocks=blocks))
-  monkeypatch.setattr(local_fm_run.common, 'evaluate', lambda *args, **kwargs: {})
+  monkeypatch.setattr(local_fm_run.common, 'write_report', lambda *args, **kwargs: {})
   local_fm_run.run(config, workdir)
   assert os.path.getmtime(os.path.join(block0, 'pushforward.npy')) == mtime
   steps = [d for d in os.listdir(os.path.join(block0, 'checkpoints')) if d.isdigit()]

@@ -14,8 +14,7 @@ import numpy as np
 
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import fm_run
-from flowdistill.train import loop, parallel
+from flowdistill.train import configured, loop, parallel
 from flowdistill.train.checkpoint import Checkpointer
 from flowdistill.train.step import make_train_step
 
@@ -76,7 +75,7 @@ def _losses(workdir) -> dict[int, float]:
 
 def _train_here(config, workdir, num_devices):
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   batches = sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
                                  conditional=False)
   return loop.train(state, make_train_step(loss_fn, optimizer), batches,

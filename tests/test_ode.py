@@ -121,9 +121,9 @@ def test_classifier_free_guidance_combines_velocities():
   v_c = ode.velocity_fn(apply_fn, params, cond=cond)(x, 0.3)
   v_u = ode.velocity_fn(apply_fn, params, cond=jnp.full(5, 3))(x, 0.3)
   for w in (0.0, 1.0, 2.5):
-    v_w = ode.velocity_fn(apply_fn, params, cond=cond, guidance=w, null_label=3)(x, 0.3)
+    v_w = ode.velocity_fn(apply_fn, params, cond=cond, cfg_scale=w, null_label=3)(x, 0.3)
     np.testing.assert_allclose(v_w, v_u + w * (v_c - v_u), atol=1e-5)
-  _, info = ode.sample(apply_fn, params, jax.random.key(0), 5, (2,), cond=cond, guidance=2.0,
+  _, info = ode.sample(apply_fn, params, jax.random.key(0), 5, (2,), cond=cond, cfg_scale=2.0,
                        null_label=3, solver='euler', steps=4)
   assert info['nfe'] == 4
 
@@ -148,4 +148,4 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match='`cond` has batch'):
     ode.velocity_fn(lambda p, x, t, cond=None: x, None, cond=jnp.zeros(3, int))(x, 0.5)
   with pytest.raises(ValueError, match='guidance needs'):
-    ode.velocity_fn(lambda p, x, t, cond=None: x, None, guidance=2.0)
+    ode.velocity_fn(lambda p, x, t, cond=None: x, None, cfg_scale=2.0)

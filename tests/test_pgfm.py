@@ -9,10 +9,10 @@ import pytest
 
 from flowdistill import closed_form as cf
 from flowdistill import experiments, ode, paths
-from flowdistill.condense import coverage, pgfm
+from flowdistill.condense import coverage, pgfm, pgfm_workdir
 from flowdistill.condense import mode_guided_diffusion as mgd
-from flowdistill.config import load_config_file, validate
-from flowdistill.experiments import pgfm_run
+from flowdistill.config import load_config_file
+from flowdistill.experiments import pgfm_run, validate
 from flowdistill.fewstep import flow_map
 from flowdistill.train.teacher import load_trained
 
@@ -38,7 +38,7 @@ def test_straight_full_weight_lands_on_the_exact_endpoint(solver, delta, steps):
   (1 - t + δ - dt)/(1 - t + δ) telescope to that number for any N (δ = 0 lands on p); the
   solution is linear in t, so Heun (δ > 0: it evaluates t = 1) is exact too."""
   z0, p = _latents(), _latents(seed=1)
-  g = pgfm.Guidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=delta)
+  g = pgfm.PrototypeGuidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=delta)
   z1, info = ode.solve(pgfm.guided_velocity(_field(), p, g), z0, solver=solver, steps=steps)
   np.testing.assert_allclose(z1, p + (z0 - p) * delta / (1 + delta), atol=2e-6)
   assert info['nfe'] == steps * (2 if solver == 'heun' else 1)
@@ -46,14 +46,15 @@ def test_straight_full_weight_lands_on_the_exact_endpoint(solver, delta, steps):
 
 def test_heun_with_zero_delta_stays_finite_when_guidance_stops_before_one():
   z0, p = _latents(), _latents(seed=1)
-  g = pgfm.Guidance(form='denoiser', w0=1.0, schedule='constant', t_stop=0.75, delta=0.0)
+  g = pgfm.PrototypeGuidance(form='denoiser', w0=1.0, schedule='constant', t_stop=0.75, delta=0.0)
   z1, _ = ode.solve(pgfm.guided_velocity(_field(), p, g), z0, solver='heun', steps=4)
   assert np.isfinite(np.asarray(z1)).all()
 
 
 @pytest.mark.parametrize('guidance', [
-    pgfm.Guidance(form='denoiser', w0=0.0), pgfm.Guidance(form='straight', w0=0.7, t_stop=0.0),
-    pgfm.Guidance(form='denoiser', w0=2.0, schedule='cosine', t_stop=0.0)])
+    pgfm.PrototypeGuidance(form='denoiser', w0=0.0),
+    pgfm.PrototypeGuidance(form='straight', w0=0.7, t_stop=0.0),
+    pgfm.PrototypeGuidance(form='denoiser', w0=2.0, schedule='cosine', t_stop=0.0)])
 @pytest.mark.parametrize('solver', ['euler', 'heun'])
 def test_zero_guidance_is_unguided_sampling_bit_for_bit(guidance, solver):
   z0, p = _latents(), _latents(seed=1)
@@ -70,7 +71,7 @@ def test_denoiser_form_on_point_mass_data_lands_on_the_shifted_point(steps):
   m, p, w = _latents(seed=4), _latents(seed=1), 0.6
   apply_fn = lambda params, z, t, cond=None: (m - z) / (1.0 - t)[:, None, None, None]
   labels = jnp.zeros(len(m), jnp.int32)
-  g = pgfm.Guidance(form='denoiser', w0=w, schedule='constant', t_stop=1.0, delta=0.0)
+  g = pgfm.PrototypeGuidance(form='denoiser', w0=w, schedule='constant', t_stop=1.0, delta=0.0)
   z1, info = pgfm.sample(apply_fn, {}, jax.random.key(0), labels, p, g, steps=steps)
   np.testing.assert_allclose(z1, m + w * (p - m), atol=1e-5)
   assert info['nfe'] == steps
@@ -82,7 +83,7 @@ def test_guided_heun_on_gaussian_data_converges_to_dopri5(form):
   params = {'mean': jnp.full(SHAPE, 0.5), 'std': jnp.full(SHAPE, 0.7)}
   v = ode.velocity_fn(cf.make_apply_fn(path), params)
   z0, p = _latents(), _latents(seed=1)
-  g = pgfm.Guidance(form=form, w0=0.5, schedule='cosine', t_stop=1.0, delta=0.1)
+  g = pgfm.PrototypeGuidance(form=form, w0=0.5, schedule='cosine', t_stop=1.0, delta=0.1)
   ref, _ = ode.solve(pgfm.guided_velocity(v, p, g), z0, solver='dopri5', rtol=1e-7, atol=1e-7)
   errors = [float(jnp.abs(ode.solve(pgfm.guided_velocity(v, p, g), z0, solver='heun',
                                     steps=n)[0] - ref).max()) for n in (16, 32, 64)]
@@ -94,7 +95,7 @@ def test_the_two_forms_are_one_field_at_zero_delta():
   """(p - ẑ1)/(1 - t) = (p - z)/(1 - t) - v, so with δ = 0 the denoiser pull is the straight
   blend; δ > 0 tells them apart."""
   z, p, t = _latents(), _latents(seed=1), jnp.float32(0.3)
-  fields = {(form, d): pgfm.guided_velocity(_field(), p, pgfm.Guidance(
+  fields = {(form, d): pgfm.guided_velocity(_field(), p, pgfm.PrototypeGuidance(
       form=form, w0=0.7, schedule='constant', t_stop=1.0, delta=d))(z, t)
       for form in pgfm.FORMS for d in (0.0, 0.1)}
   np.testing.assert_allclose(fields['straight', 0.0], fields['denoiser', 0.0], atol=1e-6)
@@ -105,7 +106,7 @@ def test_weight_schedules_start_at_w0_and_switch_off_at_t_stop():
   t = jnp.array([0.0, 0.25, 0.5, 0.79, 0.8, 1.0])
   for schedule, mid in (('constant', 0.4), ('linear', 0.4 * (1 - 0.5 / 0.8)),
                         ('cosine', 0.4 * 0.5 * (1 + np.cos(np.pi * 0.5 / 0.8)))):
-    w = np.asarray(pgfm.weight(pgfm.Guidance(w0=0.4, schedule=schedule, t_stop=0.8), t))
+    w = np.asarray(pgfm.weight(pgfm.PrototypeGuidance(w0=0.4, schedule=schedule, t_stop=0.8), t))
     assert w[0] == pytest.approx(0.4) and w[2] == pytest.approx(mid, rel=1e-6)
     assert w[4] == 0 and w[5] == 0
 
@@ -131,7 +132,7 @@ def test_class_prototypes_recover_well_separated_blob_centres():
     (dict(schedule='step'), 'schedule')])
 def test_bad_guidance_is_refused_by_name(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    pgfm.Guidance(**kwargs)
+    pgfm.PrototypeGuidance(**kwargs)
 
 
 def test_ipc_above_a_class_count_is_refused():
@@ -230,7 +231,8 @@ def test_pgfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
   config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits,cpu')
   config.dd.update(ipcs=(2,), runs=2, epochs=(2,), width=8, epochs_per_call=3)
-  config.pgfm.update(vae_steps=20, check_samples=20, steps=2)
+  config.pgfm.update(check_samples=20, steps=2)
+  config.pgfm.vae.steps = 20
   config.model.update(channels=(8, 8), time_dim=8)
   config.train.update(steps=4, ckpt_every=4, log_every=2)
   config.eval.classifier_steps = 20
@@ -254,22 +256,22 @@ def test_pgfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
                       euler_steps=(1,), plot=False)
   validate(student)
   experiments.get('flow_map').run(student, str(tmp_path / 'student'))
-  done = pgfm_run.load_finished(str(tmp_path / 'run'))
+  done = pgfm_workdir.load_finished(str(tmp_path / 'run'))
   jumps = load_trained(str(tmp_path / 'student'))
   assert jumps.two_time and jumps.data_shape == done.flow.data_shape
   task = done.scoring(2, runs=1, epochs=1)
   z, info = pgfm.jump_sample(jumps.apply_fn, jumps.params, jax.random.key(0),
                              jnp.asarray(task['labels']), task['targets'],
-                             pgfm_run.guidance(config.pgfm), steps=2)
+                             pgfm_workdir.prototype_guidance(config), steps=2)
   assert z.shape == task['targets'].shape and bool(jnp.isfinite(z).all()) and info['nfe'] == 2
 
 
 def test_pgfm_config_refuses_bad_guidance_and_unconditional_flows():
   config = load_config_file(os.path.join(ROOT, 'configs', 'pgfm.py'), 'digits')
-  config.pgfm.t_stop = 1.2
+  config.pgfm.prototype_guidance.t_stop = 1.2
   with pytest.raises(ValueError, match='t_stop'):
     validate(config)
-  config.pgfm.t_stop = 0.9
+  config.pgfm.prototype_guidance.t_stop = 0.9
   config.data.conditional, config.fm.label_dropout = False, 0.0
   with pytest.raises(ValueError, match='class-conditional'):
     validate(config)
@@ -287,7 +289,7 @@ def test_unguided_jumps_are_the_flow_map_jumps_bit_for_bit():
   apply_fn, params = _gaussian_flow_map()
   labels, p = jnp.zeros(16, jnp.int32), _latents(seed=1)
   guided, info = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p,
-                                  pgfm.Guidance(w0=0.0), steps=3)
+                                  pgfm.PrototypeGuidance(w0=0.0), steps=3)
   plain, _ = flow_map.jump(apply_fn, params, ode.noise(jax.random.key(0), 16, SHAPE),
                            ode.time_grid(3), labels)
   np.testing.assert_array_equal(guided, plain)
@@ -298,7 +300,7 @@ def test_unguided_jumps_are_the_flow_map_jumps_bit_for_bit():
 def test_straight_full_weight_jumps_land_on_the_exact_endpoint(steps):
   apply_fn, params = _gaussian_flow_map()
   labels, p = jnp.zeros(16, jnp.int32), _latents(seed=1)
-  g = pgfm.Guidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=0.1)
+  g = pgfm.PrototypeGuidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=0.1)
   z1, _ = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p, g, steps=steps)
   z0 = ode.noise(jax.random.key(0), 16, SHAPE)
   np.testing.assert_allclose(z1, p + (z0 - p) * 0.1 / 1.1, atol=2e-6)

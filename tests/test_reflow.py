@@ -9,10 +9,11 @@ import pytest
 
 from flowdistill import closed_form as cf
 from flowdistill import ode, paths
-from flowdistill.config import base_config, load_config_file, validate
+from flowdistill.config import load_config_file
 from flowdistill.data import sources, teacher_pairs
-from flowdistill.experiments import fm_run, reflow_run
+from flowdistill.experiments import method_config, reflow_run, validate
 from flowdistill.fewstep import reflow
+from flowdistill.train import configured
 from flowdistill.train.teacher import load_trained
 
 MEAN, STD = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.5])
@@ -257,7 +258,7 @@ def _tiny(config):
 
 
 def test_piecewise_reflow_with_alignment_runs_from_a_teacher_workdir(tmp_path):
-  fm_run.train(_tiny(base_config()), str(tmp_path / 'teacher'))
+  configured.train_fm(_tiny(method_config()), str(tmp_path / 'teacher'))
   config = _tiny(load_config_file('configs/reflow.py', 'piecewise-ma,moons'))
   config.teacher.workdir = str(tmp_path / 'teacher')
   config.reflow.update(num_pairs=128, pair_chunk=64, kl_samples=32, align_warmup=5,
@@ -290,21 +291,21 @@ def test_piecewise_reflow_with_alignment_runs_from_a_teacher_workdir(tmp_path):
 def test_guided_image_reflow_with_hutchinson_alignment(tmp_path, monkeypatch):
   """Class-conditional U-Net on built-in digits: guided teacher pairs, Hutchinson log-det."""
   monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
-  teacher = base_config()
+  teacher = method_config()
   teacher.data.update(source='digits', batch_size=16, conditional=True)
   teacher.model.update(name='unet', channels=(8, 8, 8), attention=False, time_dim=8)
   teacher.fm.label_dropout = 0.2
   teacher.train.update(steps=2, ckpt_every=2, log_every=1)
   teacher.eval.update(num_samples=20, euler_steps=(2,), nll_samples=2, plot=False,
                       nll_divergence='hutchinson', rtol=1e-2, atol=1e-2, classifier_steps=10)
-  fm_run.train(teacher, str(tmp_path / 'teacher'))
+  configured.train_fm(teacher, str(tmp_path / 'teacher'))
   config = load_config_file('configs/reflow.py', 'piecewise-ma,mnist')
   config.data = teacher.data
   config.model = teacher.model
   config.teacher.workdir = str(tmp_path / 'teacher')
   config.train.update(steps=2, ckpt_every=2, log_every=1)
   config.eval = teacher.eval
-  config.eval.update(euler_steps=(2, 4), guidance=2.0)
+  config.eval.update(euler_steps=(2, 4), cfg_scale=2.0)
   config.reflow.update(num_pairs=16, pair_chunk=16, kl_samples=4, align_warmup=0,
                        pair_rtol=1e-2, pair_atol=1e-2)
   validate(config)

@@ -13,8 +13,8 @@ from jax.test_util import check_grads
 
 from flowdistill import experiments
 from flowdistill.condense import image_param, linear_probe, sfm, ssl
-from flowdistill.config import load_config_file, validate
-from flowdistill.experiments import sfm_run
+from flowdistill.config import load_config_file
+from flowdistill.experiments import sfm_run, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, M, D = 4, 6, 5
@@ -242,13 +242,14 @@ def test_sfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setenv('FLOWDISTILL_CACHE', str(tmp_path / 'cache'))
   config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), 'digits,cpu')
   config.dd.update(ipcs=(2,))
-  config.sfm.update(ssl_steps=3, ssl_batch_size=16, ssl_widths=(8, 16), eval_widths=(8, 12),
-                    steps=3, probe_epochs=2, probe_runs=2, golden_epochs=1, lgm_copies=2,
+  config.sfm.ssl.update(steps=3, batch_size=16, widths=(8, 16))
+  config.sfm.probe.update(epochs=2, runs=2)
+  config.sfm.update(cross_widths=(8, 12), steps=3, golden_epochs=1, lgm_copies=2,
                     snapshot_every=2)
   validate(config)
   result = experiments.get('sfm').run(config, str(tmp_path / 'run'))
   cells = {c['method']: c for c in result['cells']}
-  assert set(cells) == set(sfm_run.METHODS)
+  assert set(cells) == set(sfm_run.SETS)
   assert set(cells['sfm']['probes']) == set(sfm_run.PROBES)
   assert set(cells['random']['probes']) == {'normal'}
   assert all(len(r['accs']) == 2 for c in cells.values() for r in c['probes'].values())
@@ -270,7 +271,7 @@ def test_sfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return evaluate_probe(*args, **kwargs)
 
-  config.sfm.methods = ('lgm',)
+  config.sfm.sets = ('lgm',)
   monkeypatch.setattr(linear_probe, 'evaluate_probe', killed_while_scoring_lgm)
   with pytest.raises(KeyboardInterrupt):
     experiments.get('sfm').run(config, str(tmp_path / 'killed'))

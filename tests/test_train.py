@@ -9,17 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdistill.config import base_config
 from flowdistill.data import sources
-from flowdistill.experiments import common, fm_run
-from flowdistill.train import checkpoint, loop, parallel
+from flowdistill.experiments import method_config
+from flowdistill.train import checkpoint, configured, loop, parallel
 from flowdistill.train.checkpoint import Checkpointer, CheckpointMismatchError
 from flowdistill.train.identity import ConfigChangedError
 from flowdistill.train.step import make_train_step
 
 
 def _config(**train):
-  config = base_config()
+  config = method_config()
   config.data.name = 'moons'
   config.data.batch_size = 64
   config.model.hidden, config.model.depth, config.model.time_dim = 32, 2, 16
@@ -29,7 +28,7 @@ def _config(**train):
 
 def _train(config, workdir, num_steps=None, num_devices=None, batches=None):
   dataset = sources.load(config.data)
-  _, loss_fn, optimizer, state = fm_run.build(config, dataset)
+  _, loss_fn, optimizer, state = configured.fm_setup(config, dataset)
   batches = batches or sources.batch_source(dataset, config.data.batch_size, seed=0,
                                             conditional=False)
   mesh = parallel.make_mesh(num_devices or config.train.num_devices)
@@ -51,20 +50,20 @@ def test_fit_traces_its_step_once_and_returns_params_on_one_device(tmp_path, ste
   step, and once more on resume; evaluation gets parameters on a single device."""
   config = _config(steps=12, log_every=3, ckpt_every=6, steps_per_call=steps_per_call)
   dataset = sources.load(config.data)
-  _, params, loss_fn = fm_run.make_loss(config, dataset)
+  _, params, loss_fn = configured.fm_loss(config, dataset)
   traces = []
 
   def counted(params, batch, key):
     traces.append(batch['x'].shape)
     return loss_fn(params, batch, key)
 
-  meta = common.checkpoint_meta(config, dataset, two_time=False)
-  state = common.fit(config, params, counted, fm_run.batches(config, dataset), str(tmp_path),
-                     meta=meta)
+  meta = configured.checkpoint_meta(config, dataset, two_time=False)
+  batches = configured.fm_batches(config, dataset)
+  state = configured.fit(config, params, counted, batches, str(tmp_path), meta=meta)
   assert int(state.step) == 12 and traces == [(64, 2)]
   assert all(len(x.devices()) == 1 for x in jax.tree.leaves(state))
   config.train.steps = 18
-  common.fit(config, params, counted, fm_run.batches(config, dataset), str(tmp_path), meta=meta)
+  configured.fit(config, params, counted, batches, str(tmp_path), meta=meta)
   assert len(traces) == 2
 
 
@@ -116,7 +115,7 @@ def test_ot_on_host_trains_like_exact_ot_in_the_step(tmp_path):
       yield dict(batch, x0=noise)
 
   reference = _train(in_step, tmp_path / 'in_step', batches=unpaired_noise)
-  _, _, state = fm_run.train(on_host, str(tmp_path / 'on_host'))
+  _, _, state = configured.train_fm(on_host, str(tmp_path / 'on_host'))
   for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -172,11 +171,11 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
 def test_a_changed_config_resumes_only_where_allowed_and_keeps_the_checkpoints(tmp_path):
   config = _config()
   dataset = sources.load(config.data)
-  _, params, loss_fn = fm_run.make_loss(config, dataset)
+  _, params, loss_fn = configured.fm_loss(config, dataset)
 
   def fit(c):
-    return common.fit(c, params, loss_fn, fm_run.batches(c, dataset), str(tmp_path),
-                      meta=common.checkpoint_meta(c, dataset, two_time=False))
+    return configured.fit(c, params, loss_fn, configured.fm_batches(c, dataset), str(tmp_path),
+                          meta=configured.checkpoint_meta(c, dataset, two_time=False))
 
   fit(config)
   saved = {p: p.read_bytes() for p in (tmp_path / 'checkpoints').rglob('*') if p.is_file()}

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowdistill.condense import latents, vae
-from flowdistill.config import base_config, validate
+from flowdistill.condense import frozen_vae, latents
 from flowdistill.data import images
-from flowdistill.experiments import fm_run
+from flowdistill.experiments import method_config, validate
 from flowdistill.models.vae import VAE
+from flowdistill.train import configured
 
 
 @pytest.mark.parametrize('shape,latent', [((28, 28, 1), (8, 8, 4)), ((32, 32, 3), (8, 8, 4)),
@@ -33,7 +33,7 @@ def test_kl_matches_a_monte_carlo_estimate_of_log_q_minus_log_p():
   log_p = -0.5 * (z**2 + jnp.log(2 * jnp.pi))
   samples = (log_q - log_p).reshape(20000, 3, -1).sum(-1)
   se = samples.std(0) / np.sqrt(20000)
-  np.testing.assert_array_less(jnp.abs(samples.mean(0) - vae.kl_divergence(mean, logvar)),
+  np.testing.assert_array_less(jnp.abs(samples.mean(0) - frozen_vae.kl_divergence(mean, logvar)),
                                4 * se)
 
 
@@ -44,22 +44,22 @@ def _digits():
 
 def test_trained_vae_reconstructs_scales_to_unit_std_and_is_cached(tmp_path):
   train = _digits()
-  config = vae.VAEConfig(steps=300, batch_size=64, lr=3e-3)
-  frozen = vae.load_or_train(train, config, cache_dir=str(tmp_path))
+  config = frozen_vae.VAEConfig(steps=300, batch_size=64, lr=3e-3)
+  frozen = frozen_vae.load_or_train(train, config, cache_dir=str(tmp_path))
   assert frozen.info['final_recon'] < 0.5 * vae_loss_at_init(train['x'], config)
   z = frozen.latents(train['x'])
   assert z.shape == (len(train['x']), 2, 2, 4)
   assert z.std() == pytest.approx(1.0, rel=1e-4)
   recon = frozen.decode_scaled(z)
   assert recon.shape == train['x'].shape and np.abs(recon).max() <= 1
-  again = vae.load_or_train(train, config, cache_dir=str(tmp_path))
+  again = frozen_vae.load_or_train(train, config, cache_dir=str(tmp_path))
   assert again.scale == frozen.scale and again.fingerprint == frozen.fingerprint
   np.testing.assert_array_equal(again.latents(train['x']), z)
 
 
 def vae_loss_at_init(x, config):
   model = VAE(x.shape[1:], rngs=nnx.Rngs(config.seed))
-  return float(vae.vae_loss(model, jnp.asarray(x[:256]), jax.random.key(0), config.beta)[1]
+  return float(frozen_vae.vae_loss(model, jnp.asarray(x[:256]), jax.random.key(0), config.beta)[1]
                ['recon'])
 
 
@@ -68,21 +68,21 @@ def test_latent_cache_feeds_the_trainer_and_refuses_another_vae(tmp_path, monkey
   train = _digits()
   x, y = images.load('digits', 'test')
   test = {'x': images.to_float(x), 'label': y}
-  frozen = vae.load_or_train(train, vae.VAEConfig(steps=5))
+  frozen = frozen_vae.load_or_train(train, frozen_vae.VAEConfig(steps=5))
   cached = latents.load_or_encode(frozen, train, test)
   path = latents.cache_path(frozen, 'mean')
   np.testing.assert_allclose(cached['train']['x'], frozen.latents(train['x']), rtol=1e-6)
   assert cached['fingerprint'] == frozen.fingerprint and cached['scale'] == frozen.scale
 
-  config = base_config()
+  config = method_config()
   config.data.update(source='latent', path=path, batch_size=16, conditional=True)
   config.model.update(name='unet', channels=(8, 8), attention=False, time_dim=8)
   config.fm.label_dropout = 0.1
   config.train.update(steps=2, ckpt_every=2, log_every=1)
   validate(config)
-  dataset, _, state = fm_run.train(config, str(tmp_path / 'latent-fm'))
+  dataset, _, state = configured.train_fm(config, str(tmp_path / 'latent-fm'))
   assert dataset.shape == (2, 2, 4) and dataset.num_classes == 10 and int(state.step) == 2
 
-  other = vae.load_or_train(train, vae.VAEConfig(steps=5, seed=1))
+  other = frozen_vae.load_or_train(train, frozen_vae.VAEConfig(steps=5, seed=1))
   with pytest.raises(ValueError, match=f'VAE {frozen.fingerprint}.*{other.fingerprint}'):
     latents.load_or_encode(other, train, test, path=path)

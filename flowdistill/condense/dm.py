@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from flowdistill.condense.augment import DIGITS, augment, parse_strategy
-from flowdistill.condense.evaluate import Protocol, make_net
 from flowdistill.condense.subsets import check_ipc, random_subset
+from flowdistill.condense.synset_eval import Protocol, make_net
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def dm_loss(syn: jax.Array, real: jax.Array, key: jax.Array, embed: Callable, *,
   return jnp.sum(jnp.square(real_mean.mean(1) - syn_mean.mean(1)))
 
 
-def distribution_matching(train: dict, ipc: int, key: jax.Array, cfg: DMConfig,
+def distribution_matching(train: dict, ipc: int, key: jax.Array, settings: DMConfig,
                           protocol: Protocol | None = None, *,
                           on_progress: Callable[[int], None] | None = None) -> dict:
   """Learns IPC synthetic images per class by DM.
@@ -73,7 +73,7 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, cfg: DMConfig,
     train: {'x': float images [N, H, W, C] in [-1, 1], 'label': int [N]}.
     ipc: images per class.
     key: seeds the initial real images, the real batches, the networks and the augmentation.
-    cfg: DM settings. protocol: the ConvNet (width, depth, norm) whose embedding is matched
+    settings: DM settings. protocol: the ConvNet (width, depth, norm) whose embedding is matched
       (default `Protocol()`, ConvNet-3).
     on_progress: called with the number of iterations done, every 10.
 
@@ -91,7 +91,7 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, cfg: DMConfig,
   seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
   rng = np.random.default_rng(seed)
   rows = [np.flatnonzero(labels == c) for c in range(num_classes)]
-  batch_real = min(cfg.batch_real, min(len(r) for r in rows))
+  batch_real = min(settings.batch_real, min(len(r) for r in rows))
   init = random_subset(None, labels, ipc, seed)
   syn = jnp.asarray(x[init].reshape(num_classes, ipc, *x.shape[1:]))
 
@@ -101,14 +101,14 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, cfg: DMConfig,
     net_key, aug_key = jax.random.split(step_key)
     graphdef, params = make_net(x.shape[1:], num_classes, protocol, net_key)
     embed = lambda images: nnx.merge(graphdef, params).features(images)
-    loss, grad = jax.value_and_grad(dm_loss)(syn, real, aug_key, embed, dsa=cfg.dsa,
-                                             strategy=cfg.strategy)
-    momentum = cfg.momentum * momentum + grad
-    return syn - cfg.lr * momentum, momentum, loss
+    loss, grad = jax.value_and_grad(dm_loss)(syn, real, aug_key, embed, dsa=settings.dsa,
+                                             strategy=settings.strategy)
+    momentum = settings.momentum * momentum + grad
+    return syn - settings.lr * momentum, momentum, loss
 
   momentum = jnp.zeros_like(syn)
   losses = []
-  for i in range(cfg.iterations):
+  for i in range(settings.iterations):
     real = np.stack([x[rng.choice(r, batch_real, replace=False)] for r in rows])
     syn, momentum, loss = step(syn, momentum, real, jnp.int32(i))
     losses.append(loss)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flowdistill import files
+from flowdistill import files, fitting
 
 MODES = ('pixels', 'pyramid')
 INITS = ('noise', 'real')
@@ -73,9 +73,9 @@ def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e
     real: initial images [count, H, W, C] in [-1, 1] (init 'real'), or None (noise).
     on_progress: called every `progress_every` steps and at the end with (steps done, last
       loss, `images()` -> the current images [count, H, W, C] numpy).
-    state_path: an `.npz` file that holds the levels, the Adam state and the loss history after
-      each `on_progress` call; a run started with the same arguments continues from it, and
-      reaches the same images as one that never stopped.
+    state_path: an `.npz` file that holds the levels, the Adam state and the history after
+      each `on_progress` call (`fitting.fit`'s state file); a run started with the same
+      arguments continues from it, and reaches the same images as one that never stopped.
 
   Returns:
     (images [count, H, W, C] numpy, {'loss': [steps], 'adam_count': [steps]}).
@@ -87,58 +87,37 @@ def distill(loss_fn, image_shape, count: int, key, *, steps: int, lr: float = 2e
   opt = optax.adam(lr)
   loss_key, grow_key = jax.random.split(key)
 
-  @jax.jit
-  def step(levels, opt_state, i, *args):
-    def objective(levels):
-      return loss_fn(render(levels, image_shape), jax.random.fold_in(loss_key, i), *args)
-    (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(levels)
-    updates, opt_state = opt.update(grads, opt_state, levels)
-    count_now = opt_state[0].count
-    return optax.apply_updates(levels, updates), opt_state, loss, count_now
+  def objective(levels, i, *args):
+    return loss_fn(render(levels, image_shape), jax.random.fold_in(loss_key, i), *args)
 
-  saved = _load_state(state_path, count, image_shape, steps)
-  done = 0 if saved is None else int(saved['step'])
-  levels, losses, counts = [], [], []
-  if saved is not None:
-    losses, counts = list(saved['loss']), list(saved['adam_count'])
+  update = fitting.make_update(objective, opt, has_aux=True)
+
+  def record(out):
+    return {'loss': out.loss, 'adam_count': out.opt_state[0].count}
+
+  def progress(done, levels, metrics):
+    on_progress(done, float(metrics['loss']), lambda: np.asarray(render(levels, image_shape)))
+
+  _check_state(state_path, count, image_shape, steps)
+  levels, history = [], None
   for phase, size in enumerate(sizes):
     levels = grow(levels, size, count, image_shape, jax.random.fold_in(grow_key, phase),
                   real=real)
-    opt_state = opt.init(levels)  # restarted at each growth
     end = steps if phase == len(sizes) - 1 else min(steps, (phase + 1) * grow_every)
-    if done > end:
-      continue  # a phase finished before the saved step (its levels are restored below)
-    if saved is not None:
-      levels, opt_state = jax.tree.unflatten(
-          jax.tree.structure((levels, opt_state)),
-          [jnp.asarray(saved[f'leaf{k}']) for k in range(int(saved['leaves']))])
-      saved = None
-    for i in range(max(done, phase * grow_every), end):
-      levels, opt_state, loss, count_now = step(levels, opt_state, jnp.int32(i), *loss_args)
-      losses.append(loss)
-      counts.append(count_now)
-      if (i + 1) % progress_every == 0 or i + 1 == steps:
-        if on_progress is not None:
-          on_progress(i + 1, float(loss),
-                      lambda levels=levels: np.asarray(render(levels, image_shape)))
-        if state_path is not None:
-          _save_state(state_path, i + 1, levels, opt_state, losses, counts)
+    # Adam restarts at each growth; the state file holds the phase that wrote it.
+    levels, history = fitting.fit(
+        update, levels, opt.init(levels), steps=steps, start=phase * grow_every, stop=end,
+        history=history, args=loss_args, record=record,
+        on_progress=None if on_progress is None else progress, progress_every=progress_every,
+        state_path=state_path)
     if end >= steps:
       break
-  history = {'loss': np.asarray(jnp.stack(losses)), 'adam_count': np.asarray(jnp.stack(counts))}
   return np.asarray(render(levels, image_shape)), history
 
 
-def _save_state(path: str, done: int, levels, opt_state, losses, counts) -> None:
-  leaves = jax.tree.leaves((levels, opt_state))
-  files.save_npz(path, step=done, leaves=len(leaves), loss=np.asarray(jnp.stack(losses)),
-                 adam_count=np.asarray(jnp.stack(counts)),
-                 **{f'leaf{k}': np.asarray(leaf) for k, leaf in enumerate(leaves)})
-
-
-def _load_state(path: str | None, count: int, image_shape, steps: int) -> dict | None:
+def _check_state(path: str | None, count: int, image_shape, steps: int) -> None:
   if path is None or not files.exists(path):
-    return None
+    return
   saved = files.load_npz(path)
   first = saved['leaf0']
   if first.shape[0] != count or first.shape[-1] != image_shape[-1] or saved['step'] > steps:
@@ -146,4 +125,3 @@ def _load_state(path: str | None, count: int, image_shape, steps: int) -> dict |
                      f'{first.shape[-1]} channels at step {saved["step"]}, but this run '
                      f'distils {count} images of {image_shape[-1]} channels for {steps} steps; '
                      'delete it to start over.')
-  return saved

@@ -11,8 +11,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flowdistill import files
-from flowdistill.condense.vae import FrozenVAE
-from flowdistill.eval.feature_net import cache_root
+from flowdistill.cache import cache_root
+from flowdistill.condense.frozen_vae import FrozenVAE
+from flowdistill.data import sources
+from flowdistill.models import autoencoder_kl
 
 MODES = ('mean', 'sample')
 KEYS = ('x_train', 'label_train', 'x_test', 'label_test', 'fingerprint', 'scale')
@@ -86,3 +88,38 @@ def load_or_encode(frozen: FrozenVAE, train: dict, test: dict, *, mode: str = 'm
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'flowdistill: latents of {path} written')
   return load(path, fingerprint=frozen.fingerprint)
+
+
+def load_source(data_config) -> sources.Dataset:
+  """The data of `config.data.source='latent'`: the latent cache `config.data.path`, encoded
+  first with the AutoencoderKL weights `config.data.encode.vae` where it is missing."""
+  path = sources.data_path(data_config)
+  if not path:
+    raise ValueError("config.data.source='latent' needs config.data.path: the latent cache "
+                     '(.npz) written by flowdistill.condense.latents.load_or_encode.')
+  if data_config.encode.vae and not files.exists(path):
+    splits = encode_with_autoencoder_kl(data_config.encode, path)
+  else:
+    splits = load(path)
+  num_classes = sources.check_labels(splits, path)
+  return sources.Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes,
+                         train=splits['train'], test=splits['test'])
+
+
+def encode_with_autoencoder_kl(encode_config, path: str) -> dict:
+  """Encodes `config.data.encode.source` with the AutoencoderKL weights `encode.vae` (and the
+  `config.json` beside them, if any) into the latent cache `path`; resumable, split over
+  processes (`load_or_encode`). Returns what `load` returns."""
+  if not encode_config.source:
+    raise ValueError(f'config.data.encode.vae is set and the latent cache {path} does not exist '
+                     'yet, so config.data.encode.source must name the images to encode (e.g. '
+                     "'cifar10', or 'imagenet' with encode.path an image folder).")
+  splits = sources.image_splits(encode_config.source, encode_config.path or None)
+  config = autoencoder_kl.read_config(encode_config.vae)
+  if splits['train']['x'].shape[-1] == 1 and config.in_channels == 3:  # grey as RGB
+    for split in splits.values():
+      split['x'] = np.repeat(split['x'], 3, axis=-1)
+  module, fingerprint = autoencoder_kl.load_autoencoder_kl(
+      encode_config.vae, splits['train']['x'].shape[1:], config)
+  frozen = FrozenVAE(module, config.scaling_factor, fingerprint, {'weights': encode_config.vae})
+  return load_or_encode(frozen, splits['train'], splits['test'], path=path, chunk=256)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flowdistill import fitting
+
 MODES = ('normal', 'ci', 'kd')
 PINV_RTOL = 1e-5  # eigenvalues of the Gram matrix below this share of the largest count as 0
 
@@ -45,6 +47,11 @@ class ProbeProtocol:
     for name in ('runs', 'epochs', 'batch_size'):
       if getattr(self, name) < 1:
         raise ValueError(f'ProbeProtocol.{name} must be >= 1; got {getattr(self, name)}.')
+    if self.lr_per_256 <= 0 or self.head_std < 0 or self.kd_temperature <= 0:
+      raise ValueError('ProbeProtocol needs lr_per_256 > 0, head_std >= 0 and kd_temperature > 0; '
+                       f'got {self.lr_per_256}, {self.head_std}, {self.kd_temperature}.')
+    if not 0 <= self.kd_alpha <= 1:
+      raise ValueError(f'ProbeProtocol.kd_alpha={self.kd_alpha} must lie in [0, 1].')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +85,15 @@ def train_golden_head(features: np.ndarray, labels: np.ndarray, num_classes: int
   per_epoch = n // batch_size
   opt = optax.adam(optax.cosine_decay_schedule(lr, epochs * per_epoch))
   head = Head(jnp.zeros((dim, num_classes)), jnp.zeros((num_classes,)))
+  update = fitting.make_update(
+      lambda h, idx: cross_entropy(h.logits(features[idx]), labels[idx]), opt)
 
   def epoch(carry, k):
     order = jax.random.permutation(k, n)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
 
     def step(carry, idx):
-      head, state = carry
-      grads = jax.grad(lambda h: cross_entropy(h.logits(features[idx]), labels[idx]))(head)
-      updates, state = opt.update(grads, state, head)
-      return (optax.apply_updates(head, updates), state), None
+      out = update(*carry, idx)
+      return (out.params, out.opt_state), None
 
     return jax.lax.scan(step, carry, order)[0], None
 
@@ -138,6 +145,8 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
     kl = jnp.mean(jnp.sum(soft * (jnp.log(soft + 1e-12) - jax.nn.log_softmax(logits / t)), -1))
     return protocol.kd_alpha * ce + (1 - protocol.kd_alpha) * t * t * kl
 
+  update = fitting.make_update(loss, opt)
+
   def views(key):
     """φ_e and the targets of one augmented copy of the set."""
     seen = augment(images, key)
@@ -169,10 +178,8 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
       order = jax.random.permutation(k_order, n)[:per_epoch * batch].reshape(per_epoch, batch)
 
       def step(carry, idx):
-        params, state = carry
-        grads = jax.grad(loss)(params, feats, targets, idx)
-        updates, state = opt.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
+        out = update(*carry, feats, targets, idx)
+        return (out.params, out.opt_state), None
 
       return jax.lax.scan(step, carry, order)[0], None
 

@@ -52,7 +52,7 @@ def _euler_maruyama_step(path: AffinePath, x, u, t, t_next):
 
 def sample(apply_fn, params, key, labels, shape: tuple[int, ...], path: AffinePath, *,
            steps: int = 50, sampler: str = 'ancestral', prototypes=None, lam: float = 0.0,
-           stop_step: int | None = None, t_min: float = 1e-3, cfg: float | None = None,
+           stop_step: int | None = None, t_min: float = 1e-3, cfg_scale: float | None = None,
            null_label: int | None = None):
   """Stochastic samples of a class-conditional velocity model, optionally mode-guided.
 
@@ -63,7 +63,7 @@ def sample(apply_fn, params, key, labels, shape: tuple[int, ...], path: AffinePa
     steps: N uniform steps from 0 (`t_min` for 'euler_maruyama') to 1.
     prototypes: [B, *shape] guidance targets (None: unguided). lam: guidance strength λ.
     stop_step: guidance acts on steps k < stop_step (None: all steps).
-    cfg, null_label: classifier-free guidance weight of the velocity.
+    cfg_scale, null_label: classifier-free guidance weight of the velocity.
 
   Returns:
     (samples [B, *shape], info with 'nfe' = steps).
@@ -75,7 +75,7 @@ def sample(apply_fn, params, key, labels, shape: tuple[int, ...], path: AffinePa
                      'path x_t = σ_t x0 + β_t x1.')
   if lam and prototypes is None:
     raise ValueError('Mode guidance (lam > 0) needs `prototypes`.')
-  v = ode.velocity_fn(apply_fn, params, cond=labels, guidance=cfg, null_label=null_label)
+  v = ode.velocity_fn(apply_fn, params, cond=labels, cfg_scale=cfg_scale, null_label=null_label)
   num = labels.shape[0]
   t0 = 0.0 if sampler == 'ancestral' else t_min
   grid = jnp.linspace(t0, 1.0, steps + 1)

@@ -2,7 +2,8 @@
 per-class prototypes, to synthesise IPC images per class in a few ODE steps.
 
 The seed gives only an abstract; this is the library's reading of it, every choice a field of
-`Guidance` (config `pgfm.*`). Sample j of class c starts from noise z0 and follows
+`PrototypeGuidance` (config `pgfm.prototype_guidance`). Sample j of class c starts from noise z0
+and follows
 
     straight:  v_g = (1 - w(t)) v_θ(z, t, c) + w(t) (p - z) / (1 - t + δ)
     denoiser:  v_g = v_θ(z, t, c) + w(t) (p - ẑ1) / (1 - t + δ),   ẑ1 = z + (1 - t) v_θ
@@ -29,8 +30,8 @@ SCHEDULES = ('constant', 'linear', 'cosine')
 
 
 @dataclasses.dataclass(frozen=True)
-class Guidance:
-  """Path-to-prototype guidance.
+class PrototypeGuidance:
+  """Path-to-prototype guidance: the pull toward the prototypes (not classifier-free guidance).
 
   Attributes:
     form: 'straight' (blend with the straight path to p) or 'denoiser' (pull ẑ1 toward p).
@@ -42,50 +43,49 @@ class Guidance:
     delta: >= 0, keeps 1 / (1 - t + δ) finite at t = 1.
   """
   form: str = 'denoiser'
-  w0: float = 0.5
-  schedule: str = 'linear'
-  t_stop: float = 0.9
+  w0: float = 1.0
+  schedule: str = 'constant'
+  t_stop: float = 1.0
   delta: float = 0.05
 
   def __post_init__(self):
     if self.form not in FORMS:
-      raise ValueError(f'Unknown guidance form {self.form!r} (config pgfm.form); choose one '
-                       f'of {FORMS}.')
+      raise ValueError(f'PrototypeGuidance.form={self.form!r} is not one of {FORMS}.')
     if self.schedule not in SCHEDULES:
-      raise ValueError(f'Unknown guidance schedule {self.schedule!r} (config pgfm.schedule); '
-                       f'choose one of {SCHEDULES}.')
+      raise ValueError(f'PrototypeGuidance.schedule={self.schedule!r} is not one of '
+                       f'{SCHEDULES}.')
     if not 0.0 <= self.t_stop <= 1.0:
-      raise ValueError(f'pgfm.t_stop must lie in [0, 1]; got {self.t_stop}.')
+      raise ValueError(f'PrototypeGuidance.t_stop must lie in [0, 1]; got {self.t_stop}.')
     if self.delta < 0:
-      raise ValueError(f'pgfm.delta must be >= 0; got {self.delta}.')
+      raise ValueError(f'PrototypeGuidance.delta must be >= 0; got {self.delta}.')
     if self.w0 < 0 or (self.form == 'straight' and self.w0 > 1):
       bound = '[0, 1] for the straight form (a convex blend)' if self.form == 'straight' \
           else '>= 0'
-      raise ValueError(f'pgfm.w0 must be {bound}; got {self.w0}.')
+      raise ValueError(f'PrototypeGuidance.w0 must be {bound}; got {self.w0}.')
 
 
-def weight(guidance: Guidance, t):
+def weight(pull: PrototypeGuidance, t):
   """w(t) for scalar or array t: the schedule on [0, t_stop), 0 from t_stop on."""
   t = jnp.asarray(t, jnp.float32)
-  frac = t / guidance.t_stop if guidance.t_stop > 0 else jnp.zeros_like(t)
+  frac = t / pull.t_stop if pull.t_stop > 0 else jnp.zeros_like(t)
   shape = {'constant': jnp.ones_like(t), 'linear': 1.0 - frac,
-           'cosine': 0.5 * (1.0 + jnp.cos(jnp.pi * frac))}[guidance.schedule]
-  if guidance.t_stop >= 1.0:  # never stopped: the schedule holds at t = 1 too
-    return guidance.w0 * shape
-  return jnp.where(t < guidance.t_stop, guidance.w0 * shape, 0.0)
+           'cosine': 0.5 * (1.0 + jnp.cos(jnp.pi * frac))}[pull.schedule]
+  if pull.t_stop >= 1.0:  # never stopped: the schedule holds at t = 1 too
+    return pull.w0 * shape
+  return jnp.where(t < pull.t_stop, pull.w0 * shape, 0.0)
 
 
-def guided_velocity(v: ode.VelocityFn, prototypes, guidance: Guidance) -> ode.VelocityFn:
+def guided_velocity(v: ode.VelocityFn, prototypes, pull: PrototypeGuidance) -> ode.VelocityFn:
   """Wraps `v(z, t)` with the pull toward `prototypes` [B, ...] (one per sample); one call of
   the wrapped field is one call of `v`, so the solver's NFE stays true. Where w(t) = 0 the
   result is `v(z, t)` bit for bit (the pull is selected away, never multiplied by 0)."""
 
   def v_guided(z, t):
     u = v(z, t)
-    w = weight(guidance, t)
+    w = weight(pull, t)
     on = w > 0
-    gap = jnp.where(on, 1.0 - t + guidance.delta, 1.0)  # no 1/0 where the pull is off
-    if guidance.form == 'straight':
+    gap = jnp.where(on, 1.0 - t + pull.delta, 1.0)  # no 1/0 where the pull is off
+    if pull.form == 'straight':
       pulled = (1.0 - w) * u + w * (prototypes - z) / gap
     else:
       pulled = u + w * (prototypes - (z + (1.0 - t) * u)) / gap
@@ -94,8 +94,8 @@ def guided_velocity(v: ode.VelocityFn, prototypes, guidance: Guidance) -> ode.Ve
   return v_guided
 
 
-def sample(apply_fn, params, key, labels, prototypes, guidance: Guidance, *,
-           solver: str = 'euler', steps: int = 8, cfg: float | None = None,
+def sample(apply_fn, params, key, labels, prototypes, pull: PrototypeGuidance, *,
+           solver: str = 'euler', steps: int = 8, cfg_scale: float | None = None,
            null_label: int | None = None):
   """Guided latents from noise at t = 0 to t = 1.
 
@@ -103,8 +103,8 @@ def sample(apply_fn, params, key, labels, prototypes, guidance: Guidance, *,
     apply_fn, params: the class-conditional latent velocity model.
     key: sample i starts from `fold_in(key, i)` noise.
     labels: int [B]. prototypes: [B, h, w, c] scaled latents, the target of each sample.
-    guidance: the pull. solver, steps: a fixed-step solver of `ode.solve`.
-    cfg: classifier-free guidance weight (None: the conditional model); needs `null_label`.
+    pull: the prototype guidance. solver, steps: a fixed-step solver of `ode.solve`.
+    cfg_scale: classifier-free guidance weight (None: the conditional model); needs `null_label`.
 
   Returns:
     (latents [B, h, w, c], info with 'nfe').
@@ -112,9 +112,9 @@ def sample(apply_fn, params, key, labels, prototypes, guidance: Guidance, *,
   if labels.shape[0] != prototypes.shape[0]:
     raise ValueError(f'labels {labels.shape} and prototypes {prototypes.shape} must have one '
                      'row per sample.')
-  v = ode.velocity_fn(apply_fn, params, cond=labels, guidance=cfg, null_label=null_label)
+  v = ode.velocity_fn(apply_fn, params, cond=labels, cfg_scale=cfg_scale, null_label=null_label)
   z0 = ode.noise(key, labels.shape[0], prototypes.shape[1:], prototypes.dtype)
-  return ode.solve(guided_velocity(v, prototypes, guidance), z0, solver=solver, steps=steps)
+  return ode.solve(guided_velocity(v, prototypes, pull), z0, solver=solver, steps=steps)
 
 
 def class_prototypes(latents: np.ndarray, labels: np.ndarray, ipc: int, *, seed: int = 0,
@@ -139,7 +139,7 @@ def class_prototypes(latents: np.ndarray, labels: np.ndarray, ipc: int, *, seed:
   return np.stack(out).reshape(len(counts), ipc, *latents.shape[1:]).astype(np.float32)
 
 
-def jump_sample(apply_fn, params, key, labels, prototypes, guidance: Guidance, *,
+def jump_sample(apply_fn, params, key, labels, prototypes, pull: PrototypeGuidance, *,
                 steps: int = 1):
   """Guided sampling with a flow-map student `X(z, s, t) = z + (t − s) u(z, s, t)`
   (`fewstep.flow_map`): each jump's mean velocity u takes the place of v_θ in the guided
@@ -160,7 +160,7 @@ def jump_sample(apply_fn, params, key, labels, prototypes, guidance: Guidance, *
     s, t = st
     b = jnp.full(z.shape[:1], 1.0, z.dtype)
     u = apply_fn(params, z, t * b, s=s * b, cond=labels)
-    v = guided_velocity(lambda z, s: u, prototypes, guidance)(z, s)
+    v = guided_velocity(lambda z, s: u, prototypes, pull)(z, s)
     return z + (t - s) * v, None
 
   z, _ = jax.lax.scan(one_jump, z0, jnp.stack([grid[:-1], grid[1:]], axis=1))

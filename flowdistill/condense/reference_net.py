@@ -13,14 +13,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from flowdistill import files
-from flowdistill.condense.evaluate import (
+from flowdistill.cache import cache_root, data_fingerprint, load_or_build
+from flowdistill.condense.synset_eval import (
   Protocol,
   TestSplit,
   make_net,
   test_accuracy,
   train_networks,
 )
-from flowdistill.eval.feature_net import cache_root, data_fingerprint
 
 
 class ReferenceNet:
@@ -58,21 +58,24 @@ def load_or_train(train: dict, split: TestSplit, protocol: Protocol, *, seed: in
                                    data_fingerprint(train['x'], train['label'], settings))
   x = split.standardise(train['x'])
   graphdef, template = make_net(x.shape[1:], split.num_classes, protocol, jax.random.key(seed))
-  checkpointer = ocp.StandardCheckpointer()
-  params_dir = files.join(folder, 'params')
-  if files.isdir(params_dir):
-    params = checkpointer.restore(params_dir, template)
+
+  def load(folder):
+    params = ocp.StandardCheckpointer().restore(files.join(folder, 'params'), template)
     info = files.read_json(files.join(folder, 'info.json'))
     return ReferenceNet(graphdef, params, split, info['test_accuracy'])
-  keys = jax.random.key(seed)[None]
-  params, _ = train_networks(x, jnp.asarray(train['label'], jnp.int32), keys, protocol,
-                             split.num_classes, on_progress=on_progress)
-  params = jax.tree.map(lambda p: p[0], params)
-  acc = float(jax.jit(lambda p, x, y: test_accuracy(graphdef, p, x, y))(
-      params, split.standardise(split.x), jnp.asarray(split.label)))
-  files.makedirs(folder)
-  checkpointer.save(params_dir, params)
-  checkpointer.wait_until_finished()
-  files.write_json(files.join(folder, 'info.json'),
-                   {'test_accuracy': acc, 'protocol': json.loads(settings)})
-  return ReferenceNet(graphdef, params, split, acc)
+
+  def build(folder):
+    keys = jax.random.key(seed)[None]
+    params, _ = train_networks(x, jnp.asarray(train['label'], jnp.int32), keys, protocol,
+                               split.num_classes, on_progress=on_progress)
+    params = jax.tree.map(lambda p: p[0], params)
+    acc = float(jax.jit(lambda p, x, y: test_accuracy(graphdef, p, x, y))(
+        params, split.standardise(split.x), jnp.asarray(split.label)))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(files.join(folder, 'params'), params)
+    checkpointer.wait_until_finished()
+    files.write_json(files.join(folder, 'info.json'),
+                     {'test_accuracy': acc, 'protocol': json.loads(settings)})
+    return ReferenceNet(graphdef, params, split, acc)
+
+  return load_or_build(folder, build, load, describe='reference network')

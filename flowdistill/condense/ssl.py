@@ -3,9 +3,9 @@
 No installable package ships self-supervised vision weights and none can be downloaded, so the
 backbone is pre-trained here on the train split without labels: two random views of each image
 (`view`), a `ConvEncoder` and an MLP projection head, the NT-Xent loss at temperature τ. The head
-is dropped afterwards; the encoder is cached and fingerprinted like `eval/feature_net.py`
-(`cache_root()/ssl/<fingerprint>`), and used frozen, in eval mode only (it has no
-train-time state: GroupNorm, no dropout).
+is dropped afterwards; the encoder is cached and fingerprinted like the other trained networks
+(`flowdistill.cache`, `cache_root()/ssl/<fingerprint>`), and used frozen, in eval mode only (it
+has no train-time state: GroupNorm, no dropout).
 """
 
 import dataclasses
@@ -21,9 +21,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flowdistill import files
+from flowdistill import files, fitting
+from flowdistill.cache import cache_root, data_fingerprint, load_or_build
 from flowdistill.condense.augment import rotation, warp
-from flowdistill.eval.feature_net import cache_root, data_fingerprint
 from flowdistill.models.encoder import ConvEncoder, ProjectionHead
 
 
@@ -112,29 +112,20 @@ def train_ssl(images, config: SSLConfig, *,
   opt = optax.adam(optax.cosine_decay_schedule(config.lr, config.steps, alpha=0.05))
   data_key = jax.random.fold_in(key, 1)
 
-  def loss_fn(params, x, k):
+  def loss_fn(params, i, images):
+    k = jax.random.fold_in(data_key, i)
+    x = images[jax.random.randint(k, (config.batch_size,), 0, images.shape[0])]
+    k1, k2 = jax.random.split(jax.random.fold_in(k, 1))
     m = nnx.merge(graphdef, params)
-    k1, k2 = jax.random.split(k)
     embed = lambda v: m.head(m.encoder(v))  # noqa: E731
     return nt_xent(embed(view(x, k1, config.views)), embed(view(x, k2, config.views)),
                    config.temperature)
 
-  @jax.jit
-  def step(params, opt_state, images, i):
-    k = jax.random.fold_in(data_key, i)
-    idx = jax.random.randint(k, (config.batch_size,), 0, images.shape[0])
-    loss, grads = jax.value_and_grad(loss_fn)(params, images[idx], jax.random.fold_in(k, 1))
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = opt.init(params)
-  losses = []
-  for i in range(config.steps):
-    params, opt_state, loss = step(params, opt_state, images, jnp.int32(i))
-    losses.append(loss)
-    if on_progress is not None and ((i + 1) % 100 == 0 or i + 1 == config.steps):
-      on_progress(i + 1)
-  return nnx.merge(graphdef, params).encoder, {'loss': np.asarray(jnp.stack(losses))}
+  params, metrics = fitting.fit(
+      fitting.make_update(loss_fn, opt), params, opt.init(params), steps=config.steps,
+      args=(images,),
+      on_progress=None if on_progress is None else lambda done, *_: on_progress(done))
+  return nnx.merge(graphdef, params).encoder, metrics
 
 
 class FrozenBackbone:
@@ -183,44 +174,48 @@ def cache_folder(train: dict, config: SSLConfig) -> tuple[str, str]:
   return fingerprint, files.join(cache_root(), 'ssl', fingerprint)
 
 
-def load_cached(train: dict, config: SSLConfig) -> FrozenBackbone | None:
-  """The cached backbone of this data set and config, or None where none was trained yet."""
-  fingerprint, folder = cache_folder(train, config)
-  params_dir = files.join(folder, 'params')
-  if not files.isdir(params_dir):
-    return None
+def _restore(folder: str, train: dict, config: SSLConfig, fingerprint: str) -> FrozenBackbone:
   graphdef, state = nnx.split(ConvEncoder(train['x'].shape[-1], widths=config.widths,
                                           rngs=nnx.Rngs(0)))
-  params = ocp.StandardCheckpointer().restore(params_dir, nnx.to_pure_dict(state))
+  params = ocp.StandardCheckpointer().restore(files.join(folder, 'params'),
+                                              nnx.to_pure_dict(state))
   info = files.read_json(files.join(folder, 'info.json'))
-  encoder = nnx.merge(graphdef, params)
-  path = files.join(folder, 'standardise.npz')
-  if not files.exists(path):  # computed once from the train split, then stored
-    backbone = standardised(encoder, train['x'], fingerprint, info)
-    files.save_npz(path, mean=backbone.params['mean'], scale=backbone.params['scale'])
-  f = files.load_npz(path)
-  return FrozenBackbone(encoder, fingerprint, info, (f['mean'], f['scale']))
+  f = files.load_npz(files.join(folder, 'standardise.npz'))
+  return FrozenBackbone(nnx.merge(graphdef, params), fingerprint, info, (f['mean'], f['scale']))
+
+
+def load_cached(train: dict, config: SSLConfig) -> FrozenBackbone | None:
+  """The cached backbone of this data set and config, or None where none was trained yet (or
+  the entry is incomplete)."""
+  fingerprint, folder = cache_folder(train, config)
+  return load_or_build(folder, None, lambda f: _restore(f, train, config, fingerprint),
+                       describe='SSL backbone')
 
 
 def load_or_train(train: dict, config: SSLConfig, *,
                   on_progress: Callable[[int], None] | None = None) -> FrozenBackbone:
-  """The backbone of this data set and config: read from the cache, or pre-trained and cached.
+  """The backbone of this data set and config: read from the cache, or pre-trained and cached
+  (the encoder, its training record and the standardisation over `train`).
 
   Args:
     train: {'x': images [N, H, W, C] in [-1, 1], 'label': int [N]} (labels only name the
       data set in the fingerprint).
   """
-  cached = load_cached(train, config)
-  if cached is not None:
-    return cached
   fingerprint, folder = cache_folder(train, config)
-  start = time.perf_counter()
-  encoder, metrics = train_ssl(train['x'], config, on_progress=on_progress)
-  info = {'config': dataclasses.asdict(config), 'train_seconds': time.perf_counter() - start,
-          'final_loss': float(metrics['loss'][-min(100, config.steps):].mean())}
-  files.makedirs(folder)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(encoder)[1]))
-  checkpointer.wait_until_finished()
-  files.write_json(files.join(folder, 'info.json'), info)
-  return load_cached(train, config)
+
+  def build(folder):
+    start = time.perf_counter()
+    encoder, metrics = train_ssl(train['x'], config, on_progress=on_progress)
+    info = {'config': dataclasses.asdict(config), 'train_seconds': time.perf_counter() - start,
+            'final_loss': float(metrics['loss'][-min(100, config.steps):].mean())}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(encoder)[1]))
+    checkpointer.wait_until_finished()
+    files.write_json(files.join(folder, 'info.json'), info)
+    backbone = standardised(encoder, train['x'], fingerprint, info)
+    files.save_npz(files.join(folder, 'standardise.npz'), mean=backbone.params['mean'],
+                   scale=backbone.params['scale'])
+    return _restore(folder, train, config, fingerprint)
+
+  return load_or_build(folder, build, lambda f: _restore(f, train, config, fingerprint),
+                       describe='SSL backbone')

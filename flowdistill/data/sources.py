@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import couplings, files
+from flowdistill import couplings
 from flowdistill.data import images, tabular, toy
 from flowdistill.data.pipeline import BatchIterator
 
@@ -17,6 +17,7 @@ TABULAR_SOURCES = ('tabular',)
 IMAGE_SOURCES = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
 LATENT_SOURCES = ('latent',)  # a cache of scaled VAE latents (`condense/latents.py`)
 SOURCES = TOY_SOURCES + TABULAR_SOURCES + IMAGE_SOURCES + LATENT_SOURCES
+_LOADERS = {}  # source -> `load(data_config) -> Dataset`, registered by the layers above
 
 
 @dataclasses.dataclass
@@ -57,6 +58,12 @@ class Dataset:
     return None
 
 
+def register(source: str, loader) -> None:
+  """Makes `load` read `config.data.source == source` with `loader(data_config) -> Dataset`:
+  how sources built on higher layers (the VAE latents of `condense.latents`) plug in."""
+  _LOADERS[source] = loader
+
+
 def data_path(data_config) -> str | None:
   """The local data path from config.data.path, else from config.data.path_env (if set)."""
   if data_config.path:
@@ -84,21 +91,15 @@ def load(data_config) -> Dataset:
                        f'of {list(tabular.NAMES)}.')
     return Dataset(shape=(tabular.dim(data_config.name),), tabular=data_config.name,
                    **tabular.splits(data_config.name))
+  if data_config.source in _LOADERS:
+    return _LOADERS[data_config.source](data_config)
+  if data_config.source in LATENT_SOURCES:
+    raise ValueError(f'config.data.source={data_config.source!r} is loaded by a module that '
+                     'registers it: import flowdistill.experiments (or call '
+                     "sources.register('latent', flowdistill.condense.latents.load_source)).")
   path = data_path(data_config)
-  if data_config.source == 'latent':
-    from flowdistill.condense import latents  # the VAE stack, only when asked for
-    if not path:
-      raise ValueError("config.data.source='latent' needs config.data.path: the latent cache "
-                       '(.npz) written by flowdistill.condense.latents.load_or_encode.')
-    if data_config.encode.vae and not files.exists(path):
-      splits = encode_with_autoencoder_kl(data_config.encode, path)
-    else:
-      splits = latents.load(path)
-    num_classes = _check_labels(splits, path)
-    return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes,
-                   train=splits['train'], test=splits['test'])
   splits = image_splits(data_config.source, path)
-  num_classes = _check_labels(splits, path or data_config.source)
+  num_classes = check_labels(splits, path or data_config.source)
   return Dataset(shape=splits['train']['x'].shape[1:], num_classes=num_classes, **splits)
 
 
@@ -111,30 +112,7 @@ def image_splits(source: str, path: str | None) -> dict:
   return splits
 
 
-def encode_with_autoencoder_kl(encode_config, path: str) -> dict:
-  """Encodes `config.data.encode.source` with the AutoencoderKL weights `encode.vae` (and the
-  `config.json` beside them, if any) into the latent cache `path`; resumable, split over
-  processes (`condense.latents.load_or_encode`). Returns what `latents.load` returns."""
-  from flowdistill.condense import latents
-  from flowdistill.condense.vae import FrozenVAE
-  from flowdistill.models import autoencoder_kl
-
-  if not encode_config.source:
-    raise ValueError(f'config.data.encode.vae is set and the latent cache {path} does not exist '
-                     'yet, so config.data.encode.source must name the images to encode (e.g. '
-                     "'cifar10', or 'imagenet' with encode.path an image folder).")
-  splits = image_splits(encode_config.source, encode_config.path or None)
-  config = autoencoder_kl.read_config(encode_config.vae)
-  if splits['train']['x'].shape[-1] == 1 and config.in_channels == 3:  # grey as RGB
-    for split in splits.values():
-      split['x'] = np.repeat(split['x'], 3, axis=-1)
-  module, fingerprint = autoencoder_kl.load_autoencoder_kl(
-      encode_config.vae, splits['train']['x'].shape[1:], config)
-  frozen = FrozenVAE(module, config.scaling_factor, fingerprint, {'weights': encode_config.vae})
-  return latents.load_or_encode(frozen, splits['train'], splits['test'], path=path, chunk=256)
-
-
-def _check_labels(splits: dict, where: str) -> int:
+def check_labels(splits: dict, where: str) -> int:
   """The class count (max train label + 1) after checking that both splits hold images and
   every label lies in [0, class count)."""
   for split in ('train', 'test'):

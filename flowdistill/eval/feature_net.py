@@ -1,9 +1,6 @@
 """The small classifier whose features define the image Fréchet distance, trained once and
 cached on disk (no Inception weights can be downloaded)."""
 
-import hashlib
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,23 +8,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from flowdistill import files
+from flowdistill.cache import cache_root, data_fingerprint, load_or_build
 from flowdistill.eval.classifier import accuracy, train_classifier
 from flowdistill.models.classifier import Classifier
-
-
-def cache_root() -> str:
-  """`$FLOWDISTILL_CACHE`, else `~/.cache/flowdistill`."""
-  return os.environ.get('FLOWDISTILL_CACHE', os.path.expanduser('~/.cache/flowdistill'))
-
-
-def data_fingerprint(images, labels, settings: str) -> str:
-  """16 hex digits naming a labelled data set (its first 2000 images, labels and shape) and the
-  `settings` of whatever is trained on it: the key of an on-disk cache."""
-  digest = hashlib.sha256()
-  digest.update(np.ascontiguousarray(images[:2000]).tobytes())
-  digest.update(np.ascontiguousarray(labels).tobytes())
-  digest.update(f'{images.shape}-{settings}'.encode())
-  return digest.hexdigest()[:16]
 
 
 class FeatureNet:
@@ -80,19 +63,23 @@ def load_or_train(train: dict, test: dict, *, steps: int, seed: int = 0,
   folder = cache_dir or files.join(cache_root(), 'feature_nets',
                                    data_fingerprint(train['x'], train['label'], str(steps)))
   template = Classifier(train['x'].shape[1:], num_classes, channels=channels, rngs=nnx.Rngs(0))
-  checkpointer = ocp.StandardCheckpointer()
-  params_dir = files.join(folder, 'params')
-  if files.isdir(params_dir):
+
+  def load(folder):
     graphdef, state = nnx.split(template)
-    params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
-    classifier = nnx.merge(graphdef, params)
-    return FeatureNet(classifier, files.read_json(files.join(folder, 'info.json'))[
-        'test_accuracy'])
-  classifier, _ = train_classifier(train['x'], train['label'], jax.random.key(seed),
-                                   steps=steps, num_classes=num_classes, channels=channels)
-  acc = accuracy(classifier, test['x'], test['label'])
-  files.makedirs(folder)
-  checkpointer.save(params_dir, nnx.to_pure_dict(nnx.split(classifier)[1]))
-  checkpointer.wait_until_finished()
-  files.write_json(files.join(folder, 'info.json'), {'test_accuracy': acc, 'steps': steps})
-  return FeatureNet(classifier, acc)
+    params = ocp.StandardCheckpointer().restore(files.join(folder, 'params'),
+                                                nnx.to_pure_dict(state))
+    info = files.read_json(files.join(folder, 'info.json'))
+    return FeatureNet(nnx.merge(graphdef, params), info['test_accuracy'])
+
+  def build(folder):
+    classifier, _ = train_classifier(train['x'], train['label'], jax.random.key(seed),
+                                     steps=steps, num_classes=num_classes, channels=channels)
+    acc = accuracy(classifier, test['x'], test['label'])
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(files.join(folder, 'params'),
+                      nnx.to_pure_dict(nnx.split(classifier)[1]))
+    checkpointer.wait_until_finished()
+    files.write_json(files.join(folder, 'info.json'), {'test_accuracy': acc, 'steps': steps})
+    return FeatureNet(classifier, acc)
+
+  return load_or_build(folder, build, load, describe='feature network')

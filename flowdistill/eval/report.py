@@ -28,13 +28,13 @@ class Section:
 
 
 def make_sampler(apply_fn, *, solver: str, steps: int | None = None, rtol: float = 1e-5,
-                 atol: float = 1e-5, guidance: float | None = None,
+                 atol: float = 1e-5, cfg_scale: float | None = None,
                  null_label: int | None = None):
   """Jitted `(params, x0 [B, ...], cond) -> (x1 [B, ...], nfe)` for one solver setting."""
 
   @jax.jit
   def run(params, x0, cond):
-    v = ode.velocity_fn(apply_fn, params, cond=cond, guidance=guidance, null_label=null_label)
+    v = ode.velocity_fn(apply_fn, params, cond=cond, cfg_scale=cfg_scale, null_label=null_label)
     x1, info = ode.solve(v, x0, solver=solver, steps=steps, rtol=rtol, atol=atol)
     return x1, jnp.asarray(info['nfe'])
 
@@ -55,13 +55,13 @@ def sample_in_chunks(sampler, params, x0, cond=None, chunk: int = 500):
 
 
 def velocity_samplers(apply_fn, params, eval_config, *, prefix: str = '',
-                      guidance: float | None = None, null_label: int | None = None):
+                      cfg_scale: float | None = None, null_label: int | None = None):
   """[(label, sampler, params)]: Euler at each `eval_config.euler_steps`, then the adaptive
   solver; `sampler(params, x0, cond) -> (x1, nfe)` is jitted."""
   settings = [(f'euler-{n}', dict(solver='euler', steps=n)) for n in eval_config.euler_steps]
   settings.append((eval_config.adaptive_solver, dict(
       solver=eval_config.adaptive_solver, rtol=eval_config.rtol, atol=eval_config.atol)))
-  return [(prefix + label, make_sampler(apply_fn, guidance=guidance, null_label=null_label,
+  return [(prefix + label, make_sampler(apply_fn, cfg_scale=cfg_scale, null_label=null_label,
                                         **kwargs), params) for label, kwargs in settings]
 
 

@@ -1,9 +1,15 @@
 """The experiments that `python -m flowdistill.main` runs: one module per method, registered
-here by its `METHOD` record (`common.Method`: name, run, config defaults, validation, data
-sources). `config.base_config()` and `config.validate()` and the command line read this
-registry, so adding a method is its module plus one entry below.
+here by its `METHOD` record (`common.Method`: name, run, config section, validation, data
+sources). The registry builds a method's full config (`method_config`: the shared sections of
+`flowdistill.config` plus every method's section), validates it and runs it, so adding a
+method is its module plus one entry below.
 """
 
+import ml_collections
+
+from flowdistill import config as shared
+from flowdistill.condense import latents
+from flowdistill.data import sources
 from flowdistill.experiments import (
   dd_eval_run,
   flow_map_run,
@@ -15,14 +21,47 @@ from flowdistill.experiments import (
 )
 from flowdistill.experiments.common import Method
 
-METHODS: dict[str, Method] = {m.name: m for m in (
+REGISTRY: dict[str, Method] = {m.name: m for m in (
     fm_run.METHOD, flow_map_run.METHOD, local_fm_run.METHOD, reflow_run.METHOD,
     dd_eval_run.METHOD, pgfm_run.METHOD, sfm_run.METHOD,
 )}
+sources.register('latent', latents.load_source)
 
 
 def get(name: str) -> Method:
   """The registered method called `name` (the value of `config.method`)."""
-  if name not in METHODS:
-    raise ValueError(f'config.method={name!r} is not one of {sorted(METHODS)}.')
-  return METHODS[name]
+  if name not in REGISTRY:
+    raise ValueError(f'config.method={name!r} is not one of {sorted(REGISTRY)}.')
+  return REGISTRY[name]
+
+
+def method_config(name: str = 'fm') -> ml_collections.ConfigDict:
+  """Every key with its default, for `config.method = name`: the shared sections and each
+  registered method's own section (what every `configs/*.py` starts from)."""
+  get(name)
+  config = shared.base_config()
+  config.method = name
+  for method in REGISTRY.values():
+    if method.defaults is not None:
+      config[method.name] = method.defaults
+  return config
+
+
+def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """Raises ValueError naming the first unknown key or inconsistent value: the shared checks
+  (`flowdistill.config.validate`), the data sources the method takes, then its own checks."""
+  method = get(config.method)
+  shared.validate(config, method_config(config.method), num_devices=num_devices,
+                  num_processes=num_processes)
+  if config.data.source not in method.sources:
+    takers = [m.name for m in REGISTRY.values() if config.data.source in m.sources]
+    raise ValueError(f'config.method={method.name!r} does not take config.data.source='
+                     f'{config.data.source!r} (it takes {list(method.sources)}); methods that '
+                     f'do: {takers}.')
+  method.validate(config)
+
+
+def run(config, workdir: str) -> dict:
+  """Validates `config` and runs its method in `workdir` (trains, resuming; evaluates)."""
+  validate(config)
+  return get(config.method).run(config, workdir)

@@ -11,119 +11,35 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from flowdistill import ode, paths
+from flowdistill import ode
 from flowdistill.data import sources
 from flowdistill.eval import report
 from flowdistill.models.factory import build_model
-from flowdistill.train import loop, parallel
-from flowdistill.train.state import TrainState, ema_key, init_state, make_optimizer
-from flowdistill.train.step import make_train_step
+from flowdistill.train import configured
+from flowdistill.train.state import TrainState, ema_key
 from flowdistill.train.teacher import Trained, load_trained
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """One entry of the method registry (`flowdistill.experiments.METHODS`).
+  """One entry of the method registry (`flowdistill.experiments.REGISTRY`).
 
   Attributes:
     name: the value of `config.method`.
     run: `run(config, workdir) -> results dict`: trains (resuming), evaluates, writes results.
     defaults: the method's own config section `config.<name>` with every key and its default
-      (None: the method has no section); `base_config()` adds it.
-    validate: `validate(flat)` raises ValueError naming a bad key of this method, given the
-      config flattened to {'section.key': value}; called only when the method is selected.
+      (None: the method has no section); `experiments.method_config()` adds it.
+    validate: `validate(config)` raises ValueError naming a bad key of this method; called
+      only when the method is selected, after the shared checks.
     sources: the `config.data.source` values the method accepts.
   """
   name: str
   run: Callable
   defaults: dict | None = None
-  validate: Callable[[dict], None] = lambda flat: None
+  validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
   sources: tuple[str, ...] = sources.TOY_SOURCES + sources.IMAGE_SOURCES + sources.LATENT_SOURCES
-
-
-def check_positive(flat: dict, ints=(), floats=()) -> None:
-  """Raises naming the first key of `ints` below 1 or of `floats` not above 0."""
-  for key in ints:
-    if flat[key] < 1:
-      raise ValueError(f'config.{key}={flat[key]} must be >= 1.')
-  for key in floats:
-    if not flat[key] > 0:
-      raise ValueError(f'config.{key}={flat[key]} must be > 0.')
-
-
-def check_choice(flat: dict, key: str, options) -> None:
-  """Raises unless `config.<key>` is one of `options`."""
-  if flat[key] not in options:
-    raise ValueError(f'config.{key}={flat[key]!r} is not one of {list(options)}.')
-
-
-def build_path(path_config) -> paths.AffinePath:
-  """The probability path of `config.path`."""
-  if path_config.name == 'stochastic':
-    return paths.stochastic_path(path_config.noise_scale)
-  return paths.get_path(path_config.name)
-
-
-def coupling_args(fm_config) -> dict:
-  """`fm.make_loss` coupling keywords of `config.fm`: `coupling` and `coupling_kwargs` (exact
-  OT paired in the data pipeline leaves the step's coupling independent)."""
-  coupling = 'independent' if fm_config.ot_on_host else fm_config.coupling
-  kwargs = {}
-  if coupling != 'independent':
-    kwargs['block_size'] = fm_config.ot_block_size or None
-  if coupling == 'exact':
-    kwargs['solver'] = fm_config.ot_solver
-  if coupling == 'sinkhorn':
-    kwargs['epsilon'] = fm_config.sinkhorn_epsilon
-  return {'coupling': coupling, 'coupling_kwargs': kwargs}
-
-
-def num_classes(config, dataset) -> int:
-  """The model's number of classes: the data's when conditional, else 0."""
-  return dataset.num_classes if config.data.conditional else 0
-
-
-def checkpoint_meta(config, dataset, *, two_time: bool) -> dict:
-  """What a later run needs to rebuild this model from its checkpoints (e.g. as a teacher)."""
-  return {'config': config.to_json(), 'data_shape': list(dataset.shape),
-          'num_classes': num_classes(config, dataset), 'two_time': two_time}
-
-
-def initial_state(config, params, key=None):
-  """`(optimizer, fresh TrainState)` of `config.optim` / `config.train` for `params`; the
-  state's key is `key` (default `jax.random.key(config.seed)`)."""
-  optimizer = make_optimizer(config)
-  key = jax.random.key(config.seed) if key is None else key
-  return optimizer, init_state(params, optimizer, key, config.train.ema_rates)
-
-
-def fit(config, params, loss_fn, batches: loop.BatchSource, workdir: str, *, meta: dict,
-        extras: dict | None = None, key=None, pass_step: bool = False) -> TrainState:
-  """Trains `params` on `loss_fn` to `config.train.steps`, resuming from `workdir`.
-
-  The one wiring of optimizer, state, jitted step and loop that every experiment uses.
-
-  Args:
-    params: the initial parameters (a fresh run starts from them; a resumed one restores).
-    loss_fn: `loss_fn(params, batch, key, **extras) -> (loss, metrics)` (and `step=` if
-      `pass_step`).
-    batches: `start_step -> iterator` of this process's numpy batches.
-    meta: JSON-able facts stored beside each checkpoint (`checkpoint_meta`).
-    extras: frozen loss inputs, e.g. {'teacher_params': ...}.
-    key: the run's RNG key (default from `config.seed`).
-
-  Returns:
-    The final state, on this process's devices.
-  """
-  optimizer, state = initial_state(config, params, key)
-  train = config.train
-  return loop.train(
-      state, make_train_step(loss_fn, optimizer, train.steps_per_call, pass_step=pass_step),
-      batches, mesh=parallel.make_mesh(train.num_devices, data=train.mesh.data,
-                                       fsdp=train.mesh.fsdp), workdir=workdir,
-      num_steps=train.steps, steps_per_call=train.steps_per_call, log_every=train.log_every,
-      ckpt_every=train.ckpt_every, keep=train.keep, meta=meta, extras=extras)
 
 
 def eval_apply_fn(config, dataset, apply_fn, *, two_time: bool = False):
@@ -132,8 +48,9 @@ def eval_apply_fn(config, dataset, apply_fn, *, two_time: bool = False):
   (float32 by default, whatever `config.model.dtype` trained in; the params are the same)."""
   if config.eval.dtype == config.model.dtype:
     return apply_fn
-  return build_model(config.model, dataset.shape, num_classes=num_classes(config, dataset),
-                     two_time=two_time, dtype=config.eval.dtype)[0]
+  return build_model(config.model, dataset.shape,
+                     num_classes=configured.num_classes(config, dataset), two_time=two_time,
+                     dtype=config.eval.dtype)[0]
 
 
 def eval_params(config, state: TrainState):
@@ -141,11 +58,11 @@ def eval_params(config, state: TrainState):
   return state.ema[ema_key(config.train.eval_ema)] if config.train.eval_ema else state.params
 
 
-def guidance_kwargs(config, dataset) -> dict:
+def cfg_kwargs(config, dataset) -> dict:
   """Classifier-free guidance settings for sampling (none when w = 1 or unconditional)."""
-  if not config.data.conditional or config.eval.guidance == 1.0:
+  if not config.data.conditional or config.eval.cfg_scale == 1.0:
     return {}
-  return {'guidance': config.eval.guidance, 'null_label': dataset.num_classes}
+  return {'cfg_scale': config.eval.cfg_scale, 'null_label': dataset.num_classes}
 
 
 def data_identity(data_config) -> dict:
@@ -159,7 +76,7 @@ def matching_teacher(config, dataset) -> Trained:
   classes."""
   teacher = load_trained(config.teacher.workdir,
                          ema=None if config.teacher.ema < 0 else config.teacher.ema)
-  classes = num_classes(config, dataset)
+  classes = configured.num_classes(config, dataset)
   if teacher.data_shape != tuple(dataset.shape) or teacher.num_classes != classes:
     raise ValueError(
         f'The teacher in {config.teacher.workdir} was trained on samples of shape '
@@ -175,10 +92,10 @@ def matching_teacher(config, dataset) -> Trained:
 
 def teacher_velocity(config, teacher: Trained, dataset):
   """A velocity teacher as its students see it: classifier-free guided with
-  `config.eval.guidance` when conditional (the teacher rows of the report use the same)."""
-  guidance = guidance_kwargs(config, dataset)
-  if guidance:
-    return ode.guided_apply_fn(teacher.apply_fn, guidance['guidance'], guidance['null_label'])
+  `config.eval.cfg_scale` when conditional (the teacher rows of the report use the same)."""
+  cfg = cfg_kwargs(config, dataset)
+  if cfg:
+    return ode.guided_apply_fn(teacher.apply_fn, cfg['cfg_scale'], cfg['null_label'])
   return teacher.apply_fn
 
 
@@ -191,8 +108,8 @@ def warm_start(params, teacher_params):
           flat_teacher[path]) == jnp.shape(p) else p, params)
 
 
-def evaluate(config, dataset, samplers, workdir: str, *, step: int | None = None,
-             **report_kwargs) -> dict:
+def write_report(config, dataset, samplers, workdir: str, *, step: int | None = None,
+                 **report_kwargs) -> dict:
   """Runs the report (`eval.report.report`) with this run's evaluation settings, writes
   `results.json` / `results.md` and prints the table. Process 0 only.
 

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowdistill import ode
+from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.fewstep import flow_map
 from flowdistill.models.factory import build_model
+from flowdistill.train import configured, identity
 from flowdistill.train.teacher import Trained
 
 LOSSES = ('lmd', 'emd', 'fmm', 'pfmm')
@@ -26,10 +28,11 @@ DEFAULTS = dict(
 )
 
 
-def validate(flat: dict) -> None:
-  common.check_choice(flat, 'flow_map.loss', LOSSES)
-  common.check_choice(flat, 'flow_map.scheme', flow_map.TIME_SCHEMES)
-  common.check_positive(flat, ints=('flow_map.teacher_jumps',))
+def validate(config) -> None:
+  flat = identity.flatten(config)
+  check_choice(flat, 'flow_map.loss', LOSSES)
+  check_choice(flat, 'flow_map.scheme', flow_map.TIME_SCHEMES)
+  check_positive(flat, ints=('flow_map.teacher_jumps',))
   if flat['flow_map.loss'] != 'fmm' and not flat['teacher.workdir']:
     raise ValueError(f'config.flow_map.loss={flat["flow_map.loss"]!r} distils a teacher: set '
                      'config.teacher.workdir to a trained run (fmm needs none).')
@@ -52,8 +55,8 @@ def load_teacher(config, dataset) -> Trained | None:
 
 def make_loss(config, apply_fn, teacher, dataset):
   """The configured flow-map loss; LMD and EMD distil the teacher velocity as it is sampled
-  (classifier-free guided with `config.eval.guidance`)."""
-  fc, path = config.flow_map, common.build_path(config.path)
+  (classifier-free guided with `config.eval.cfg_scale`)."""
+  fc, path = config.flow_map, configured.build_path(config.path)
   times = {'scheme': fc.scheme, 'band': fc.band}
   if fc.loss == 'fmm':
     return flow_map.fmm_loss(apply_fn, path, invertibility_weight=fc.invertibility_weight)
@@ -108,14 +111,14 @@ def run(config, workdir: str) -> dict:
   dataset = sources.load(config.data)
   teacher = load_teacher(config, dataset)
   apply_fn, params = build_model(config.model, dataset.shape,
-                                 num_classes=common.num_classes(config, dataset),
+                                 num_classes=configured.num_classes(config, dataset),
                                  two_time=True, seed=config.seed)
   if teacher is not None and config.flow_map.warm_start:
     params = common.warm_start(params, teacher.params)
-  state = common.fit(config, params, make_loss(config, apply_fn, teacher, dataset),
-                     sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
+  state = configured.fit(config, params, make_loss(config, apply_fn, teacher, dataset),
+                         sources.batch_source(dataset, config.data.batch_size, seed=config.seed,
                                           conditional=config.data.conditional),
-                     workdir, meta=common.checkpoint_meta(config, dataset, two_time=True),
+                     workdir, meta=configured.checkpoint_meta(config, dataset, two_time=True),
                      extras={} if teacher is None else {'teacher_params': teacher.params})
   if jax.process_index() != 0:
     return {}
@@ -127,13 +130,13 @@ def run(config, workdir: str) -> dict:
     teacher_eval.euler_steps = tuple(config.eval.map_steps) + (100,)
     samplers += report.velocity_samplers(teacher.apply_fn, teacher.params, teacher_eval,
                                          prefix='teacher ',
-                                         **common.guidance_kwargs(config, dataset))
+                                         **common.cfg_kwargs(config, dataset))
   elif teacher is not None:
     samplers += map_samplers(teacher.apply_fn, teacher.params, config.eval.map_steps,
                              'teacher ')
-  return common.evaluate(config, dataset, samplers, workdir, step=int(state.step),
-                         velocity_model=(flow_map.tangent_velocity(apply_fn), params),
-                         sections=[jump_nll(apply_fn, params, dataset, config)])
+  return common.write_report(config, dataset, samplers, workdir, step=int(state.step),
+                             velocity_model=(flow_map.tangent_velocity(apply_fn), params),
+                             sections=[jump_nll(apply_fn, params, dataset, config)])
 
 
 METHOD = common.Method('flow_map', run, defaults=DEFAULTS, validate=validate)

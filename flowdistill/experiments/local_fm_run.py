@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowdistill import files, ode
+from flowdistill.config import check_choice, check_positive
 from flowdistill.data import pipeline, sources, toy
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.fewstep import flow_map, local_fm
 from flowdistill.models.factory import build_model
+from flowdistill.train import configured, identity
 
 DEFAULTS = dict(            # local flow matching: a chain of blocks (METHODS.md section 3)
     num_blocks=4, h0=0.1, growth=1.5,  # OU steps h0 * growth^n, the last block free
@@ -41,12 +43,13 @@ DEFAULTS = dict(            # local flow matching: a chain of blocks (METHODS.md
 )
 
 
-def validate(flat: dict) -> None:
-  common.check_choice(flat, 'local_fm.pushforward_solver', ode.SOLVERS)
-  common.check_choice(flat, 'local_fm.distill_loss', ('lmd', 'emd'))
-  common.check_choice(flat, 'local_fm.distill_scheme', flow_map.TIME_SCHEMES)
-  common.check_positive(flat, ints=('local_fm.num_blocks', 'local_fm.pushforward_chunk',
-                                    'local_fm.pushforward_steps', 'local_fm.train_size'),
+def validate(config) -> None:
+  flat = identity.flatten(config)
+  check_choice(flat, 'local_fm.pushforward_solver', ode.SOLVERS)
+  check_choice(flat, 'local_fm.distill_loss', ('lmd', 'emd'))
+  check_choice(flat, 'local_fm.distill_scheme', flow_map.TIME_SCHEMES)
+  check_positive(flat, ints=('local_fm.num_blocks', 'local_fm.pushforward_chunk',
+                             'local_fm.pushforward_steps', 'local_fm.train_size'),
                         floats=('local_fm.h0', 'local_fm.growth', 'local_fm.pushforward_tol'))
   if flat['local_fm.distill_steps'] < 0:
     raise ValueError(f'config.local_fm.distill_steps={flat["local_fm.distill_steps"]} must be '
@@ -150,7 +153,7 @@ class Chain:
     self.config, self.dataset, self.workdir = config, dataset, workdir
     lf = config.local_fm
     self.step_sizes = local_fm.step_sizes(lf.num_blocks, lf.h0, lf.growth)
-    self.path = common.build_path(config.path)
+    self.path = configured.build_path(config.path)
     self.apply_fn, self.init_params = build_model(config.model, dataset.shape, seed=config.seed)
     self._train_set = None
     self._data = {}  # block index -> its data-side training points (n > 0)
@@ -185,21 +188,21 @@ class Chain:
         process_index=jax.process_index(), process_count=jax.process_count())
 
   def meta(self, config, n: int, *, two_time: bool) -> dict:
-    return dict(common.checkpoint_meta(config, self.dataset, two_time=two_time), block=n,
+    return dict(configured.checkpoint_meta(config, self.dataset, two_time=two_time), block=n,
                 h=self.step_sizes[n])
 
   def train_block(self, n: int, init_params):
     """Trains (or restores) block n from `init_params`; returns its evaluation params."""
     config, h = self.config, self.step_sizes[n]
     # Dependent blocks keep their OU pairing; the configured coupling pairs the free block.
-    coupling = (common.coupling_args(config.fm) if h is None
+    coupling = (configured.coupling_args(config.fm) if h is None
                 else {'coupling': 'independent', 'coupling_kwargs': {}})
     loss_fn = local_fm.block_loss(self.apply_fn, self.path, h,
                                   time_distribution=config.fm.time_distribution, **coupling)
     key = jax.random.key(config.seed)
-    state = common.fit(config, init_params, loss_fn, self.batches(n), self.block_dir(n),
-                       meta=self.meta(config, n, two_time=False),
-                       key=key if n == 0 else jax.random.fold_in(key, n))
+    state = configured.fit(config, init_params, loss_fn, self.batches(n), self.block_dir(n),
+                           meta=self.meta(config, n, two_time=False),
+                           key=key if n == 0 else jax.random.fold_in(key, n))
     return common.eval_params(config, state)
 
   def push_forward(self, n: int, params) -> None:
@@ -232,11 +235,11 @@ class Chain:
     for n, (h, teacher) in enumerate(zip(self.step_sizes, blocks)):
       loss_fn = local_fm.distill_loss(map_apply_fn, self.apply_fn, self.path, h,
                                       loss=lf.distill_loss, scheme=lf.distill_scheme)
-      state = common.fit(distill_config, common.warm_start(map_init, teacher), loss_fn,
-                         self.batches(n), files.join(self.block_dir(n), 'distill'),
-                         meta=self.meta(distill_config, n, two_time=True),
-                         extras={'teacher_params': teacher},
-                         key=jax.random.fold_in(jax.random.key(config.seed + 1), n))
+      state = configured.fit(distill_config, common.warm_start(map_init, teacher), loss_fn,
+                             self.batches(n), files.join(self.block_dir(n), 'distill'),
+                             meta=self.meta(distill_config, n, two_time=True),
+                             extras={'teacher_params': teacher},
+                             key=jax.random.fold_in(jax.random.key(config.seed + 1), n))
       students.append(common.eval_params(config, state))
     return map_apply_fn, students
 
@@ -327,7 +330,7 @@ def run(config, workdir: str) -> dict:
   chain_params = local_fm.stack_blocks(blocks)
   if distilled is not None:
     distilled = (distilled[0], local_fm.stack_blocks(distilled[1]))
-  return common.evaluate(
+  return common.write_report(
       config, dataset, chain_samplers(chain.apply_fn, chain_params, config.eval, distilled),
       workdir, log_likelihood=chain_log_likelihood(chain.apply_fn, chain_params, config.eval),
       sections=[chain_section(chain, blocks)])

@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowdistill import files, ode
+from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources, teacher_pairs
 from flowdistill.data.pipeline import BatchIterator
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.fewstep import reflow
 from flowdistill.models.factory import build_model
+from flowdistill.train import configured, identity
 
 DEFAULTS = dict(            # reflow, piecewise reflow, marginal alignment (METHODS.md section 2)
     windows=1,                         # K windows on [0, 1] (1: vanilla reflow)
@@ -32,14 +34,15 @@ DEFAULTS = dict(            # reflow, piecewise reflow, marginal alignment (METH
 )
 
 
-def validate(flat: dict) -> None:
+def validate(config) -> None:
+  flat = identity.flatten(config)
   if not flat['teacher.workdir']:
     raise ValueError('config.method="reflow" distils a teacher: set config.teacher.workdir to '
                      'a trained run (method "fm" or "reflow").')
-  common.check_choice(flat, 'reflow.pair_solver', ode.SOLVERS)
-  common.check_choice(flat, 'reflow.align_logdet', reflow.LOGDETS)
-  common.check_positive(flat, ints=('reflow.windows', 'reflow.pair_chunk', 'reflow.align_steps',
-                                    'reflow.align_probes', 'reflow.kl_samples'))
+  check_choice(flat, 'reflow.pair_solver', ode.SOLVERS)
+  check_choice(flat, 'reflow.align_logdet', reflow.LOGDETS)
+  check_positive(flat, ints=('reflow.windows', 'reflow.pair_chunk', 'reflow.align_steps',
+                             'reflow.align_probes', 'reflow.kl_samples'))
   if flat['reflow.num_pairs'] < flat['data.batch_size']:
     raise ValueError(f'config.reflow.num_pairs={flat["reflow.num_pairs"]} is below '
                      f'config.data.batch_size={flat["data.batch_size"]}; raise it.')
@@ -64,7 +67,7 @@ def make_pairs(config, teacher, teacher_apply, dataset, times, workdir: str) -> 
       'teacher_workdir': (config.teacher.workdir if files.is_url(config.teacher.workdir)
                           else os.path.abspath(config.teacher.workdir)),
       'teacher_fingerprint': teacher_pairs.fingerprint(teacher.params),
-      'guidance': config.eval.guidance if config.data.conditional else None,
+      'cfg_scale': config.eval.cfg_scale if config.data.conditional else None,
       'times': [round(float(t), 6) for t in times],
       'solver': rc.pair_solver, 'rtol': rc.pair_rtol, 'atol': rc.pair_atol,
   }
@@ -78,7 +81,7 @@ def make_pairs(config, teacher, teacher_apply, dataset, times, workdir: str) -> 
   teacher_pairs.generate(directory, lambda x0, labels: trajectory(teacher.params, x0, labels),
                          num=rc.num_pairs, chunk=rc.pair_chunk, shape=tuple(dataset.shape),
                          seed=config.seed, identity=identity,
-                         num_classes=common.num_classes(config, dataset))
+                         num_classes=configured.num_classes(config, dataset))
   return teacher_pairs.load(directory, rc.num_pairs)
 
 
@@ -122,8 +125,9 @@ def alignment_report(config, apply_fn, params, teacher, teacher_apply, dataset,
   telescoping TV bound."""
   rc, n = config.reflow, config.reflow.kl_samples
   # Rows past the training pairs: teacher states the student has not seen.
-  x0, labels = teacher_pairs.row_inputs(config.seed, rc.num_pairs + rc.pair_chunk, n,
-                                        tuple(dataset.shape), common.num_classes(config, dataset))
+  x0, labels = teacher_pairs.row_inputs(
+      config.seed, rc.num_pairs + rc.pair_chunk, n, tuple(dataset.shape),
+      configured.num_classes(config, dataset))
   states, _ = jax.jit(lambda p, x, c: reflow.teacher_trajectory(
       ode.velocity_fn(teacher_apply, p, cond=c), x, times, solver=rc.pair_solver,
       rtol=rc.pair_rtol, atol=rc.pair_atol))(teacher.params, x0, labels)
@@ -167,13 +171,13 @@ def run(config, workdir: str) -> dict:
   pairs = make_pairs(config, teacher, teacher_apply, dataset, times, workdir)
 
   apply_fn, params = build_model(config.model, dataset.shape,
-                                 num_classes=common.num_classes(config, dataset),
+                                 num_classes=configured.num_classes(config, dataset),
                                  seed=config.seed)
   if rc.warm_start:
     params = common.warm_start(params, teacher.params)
   loss_fn = reflow.make_loss(
       apply_fn, times, teacher_apply_fn=teacher_apply,
-      teacher_path=common.build_path(teacher.config.path), align_weight=rc.align_weight,
+      teacher_path=configured.build_path(teacher.config.path), align_weight=rc.align_weight,
       align_warmup=rc.align_warmup, align_steps=rc.align_steps, logdet=rc.align_logdet,
       num_probes=rc.align_probes, score_eps=rc.score_eps or None)
 
@@ -182,10 +186,10 @@ def run(config, workdir: str) -> dict:
                          process_index=jax.process_index(),
                          process_count=jax.process_count())
 
-  state = common.fit(config, params, loss_fn, batches, workdir,
-                     meta=common.checkpoint_meta(config, dataset, two_time=False),
-                     extras={'teacher_params': teacher.params} if rc.align_weight > 0 else {},
-                     pass_step=True)
+  state = configured.fit(config, params, loss_fn, batches, workdir,
+                         meta=configured.checkpoint_meta(config, dataset, two_time=False),
+                         extras={'teacher_params': teacher.params} if rc.align_weight > 0 else {},
+                         pass_step=True)
   if jax.process_index() != 0:
     return {}
   apply_fn = common.eval_apply_fn(config, dataset, apply_fn)
@@ -193,7 +197,7 @@ def run(config, workdir: str) -> dict:
   samplers = student_samplers(apply_fn, params, times, config.eval.euler_steps)
   samplers += report.velocity_samplers(teacher_apply, teacher.params, config.eval,
                                        prefix='teacher ')
-  return common.evaluate(
+  return common.write_report(
       config, dataset, samplers, workdir, step=int(state.step), velocity_model=(apply_fn, params),
       sections=[alignment_report(config, apply_fn, params, teacher, teacher_apply, dataset,
                                  times)],

@@ -4,11 +4,12 @@ and score every set with the linear-probe protocol (normal, classifier inheritan
 
 Stages, each cached so a rerun resumes where the last one stopped:
 
-    backbones   `$FLOWDISTILL_CACHE/ssl/<fingerprint>` φ_d (distillation) and φ_e (evaluation:
-                another seed and width), SimCLR on the train split
+    backbones   `$FLOWDISTILL_CACHE/ssl/<fingerprint>` φ_d (distillation) and φ_e (cross-backbone
+                probes: another seed and width), SimCLR on the train split
     statistics  `<φ_d folder>/statistics.npz` μ, ν, F and the golden head W* (with φ_d's
                 fingerprint)
     WORKDIR/cells/<method>_ipc<n>.json   accuracies per probe mode and the cost of the step
+                (reused while the distillation and probe settings are the same)
     WORKDIR/sets/<method>_ipc<n>.npz|png the set scored
     WORKDIR/snapshots/<method>_ipc<n>.npz  a distilled set every `sfm.snapshot_every` steps,
                 with its wall-clock time (benchmarks/sfm_cost.py: steps and time to the final
@@ -16,7 +17,6 @@ Stages, each cached so a rerun resumes where the last one stopped:
                 let a killed run continue from its last snapshot
 """
 
-import dataclasses
 import functools
 import os
 import resource
@@ -29,26 +29,28 @@ import tqdm
 from flax import nnx
 
 from flowdistill import files
-from flowdistill.condense import image_param, linear_probe, sfm, ssl, subsets
+from flowdistill.condense import image_param, linear_probe, protocol, sfm, sfm_setup, ssl, subsets
+from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources
 from flowdistill.eval import report
-from flowdistill.experiments import common, dd_eval_run
+from flowdistill.experiments import common
 from flowdistill.models.encoder import ConvEncoder
+from flowdistill.sections import section
+from flowdistill.train import identity
 
-METHODS = ('random', 'kmeans_nearest', 'lgm', 'sfm', 'sfm_decouple')
+SETS = ('random', 'kmeans_nearest', 'lgm', 'sfm', 'sfm_decouple')
 DISTILLED = ('lgm', 'sfm', 'sfm_decouple')
-PROBES = {  # probe of a distilled set: (linear_probe mode, the backbone it reads)
+PROBES = {  # probe of a distilled set: (linear_probe mode, the backbone role it reads)
     'normal': ('normal', 'distill'),
     'ci_same': ('ci', 'distill'),       # φ_e = φ_d: should recover the golden head's accuracy
-    'normal_cross': ('normal', 'evaluate'),
-    'ci': ('ci', 'evaluate'),
-    'kd': ('kd', 'evaluate'),
+    'normal_cross': ('normal', 'cross'),
+    'ci': ('ci', 'cross'),
+    'kd': ('kd', 'cross'),
 }
 DEFAULTS = dict(
-    ssl_widths=(32, 64, 128, 256), ssl_steps=3000, ssl_batch_size=256, ssl_lr=1e-3,
-    ssl_temperature=0.5,
-    eval_widths=(32, 64, 128, 192),   # φ_e of cross-backbone evaluation (seed + 1)
-    methods=METHODS,
+    ssl=section(ssl.SSLConfig, exclude=('seed',)),  # φ_d's SimCLR (seeded by config.seed)
+    cross_widths=(32, 64, 128, 192),  # φ_e of cross-backbone probes (φ_d's settings, seed + 1)
+    sets=SETS,
     param='pixels', init='noise', steps=5000, lr=2e-3, grow_every=200,
     snapshot_every=250,               # distilled images kept for benchmarks/sfm_cost.py curves
     copies=1,                         # A for sfm / sfm_decouple
@@ -56,87 +58,29 @@ DEFAULTS = dict(
     nontarget_denominator='classes',  # sfm.DENOMINATORS
     decouple_alpha=0.5,
     probes=tuple(PROBES),             # of each distilled set; real subsets get `normal`
-    probe_runs=5, probe_epochs=1000, probe_batch_size=100, kd_temperature=4.0, kd_alpha=0.5,
+    probe=section(linear_probe.ProbeProtocol, exclude=('mode',)),
     golden_epochs=20,
 )
+DISTILLATION_KEYS = ('param', 'init', 'steps', 'lr', 'grow_every', 'copies', 'lgm_copies',
+                     'nontarget_denominator', 'decouple_alpha')  # what makes a distilled set
 
 
-def validate(flat: dict) -> None:
-  for key, options in (('sfm.methods', METHODS), ('sfm.probes', tuple(PROBES))):
+def validate(config) -> None:
+  flat = identity.flatten(config)
+  for key, options in (('sfm.sets', SETS), ('sfm.probes', tuple(PROBES))):
     unknown = [m for m in flat[key] if m not in options]
     if unknown:
       raise ValueError(f'config.{key} has {unknown}; choose from {list(options)}.')
-  common.check_choice(flat, 'sfm.param', image_param.MODES)
-  common.check_choice(flat, 'sfm.init', image_param.INITS)
-  common.check_choice(flat, 'sfm.nontarget_denominator', sfm.DENOMINATORS)
-  common.check_positive(flat, ints=('sfm.ssl_steps', 'sfm.steps', 'sfm.grow_every',
-                                    'sfm.snapshot_every', 'sfm.copies', 'sfm.lgm_copies',
-                                    'sfm.probe_runs', 'sfm.probe_epochs',
-                                    'sfm.probe_batch_size', 'sfm.golden_epochs'),
-                        floats=('sfm.ssl_lr', 'sfm.ssl_temperature', 'sfm.lr',
-                                'sfm.kd_temperature'))
-  if flat['sfm.ssl_batch_size'] < 2:
-    raise ValueError(f'config.sfm.ssl_batch_size={flat["sfm.ssl_batch_size"]} must be >= 2 '
-                     '(NT-Xent needs negatives).')
-  if not 0 <= flat['sfm.decouple_alpha'] <= 1 or not 0 <= flat['sfm.kd_alpha'] <= 1:
-    raise ValueError('config.sfm.decouple_alpha and config.sfm.kd_alpha must lie in [0, 1].')
-
-
-def ssl_configs(p, seed: int) -> tuple[ssl.SSLConfig, ssl.SSLConfig]:
-  """(φ_d, φ_e) settings: the evaluation backbone has another seed and width."""
-  d = ssl.SSLConfig(widths=tuple(p.ssl_widths), temperature=p.ssl_temperature,
-                    steps=p.ssl_steps, batch_size=p.ssl_batch_size, lr=p.ssl_lr, seed=seed)
-  return d, dataclasses.replace(d, widths=tuple(p.eval_widths), seed=seed + 1)
-
-
-def probe_protocol(p, mode: str = 'normal') -> linear_probe.ProbeProtocol:
-  return linear_probe.ProbeProtocol(runs=p.probe_runs, epochs=p.probe_epochs,
-                                    batch_size=p.probe_batch_size, mode=mode,
-                                    kd_temperature=p.kd_temperature, kd_alpha=p.kd_alpha)
-
-
-def load_statistics(path: str, fingerprint: str) -> dict | None:
-  """{'mu', 'nu', 'flow', 'golden': Head, 'golden_accuracy'} from `path`, or None if missing;
-  refuses a file made with another backbone."""
-  if not files.exists(path):
-    return None
-  f = files.load_npz(path)
-  if str(f['fingerprint']) != fingerprint:
-    raise ValueError(f'{path} holds statistics of backbone {f["fingerprint"]}, but the '
-                     f'backbone in use is {fingerprint}; delete the file and rerun '
-                     'method="sfm" to recompute them.')
-  return {'mu': jnp.asarray(f['mu']), 'nu': jnp.asarray(f['nu']),
-          'flow': jnp.asarray(f['flow']),
-          'golden': linear_probe.Head(jnp.asarray(f['weight']), jnp.asarray(f['bias'])),
-          'golden_accuracy': float(f['golden_accuracy'])}
-
-
-def statistics(backbone: ssl.FrozenBackbone, dataset, config,
-               train_features: np.ndarray | None = None) -> dict:
-  """Real statistics and the golden head of φ_d (`backbone`), cached beside it
-  (`train_features`: φ_d of the train split, where the caller has them already)."""
-  p = config.sfm
-  settings = ssl_configs(p, config.seed)[0]
-  path = files.join(ssl.cache_folder(dataset.train, settings)[1], 'statistics.npz')
-  cached = load_statistics(path, backbone.fingerprint)
-  if cached is not None:
-    return cached
-  if train_features is None:
-    train_features = backbone.features(dataset.train['x'])
-  real = sfm.real_statistics(train_features, dataset.train['label'], dataset.num_classes)
-  golden = linear_probe.train_golden_head(train_features, dataset.train['label'],
-                                          dataset.num_classes, jax.random.key(config.seed),
-                                          epochs=p.golden_epochs)
-  accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
-                                   dataset.test['label'])
-  files.save_npz(path, fingerprint=backbone.fingerprint, weight=golden.weight,
-                 bias=golden.bias, golden_accuracy=accuracy,
-                 **{k: np.asarray(v) for k, v in real.items()})
-  return load_statistics(path, backbone.fingerprint)
-
-
-def augment(images, key):
-  return ssl.view(images, key)
+  check_choice(flat, 'sfm.param', image_param.MODES)
+  check_choice(flat, 'sfm.init', image_param.INITS)
+  check_choice(flat, 'sfm.nontarget_denominator', sfm.DENOMINATORS)
+  check_positive(flat, ints=('sfm.steps', 'sfm.grow_every', 'sfm.snapshot_every', 'sfm.copies',
+                             'sfm.lgm_copies', 'sfm.golden_epochs'), floats=('sfm.lr',))
+  if not 0 <= flat['sfm.decouple_alpha'] <= 1:
+    raise ValueError(f'config.sfm.decouple_alpha={flat["sfm.decouple_alpha"]} must lie in '
+                     '[0, 1].')
+  sfm_setup.ssl_settings(config)
+  sfm_setup.probe_protocol(config)
 
 
 def step_cost(loss_fn, images, key, *args) -> dict:
@@ -151,14 +95,14 @@ def make_loss(name: str, ipc: int, backbone, real, dataset, p) -> tuple:
   """(loss_fn, loss_args) of a distillation method: `loss_fn(images, key, *loss_args)`."""
   classes = dataset.num_classes
   if name == 'lgm':
-    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=augment,
+    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=ssl.view,
                                 copies=p.lgm_copies)
     args = (backbone.params, jnp.asarray(dataset.train['x']),
             jnp.asarray(sfm.class_index_table(dataset.train['label'], classes)))
   else:
     factory = sfm.make_sfm_loss if name == 'sfm' else sfm.make_sfm_decouple_loss
     extra = {} if name == 'sfm' else {'alpha': p.decouple_alpha}
-    loss_fn = factory(backbone.apply, real, classes, ipc, augment=augment, copies=p.copies,
+    loss_fn = factory(backbone.apply, real, classes, ipc, augment=ssl.view, copies=p.copies,
                       denominator=p.nontarget_denominator, **extra)
     args = (backbone.params,)
   return loss_fn, args
@@ -220,45 +164,20 @@ def discard_progress(folder: str, name: str, ipc: int) -> None:
     files.remove(files.join(folder, f'{name}_ipc{ipc}{suffix}'))
 
 
-def backbones(dataset, config, *, train: bool = True) -> dict:
-  """{'distill': φ_d, 'evaluate': φ_e} of this config, pre-trained where missing (`train`) or
-  refused with the command that trains them."""
-  out = {}
-  for role, settings in zip(('distill', 'evaluate'), ssl_configs(config.sfm, config.seed)):
-    if not train:
-      out[role] = ssl.load_cached(dataset.train, settings)
-      if out[role] is None:
-        folder = ssl.cache_folder(dataset.train, settings)[1]
-        raise FileNotFoundError(
-            f'No {role} backbone of this config is cached ({folder} does not exist); pre-train '
-            f'it with `python -m flowdistill.main --config=configs/sfm.py:{config.data.source} '
-            '--workdir=...` (the same config).')
-      continue
-    bar = tqdm.tqdm(total=settings.steps, desc=f'SimCLR ({role})', unit='step', leave=False,
-                    disable=jax.process_index() > 0)
-    out[role] = ssl.load_or_train(dataset.train, settings,
-                                  on_progress=lambda done, bar=bar: bar.update(done - bar.n))
-    bar.close()
-  return out
-
-
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   snapshot_folder = files.join(workdir, 'snapshots')
-  for folder in ('cells', 'snapshots'):
-    files.makedirs(files.join(workdir, folder))
+  files.makedirs(snapshot_folder)
   dataset = sources.load(config.data)
   p = config.sfm
   sfm.check_classes(dataset.num_classes)
-  d_config = ssl_configs(p, config.seed)[0]
-  nets = backbones(dataset, config)
-  phi_d, phi_e = nets['distill'], nets['evaluate']
+  nets = sfm_setup.backbones(dataset, config)
+  phi_d, phi_e = nets['distill'], nets['cross']
   features = phi_d.features(dataset.train['x'])
-  real = statistics(phi_d, dataset, config, features)
-  test_features = {'distill': phi_d.features(dataset.test['x']),
-                   'evaluate': phi_e.features(dataset.test['x'])}
+  real = sfm_setup.statistics(phi_d, dataset, config, features)
+  test_features = {role: b.features(dataset.test['x']) for role, b in nets.items()}
   random_encoder = ssl.standardised(
-      ConvEncoder(dataset.shape[-1], widths=d_config.widths, rngs=nnx.Rngs(config.seed)),
+      ConvEncoder(dataset.shape[-1], widths=tuple(p.ssl.widths), rngs=nnx.Rngs(config.seed)),
       dataset.train['x'], 'random-init', {})
   control = linear_probe.train_golden_head(
       random_encoder.features(dataset.train['x']), dataset.train['label'], dataset.num_classes,
@@ -267,44 +186,51 @@ def run(config, workdir: str) -> dict:
       control.logits(random_encoder.features(dataset.test['x'])), dataset.test['label'])
   embed = {role: functools.partial(b.apply, b.params) for role, b in nets.items()}
   key = jax.random.key(config.dd.seed)
-  cells = []
-  for ipc in config.dd.ipcs:
-    for name in p.methods:
-      path = files.join(workdir, 'cells', f'{name}_ipc{ipc}.json')
-      if files.exists(path):
-        cells.append(files.read_json(path))
-        continue
-      set_key = jax.random.fold_in(jax.random.fold_in(key, ipc), METHODS.index(name))
-      if name in DISTILLED:
-        images, cell, snapshots = distil(name, ipc, phi_d, real, dataset, p, set_key,
-                                         snapshot_folder)
-        labels = cell.pop('labels')
-        files.save_npz(files.join(snapshot_folder, f'{name}_ipc{ipc}.npz'), labels=labels,
-                       **snapshots)
-      else:
-        index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
-        images, labels, cell = dataset.train['x'][index], dataset.train['label'][index], {}
-      stem = files.join(workdir, 'sets', f'{name}_ipc{ipc}')
-      files.makedirs(os.path.dirname(stem))
-      dd_eval_run.save_set(stem, {'x': np.asarray(images), 'label': np.asarray(labels)}, ipc,
-                           dataset.num_classes)
-      probes = p.probes if name in DISTILLED else ('normal',)
-      cell.update(method=name, ipc=ipc, probes={})
-      for probe in probes:
-        mode, role = PROBES[probe]
-        t0 = time.perf_counter()
-        result = linear_probe.evaluate_probe(
-            embed[role], images, labels, test_features[role], dataset.test['label'],
-            dataset.num_classes, jax.random.fold_in(set_key, 7), probe_protocol(p, mode),
-            augment=augment, teacher_embed=embed['distill'], golden=real['golden'])
-        cell['probes'][probe] = dict(result, seconds=time.perf_counter() - t0)
-      if 'ci' in probes:
-        cell['ci_storage_floats'] = int(real['golden'].weight.size + real['golden'].bias.size
-                                        + phi_e.feature_dim * phi_d.feature_dim)
-      files.write_json(path, cell)
-      discard_progress(snapshot_folder, name, ipc)
-      cells.append(cell)
-  result = {'cells': cells, 'golden_accuracy': real['golden_accuracy'],
+
+  def make(name, ipc):
+    set_key = jax.random.fold_in(jax.random.fold_in(key, ipc), SETS.index(name))
+    if name in DISTILLED:
+      images, cell, snapshots = distil(name, ipc, phi_d, real, dataset, p, set_key,
+                                       snapshot_folder)
+      labels = cell.pop('labels')
+      files.save_npz(files.join(snapshot_folder, f'{name}_ipc{ipc}.npz'), labels=labels,
+                     **snapshots)
+    else:
+      index = subsets.select(name, features, dataset.train['label'], ipc, seed=config.dd.seed)
+      images, labels, cell = dataset.train['x'][index], dataset.train['label'][index], {}
+    stem = files.join(workdir, 'sets', f'{name}_ipc{ipc}')
+    files.makedirs(os.path.dirname(stem))
+    protocol.save_set(stem, {'x': np.asarray(images), 'label': np.asarray(labels)}, ipc,
+                      dataset.num_classes)
+    probes = p.probes if name in DISTILLED else ('normal',)
+    cell.update(method=name, ipc=ipc, probes={})
+    for probe in probes:
+      mode, role = PROBES[probe]
+      t0 = time.perf_counter()
+      result = linear_probe.evaluate_probe(
+          embed[role], images, labels, test_features[role], dataset.test['label'],
+          dataset.num_classes, jax.random.fold_in(set_key, 7),
+          sfm_setup.probe_protocol(config, mode), augment=ssl.view,
+          teacher_embed=embed['distill'], golden=real['golden'])
+      cell['probes'][probe] = dict(result, seconds=time.perf_counter() - t0)
+    if 'ci' in probes:
+      cell['ci_storage_floats'] = int(real['golden'].weight.size + real['golden'].bias.size
+                                      + phi_e.feature_dim * phi_d.feature_dim)
+    discard_progress(snapshot_folder, name, ipc)
+    return cell
+
+  def cells():
+    for ipc in config.dd.ipcs:
+      for name in p.sets:
+        recipe = {'set': name, 'seed': config.dd.seed, 'backbone': phi_d.fingerprint}
+        if name in DISTILLED:
+          recipe.update({k: p[k] for k in DISTILLATION_KEYS},
+                        probes=list(p.probes), cross_backbone=phi_e.fingerprint)
+        yield protocol.Cell(name, ipc, {'set': recipe, 'probe': p.probe.to_dict()},
+                            functools.partial(make, name, ipc))
+
+  results = protocol.run_cells(files.join(workdir, 'cells'), cells())
+  result = {'cells': results, 'golden_accuracy': real['golden_accuracy'],
             'random_encoder_accuracy': control_accuracy,
             'backbones': {role: {'fingerprint': b.fingerprint, **b.info}
                           for role, b in nets.items()},
@@ -332,8 +258,8 @@ def _markdown(result: dict, config) -> str:
   backbone = result['backbones']['distill']
   return '\n'.join([
       f'# SFM on {config.data.source}', '',
-      f'Linear-probe accuracy (mean ± std over {config.sfm.probe_runs} runs, '
-      f'{config.sfm.probe_epochs} epochs). On φ_d: `normal` a fresh head, `ci_same` the golden '
+      f'Linear-probe accuracy (mean ± std over {config.sfm.probe.runs} runs, '
+      f'{config.sfm.probe.epochs} epochs). On φ_d: `normal` a fresh head, `ci_same` the golden '
       'head W* of φ_d through a projector φ_d → φ_d. On φ_e (another seed and width): '
       '`normal_cross` a fresh head, `ci` W* through a projector φ_e → φ_d, `kd` a fresh head '
       'distilled from W*.',

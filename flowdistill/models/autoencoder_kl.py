@@ -153,7 +153,7 @@ class Decoder(nnx.Module):
 
 class AutoencoderKL(nnx.Module):
   """`encode(x) -> (mean, logvar)` and `decode(z) -> x`; the interface of `models.vae.VAE`,
-  so `condense.vae.FrozenVAE` wraps either (with `scale = config.scaling_factor`).
+  so `condense.frozen_vae.FrozenVAE` wraps either (with `scale = config.scaling_factor`).
 
   Args:
     config: the architecture (`AutoencoderKLConfig`).

@@ -3,6 +3,7 @@
 import jax
 import optax
 
+from flowdistill import fitting
 from flowdistill.train.state import TrainState
 
 
@@ -23,18 +24,18 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
   as an uninterrupted one.
   """
 
+  update = fitting.make_update(loss_fn, optimizer, has_aux=True)
+
   def one_step(state: TrainState, batch, extras=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     step_kwargs = {'step': state.step} if pass_step else {}
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, **step_kwargs, **(extras or {}))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    out = update(state.params, state.opt_state, batch, key, **step_kwargs, **(extras or {}))
+    params = out.params
     ema = {name: jax.tree.map(lambda e, p, r=float(name): r * e + (1 - r) * p, avg, params)
            for name, avg in state.ema.items()}
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+    metrics = dict(out.aux, loss=out.loss, grad_norm=optax.tree.norm(out.grads),
                    param_norm=optax.tree.norm(params))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+    return state.replace(step=state.step + 1, params=params, opt_state=out.opt_state,
                          ema=ema), metrics
 
   if steps_per_call == 1:

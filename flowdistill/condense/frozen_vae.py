@@ -18,15 +18,15 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flowdistill import files
-from flowdistill.eval.feature_net import cache_root, data_fingerprint
+from flowdistill import files, fitting
+from flowdistill.cache import cache_root, data_fingerprint, load_or_build
 from flowdistill.models.vae import VAE
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """Training settings (config `pgfm.vae_*`); all of them key the cache."""
-  beta: float = 0.01
+  beta: float = 1e-3
   steps: int = 6000
   batch_size: int = 128
   lr: float = 1e-3
@@ -120,26 +120,16 @@ def train_vae(images, config: VAEConfig, *,
   opt = optax.adam(optax.cosine_decay_schedule(config.lr, config.steps, alpha=0.05))
   data_key = jax.random.fold_in(key, 1)
 
-  def loss_fn(params, x, k):
-    return vae_loss(nnx.merge(graphdef, params), x, k, config.beta)
-
-  @jax.jit
-  def step(params, opt_state, images, i):
+  def loss_fn(params, i, images):
     k = jax.random.fold_in(data_key, i)
     idx = jax.random.randint(k, (config.batch_size,), 0, images.shape[0])
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, images[idx], jax.random.fold_in(k, 1))
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {'loss': loss, **metrics}
+    return vae_loss(nnx.merge(graphdef, params), images[idx], jax.random.fold_in(k, 1),
+                    config.beta)
 
-  opt_state = opt.init(params)
-  history = []
-  for i in range(config.steps):
-    params, opt_state, metrics = step(params, opt_state, images, jnp.int32(i))
-    history.append(metrics)
-    if on_progress is not None and ((i + 1) % 100 == 0 or i + 1 == config.steps):
-      on_progress(i + 1)
-  metrics = {k: np.asarray(jnp.stack([h[k] for h in history])) for k in history[0]}
+  params, metrics = fitting.fit(
+      fitting.make_update(loss_fn, opt, has_aux=True), params, opt.init(params),
+      steps=config.steps, args=(images,),
+      on_progress=None if on_progress is None else lambda done, *_: on_progress(done))
   return nnx.merge(graphdef, params), metrics
 
 
@@ -150,25 +140,28 @@ def cache_folder(train: dict, config: VAEConfig) -> tuple[str, str]:
   return fingerprint, files.join(cache_root(), 'vaes', fingerprint)
 
 
+def _restore(folder: str, train: dict, config: VAEConfig, fingerprint: str) -> FrozenVAE:
+  template = VAE(train['x'].shape[1:], latent_channels=config.latent_channels,
+                 widths=config.widths, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(template)
+  params = ocp.StandardCheckpointer().restore(files.join(folder, 'params'),
+                                              nnx.to_pure_dict(state))
+  info = files.read_json(files.join(folder, 'info.json'))
+  return FrozenVAE(nnx.merge(graphdef, params), info['scale'], fingerprint, info)
+
+
 def load_cached(train: dict, config: VAEConfig, *,
                 cache_dir: str | None = None) -> FrozenVAE | None:
-  """The cached VAE of this data set and config, or None where none was trained yet.
+  """The cached VAE of this data set and config, or None where none was trained yet (or the
+  entry is incomplete).
 
   Args:
     train: {'x': images [N, H, W, C] in [-1, 1], 'label': int [N]}.
     cache_dir: defaults to `cache_folder(train, config)[1]`.
   """
   fingerprint, folder = cache_folder(train, config)
-  folder = cache_dir or folder
-  params_dir = files.join(folder, 'params')
-  if not files.isdir(params_dir):
-    return None
-  template = VAE(train['x'].shape[1:], latent_channels=config.latent_channels,
-                 widths=config.widths, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(template)
-  params = ocp.StandardCheckpointer().restore(params_dir, nnx.to_pure_dict(state))
-  info = files.read_json(files.join(folder, 'info.json'))
-  return FrozenVAE(nnx.merge(graphdef, params), info['scale'], fingerprint, info)
+  return load_or_build(cache_dir or folder, None,
+                       lambda f: _restore(f, train, config, fingerprint), describe='VAE')
 
 
 def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = None,
@@ -179,20 +172,20 @@ def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = Non
     train: {'x': images [N, H, W, C] in [-1, 1], 'label': int [N]}.
     cache_dir: defaults to `cache_folder(train, config)[1]`.
   """
-  cached = load_cached(train, config, cache_dir=cache_dir)
-  if cached is not None:
-    return cached
   fingerprint, folder = cache_folder(train, config)
-  folder = cache_dir or folder
-  model, metrics = train_vae(train['x'], config, on_progress=on_progress)
-  unscaled = FrozenVAE(model, 1.0, fingerprint, {})
-  means = unscaled.encode(train['x'])[0]
-  tail = slice(-min(100, config.steps), None)
-  info = {'scale': float(1.0 / means.std()), 'config': dataclasses.asdict(config),
-          **{f'final_{k}': float(v[tail].mean()) for k, v in metrics.items()}}
-  files.makedirs(folder)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(model)[1]))
-  checkpointer.wait_until_finished()
-  files.write_json(files.join(folder, 'info.json'), info)
-  return FrozenVAE(model, info['scale'], fingerprint, info)
+
+  def build(folder):
+    model, metrics = train_vae(train['x'], config, on_progress=on_progress)
+    unscaled = FrozenVAE(model, 1.0, fingerprint, {})
+    means = unscaled.encode(train['x'])[0]
+    tail = slice(-min(100, config.steps), None)
+    info = {'scale': float(1.0 / means.std()), 'config': dataclasses.asdict(config),
+            **{f'final_{k}': float(v[tail].mean()) for k, v in metrics.items()}}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(model)[1]))
+    checkpointer.wait_until_finished()
+    files.write_json(files.join(folder, 'info.json'), info)
+    return FrozenVAE(model, info['scale'], fingerprint, info)
+
+  return load_or_build(cache_dir or folder, build,
+                       lambda f: _restore(f, train, config, fingerprint), describe='VAE')
