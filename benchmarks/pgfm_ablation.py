@@ -1,13 +1,14 @@
-"""PGFM ablation over the guidance form, w0, t_stop (and optionally the schedule): accuracy of
-ConvNet-3 trained on each synthetic set, mode coverage (feature-net space), landing rate and
-diversity, at one IPC.
+"""PGFM ablation over the prototype guidance (form, schedule, w0, t_stop, trust region, warm
+start) at one IPC, chosen on the validation split: ConvNet-3 accuracy on the validation split
+(what the choice reads) and on the test split (printed beside it, never read), mode coverage
+(feature-net space), landing rate, within-class diversity relative to real latents and
+per-class Fréchet distance, with the decoded prototypes and unguided sampling as reference rows.
 
-Reads a finished `method='pgfm'` workdir (nothing is retrained); every other guidance setting
-(schedule, δ, solver, steps) is the run's.
+Reads a finished `method='pgfm'` workdir (nothing is retrained); every other sampler setting
+(δ, solver, steps) is the run's.
 
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/pgfm_ablation.py \
-    --workdir runs/pgfm-mnist-cpu --ipc 10 --forms straight denoiser --w0s 0.25 0.5 1.0 \
-    --t-stops 0.6 0.9 1.0
+    --workdir runs/pgfm-mnist-cpu --ipc 10 --t-stops 0.4 0.6 --trusts 0 0.5 --warm-starts 0 0.5
 """
 
 import argparse
@@ -21,65 +22,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill.condense import coverage, pgfm, pgfm_workdir, synset_eval
+from flowdistill.condense import coverage, pgfm, pgfm_workdir, protocol, synset_eval
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--ipc', type=int, default=10)
-  parser.add_argument('--forms', nargs='+', default=list(pgfm.FORMS))
-  parser.add_argument('--w0s', type=float, nargs='+', default=[0.25, 0.5, 1.0])
-  parser.add_argument('--t-stops', type=float, nargs='+', default=[0.6, 0.9, 1.0])
-  parser.add_argument('--schedules', nargs='+', default=None,
-                      help="w(t) schedules (default: the run's)")
-  parser.add_argument('--runs', type=int, default=3)
-  parser.add_argument('--epochs', type=int, default=300)
+  parser.add_argument('--forms', nargs='+', default=['denoiser'])
+  parser.add_argument('--schedules', nargs='+', default=['constant'])
+  parser.add_argument('--w0s', type=float, nargs='+', default=[1.0])
+  parser.add_argument('--t-stops', type=float, nargs='+', default=[0.4, 0.6, 1.0])
+  parser.add_argument('--trusts', type=float, nargs='+', default=[0.0])
+  parser.add_argument('--warm-starts', type=float, nargs='+', default=[0.0])
+  parser.add_argument('--runs', type=int, default=2)
+  parser.add_argument('--epochs', type=int, default=100)
   parser.add_argument('--out', default='benchmarks/out/pgfm_ablation.json')
   args = parser.parse_args()
 
   done = pgfm_workdir.load_finished(args.workdir)
   config, frozen, judge = done.config, done.frozen, done.judge
   task = done.scoring(args.ipc, runs=args.runs, epochs=args.epochs)
-  labels, assigned, protos, targets, modes, split, protocol = (task[k] for k in (
+  labels, assigned, protos, targets, modes, split, proto = (task[k] for k in (
       'labels', 'assigned', 'prototypes', 'targets', 'modes', 'split', 'protocol'))
   key = jax.random.key(config.seed)
   base = pgfm_workdir.prototype_guidance(config)
+  train_latents = done.latents['train']
+  real_features = judge.features(done.dataset.train['x'])
 
-  @functools.partial(jax.jit, static_argnames='guidance')
-  def sample(params, guidance):
-    return pgfm.sample(done.flow.apply_fn, params, key, jnp.asarray(labels), targets, guidance,
+  @functools.partial(jax.jit, static_argnames='pull')
+  def sample(params, pull):
+    return pgfm.sample(done.flow.apply_fn, params, key, jnp.asarray(labels), targets, pull,
                        solver=config.pgfm.solver, steps=config.pgfm.steps)[0]
 
+  def score(name: str, z) -> dict:
+    images = frozen.decode_scaled(z)
+    result = synset_eval.evaluate_synset(images, labels, split, jax.random.fold_in(key, 1), proto)
+    features = judge.features(images)
+    row = {'set': name, 'val': result['val_mean'], 'val_std': result['val_std'],
+           'test': result['mean'], 'test_std': result['std'],
+           'mc': coverage.mode_coverage(features, labels, modes)['mc'],
+           'landing_rate': coverage.landing_rate(z, labels, assigned, protos),
+           'diversity': coverage.diversity(z, labels, train_latents['x'],
+                                           train_latents['label']),
+           'fd_per_class': coverage.per_class_frechet(features, labels, real_features,
+                                                      done.dataset.train['label'])}
+    print(json.dumps(row), flush=True)
+    return row
+
+  references = [score('decoded prototypes', np.asarray(targets)),
+                score('unguided', np.asarray(sample(done.flow.params,
+                                                    dataclasses.replace(base, w0=0.0))))]
   rows = []
-  schedules = args.schedules or [base.schedule]
-  for form, schedule, w0, t_stop in itertools.product(args.forms, schedules, args.w0s,
-                                                      args.t_stops):
+  for form, schedule, w0, t_stop, trust, warm in itertools.product(
+      args.forms, args.schedules, args.w0s, args.t_stops, args.trusts, args.warm_starts):
     if form == 'straight' and w0 > 1:
       continue
-    guidance = dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop)
-    z = np.asarray(sample(done.flow.params, guidance))
-    images = frozen.decode_scaled(z)
-    result = synset_eval.evaluate_synset(images, labels, split, jax.random.fold_in(key, 1),
-                                      protocol)
-    row = {'form': form, 'schedule': schedule, 'w0': w0, 't_stop': t_stop,
-           'accuracy': result['mean'], 'std': result['std'],
-           'mc': coverage.mode_coverage(judge.features(images), labels, modes)['mc'],
-           'landing_rate': coverage.landing_rate(z, labels, assigned, protos),
-           'diversity': coverage.diversity(z, labels, done.latents['train']['x'],
-                                           done.latents['train']['label'])}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    pull = dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop,
+                               trust=trust, warm_start=warm)
+    row = score('pgfm', np.asarray(sample(done.flow.params, pull)))
+    rows.append(dict(row, **{k: getattr(pull, k) for k in (
+        'form', 'schedule', 'w0', 't_stop', 'trust', 'warm_start')}))
+  chosen = protocol.choose(rows, key='val')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
-    json.dump({'args': vars(args), 'rows': rows}, f, indent=2)
-  print('| form | schedule | w0 | t_stop | accuracy % | MC | landing | diversity |')
-  print('|---|---|---|---|---|---|---|---|')
-  for r in rows:
-    print(f'| {r["form"]} | {r["schedule"]} | {r["w0"]} | {r["t_stop"]} | '
-          f'{100 * r["accuracy"]:.1f} ± '
-          f'{100 * r["std"]:.1f} | {r["mc"]:.3f} | {r["landing_rate"]:.3f} | '
-          f'{r["diversity"]:.3f} |')
+    json.dump({'args': vars(args), 'references': references, 'rows': rows, 'chosen': chosen},
+              f, indent=2)
+  pct = lambda r, k: f'{100 * r[k]:.1f} ± {100 * r[k + "_std"]:.1f}'
+  tail = lambda r: (f'{r["mc"]:.2f} | {r["landing_rate"]:.2f} | {r["diversity"]:.2f} | '
+                    f'{r["fd_per_class"] or float("nan"):.1f}')
+  print('| set | form | schedule | w0 | t_stop | trust | warm start | val % | test % | MC | '
+        'landing | diversity | FD per class |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for r in references:
+    print(f'| {r["set"]} | | | | | | | {pct(r, "val")} | {pct(r, "test")} | {tail(r)} |')
+  for i, r in enumerate(rows):
+    mark = ' (chosen on val)' if i == chosen else ''
+    print(f'| pgfm{mark} | {r["form"]} | {r["schedule"]} | {r["w0"]} | {r["t_stop"]} | '
+          f'{r["trust"]} | {r["warm_start"]} | {pct(r, "val")} | {pct(r, "test")} | {tail(r)} |')
 
 
 if __name__ == '__main__':

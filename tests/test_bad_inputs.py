@@ -25,10 +25,11 @@ from flowdistill.condense import (
   linear_probe,
   pgfm,
   pgfm_workdir,
+  protocol,
   sfm,
   sfm_setup,
+  synset_eval,
 )
-from flowdistill.condense import synset_eval as synset_eval
 from flowdistill.config import load_config_file
 from flowdistill.data import sources
 from flowdistill.experiments import method_config, validate
@@ -400,7 +401,7 @@ DD_CASES = [
     ('ipc-zero', lambda t: _dd_main(t, dd={'ipcs': (0,)}), ValueError,
      r'config.dd: Plan.ipcs=\(0,\) must be images per class >= 1'),
     ('ipc-above-smallest-class', lambda t: _dd_main(t, dd={'ipcs': (160,)}), ValueError,
-     r'IPC 160 is larger than class \d, which has only 14\d images; use IPC <= 14\d'),
+     r'IPC 160 is larger than class \d, which has only 1\d\d images; use IPC <= 1\d\d'),
     ('runs-zero', lambda t: _dd_main(t, dd={'runs': 0}), ValueError,
      r'config.dd: Protocol.runs must be >= 1; got 0'),
     ('unknown-dsa-family', lambda t: _dd_main(t, dd={'strategy': 'color_blur'}), ValueError,
@@ -493,7 +494,7 @@ def test_pgfm_finished_run_refuses_missing_or_foreign_parts(tmp_path, monkeypatc
   make = r'train it with `python -m flowdistill.main --config=configs/pgfm.py:digits'
   with pytest.raises(FileNotFoundError, match=r'No VAE of this run is cached .*' + make):
     pgfm_workdir.load_finished(str(workdir))
-  dataset = sources.load(config.data)
+  dataset = protocol.with_validation(sources.load(config.data), config.dd)[0]  # as the run
   frozen = frozen_vae.load_or_train(dataset.train, pgfm_workdir.vae_settings(config))
   with pytest.raises(FileNotFoundError, match=r'latent_fm holds no latent flow; ' + make):
     pgfm_workdir.load_finished(str(workdir))

@@ -210,6 +210,52 @@ def test_evaluate_synset_on_digits_is_seeded_and_batches_runs():
   np.testing.assert_array_equal(first['accs'], again['accs'])
 
 
+# the validation split: what every setting is chosen on
+
+
+def test_validation_is_class_balanced_disjoint_and_seeded():
+  split, _, _ = _digits(ipc=1)
+  train = split['train']
+  rest, val = protocol.hold_out(train, 0.1, seed=3)
+  counts, val_counts = np.bincount(train['label']), np.bincount(val['label'])
+  np.testing.assert_array_equal(val_counts, np.maximum(1, np.round(0.1 * counts)))
+  np.testing.assert_array_equal(np.bincount(rest['label']) + val_counts, counts)
+  rows = {r.tobytes() for r in train['x']}
+  assert len(rows) == len(train['x'])  # digits has no duplicate images, so bytes name rows
+  rest_rows, val_rows = ({r.tobytes() for r in part['x']} for part in (rest, val))
+  test_rows = {r.tobytes() for r in split['test']['x']}
+  assert not rest_rows & val_rows and not val_rows & test_rows
+  assert rest_rows | val_rows == rows
+  again, other = protocol.hold_out(train, 0.1, seed=3)[1], protocol.hold_out(train, 0.1, seed=4)[1]
+  np.testing.assert_array_equal(again['x'], val['x'])
+  assert not np.array_equal(other['x'], val['x'])
+  assert protocol.hold_out(train, 0.0, seed=3) == (train, None)
+  with pytest.raises(ValueError, match='leaves class 0 .* with none to distil'):
+    protocol.hold_out({'x': np.zeros((3, 1)), 'label': np.array([0, 1, 1])}, 0.5, seed=0)
+
+
+def test_selection_reads_only_the_validation_split():
+  """Two candidate sets scored with the same networks against the true test labels and against
+  shuffled ("poisoned") ones: the validation accuracies and the chosen set do not change."""
+  split, x, y = _digits(ipc=5)
+  rest, val = protocol.hold_out(split['train'], 0.1, seed=0)
+  noise = np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
+  candidates = [(noise, y), (x, y)]
+  poisoned = dict(split['test'], label=np.random.default_rng(1).permutation(
+      split['test']['label']))
+  choices, val_accs = [], []
+  for test in (split['test'], poisoned):
+    held_out = synset_eval.test_split(rest, test, val)
+    results = [synset_eval.evaluate_synset(cx, cy, held_out, jax.random.key(0),
+                                           _tiny(runs=1, epochs=10, width=16))
+               for cx, cy in candidates]
+    choices.append(protocol.choose(results))
+    val_accs.append([r['val_mean'] for r in results])
+  assert choices == [1, 1] and val_accs[0] == val_accs[1]
+  with pytest.raises(ValueError, match='no .val_mean.'):
+    protocol.choose([{'mean': 0.9}])
+
+
 # real-image baselines
 
 

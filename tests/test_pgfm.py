@@ -1,5 +1,6 @@
 """PGFM: the guided sampler against its closed forms, prototypes, and the guidance checks."""
 
+import dataclasses
 import os
 
 import jax
@@ -89,6 +90,53 @@ def test_guided_heun_on_gaussian_data_converges_to_dopri5(form):
                                     steps=n)[0] - ref).max()) for n in (16, 32, 64)]
   rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
   assert np.all(rates > 1.6), (errors, rates)
+
+
+@pytest.mark.parametrize('form', pgfm.FORMS)
+def test_trust_region_bounds_the_pull_and_keeps_its_direction(form):
+  """||v_g − v|| <= ρ ||v|| per sample, the pull parallel to the unbounded one, and a large ρ
+  leaves the field unchanged."""
+  z, p, t = _latents(), 3.0 * _latents(seed=1), jnp.float32(0.3)
+  u = _field()(z, t)
+  free = pgfm.PrototypeGuidance(form=form, w0=0.8, t_stop=1.0, delta=0.05)
+  g_free = pgfm.guided_velocity(_field(), p, free)(z, t) - u
+  for rho in (0.1, 0.5):
+    g = pgfm.guided_velocity(_field(), p, dataclasses.replace(free, trust=rho))(z, t) - u
+    norm = lambda a: jnp.sqrt(jnp.sum(jnp.square(a.reshape(len(a), -1)), -1))
+    assert bool(jnp.all(norm(g) <= rho * norm(u) * (1 + 1e-5)))
+    assert bool(jnp.any(norm(g) < 0.99 * norm(g_free)))  # the bound binds somewhere
+    cos = jnp.sum((g * g_free).reshape(len(g), -1), -1) / (norm(g) * norm(g_free))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+  wide = pgfm.guided_velocity(_field(), p, dataclasses.replace(free, trust=1e6))(z, t) - u
+  np.testing.assert_allclose(wide, g_free, atol=1e-6)
+
+
+def test_warm_start_without_pull_is_the_exact_flow_map_from_t0():
+  """On Gaussian data the velocity is exact, so the unguided warm-started sampler is the
+  closed-form flow map X((1 − t0) z0 + t0 p, t0, 1)."""
+  path = paths.linear_path()
+  params = {'mean': jnp.full(SHAPE, 0.5), 'std': jnp.full(SHAPE, 0.7)}
+  apply_fn = cf.make_apply_fn(path)
+  labels, p, t0 = jnp.zeros(16, jnp.int32), _latents(seed=1), 0.6
+  pull = pgfm.PrototypeGuidance(w0=0.0, warm_start=t0)
+  z1, info = pgfm.sample(lambda prm, z, t, cond=None: apply_fn(prm, z, t), params,
+                         jax.random.key(0), labels, p, pull, solver='heun', steps=64)
+  z0 = ode.noise(jax.random.key(0), 16, SHAPE)
+  start = (1 - t0) * z0 + t0 * p
+  exact = cf.flow_map(path, start, t0, 1.0, params['mean'], params['std'])
+  np.testing.assert_allclose(z1, exact, atol=1e-4)
+  assert info['nfe'] == 128
+
+
+@pytest.mark.parametrize('steps', [1, 3])
+def test_warm_start_with_the_straight_pull_lands_on_the_prototype(steps):
+  """From (1 − t0) z0 + t0 p the straight pull at w = 1, δ = 0 is the straight line to p."""
+  p, labels = _latents(seed=1), jnp.zeros(16, jnp.int32)
+  pull = pgfm.PrototypeGuidance(form='straight', w0=1.0, t_stop=1.0, delta=0.0, warm_start=0.5)
+  z1, info = pgfm.sample(lambda prm, z, t, cond=None: _field()(z, t[0]), {},
+                         jax.random.key(0), labels, p, pull, steps=steps)
+  np.testing.assert_allclose(z1, p, atol=1e-5)
+  assert info['nfe'] == steps
 
 
 def test_the_two_forms_are_one_field_at_zero_delta():
@@ -239,9 +287,10 @@ def test_pgfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   validate(config)
   result = experiments.get('pgfm').run(config, str(tmp_path / 'run'))
   cells = {c['set']: c for c in result['cells']}
-  assert set(cells) == set(pgfm_run.SETS) and all(len(c['accs']) == 2 for c in cells.values())
+  assert set(cells) == set(pgfm_run.DEFAULTS['sets'])
   assert cells['pgfm']['nfe'] == 2 and cells['prototypes']['landing_rate'] == 1.0
-  assert all(0 < c['mc_feature'] <= 1 for c in cells.values())
+  assert all(0 < c['mc_feature'] <= 1 and len(c['accs']) == len(c['val_accs']) == 2
+             for c in cells.values())
   assert 0 <= result['unguided_label_accuracy'] <= 1
   saved = np.load(tmp_path / 'run' / 'sets' / 'pgfm_ipc2.npz')
   assert saved['x'].shape == (20, 8, 8, 1) and np.abs(saved['x']).max() <= 1

@@ -252,7 +252,8 @@ def test_sfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   assert set(cells) == set(sfm_run.SETS)
   assert set(cells['sfm']['probes']) == set(sfm_run.PROBES)
   assert set(cells['random']['probes']) == {'normal'}
-  assert all(len(r['accs']) == 2 for c in cells.values() for r in c['probes'].values())
+  assert all(len(r['accs']) == len(r['val_accs']) == 2
+             for c in cells.values() for r in c['probes'].values())
   assert cells['lgm']['xla_temp_bytes'] > cells['sfm']['xla_temp_bytes'] > 0
   saved = np.load(tmp_path / 'run' / 'sets' / 'sfm_ipc2.npz')
   assert saved['x'].shape == (20, 8, 8, 1) and np.abs(saved['x']).max() <= 1

@@ -153,7 +153,7 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
     feats = embed(seen)
     if mode == 'normal':
       return feats, jnp.zeros((n, 0))
-    teacher = feats if teacher_embed is embed else teacher_embed(seen)  # `ci_same`: one pass
+    teacher = feats if teacher_embed is embed else teacher_embed(seen)  # φ_e = φ_d: one pass
     return feats, teacher if mode == 'ci' else golden.logits(teacher)
 
   def fit_projector(key):
@@ -192,21 +192,30 @@ def make_probe(embed: Callable, images: jax.Array, labels: jax.Array, num_classe
 
 def evaluate_probe(embed: Callable, images, labels, test_features: np.ndarray, test_labels,
                    num_classes: int, key, protocol: ProbeProtocol, *, augment: Callable,
-                   teacher_embed: Callable | None = None, golden: Head | None = None) -> dict:
+                   teacher_embed: Callable | None = None, golden: Head | None = None,
+                   validation: tuple | None = None) -> dict:
   """{'accs' [R], 'mean', 'std'} of R probes trained on the synthetic set, tested on
-  `test_features` [M, D_e] (φ_e of the whole test split, no augmentation) at the last epoch."""
+  `test_features` [M, D_e] (φ_e of the whole test split, no augmentation) at the last epoch;
+  with `validation` = (features [V, D_e], labels [V]) also 'val_accs', 'val_mean', 'val_std'
+  of the same probes."""
   if float(np.min(images)) < -1 or float(np.max(images)) > 1:
     raise ValueError(f'Synthetic images must lie in [-1, 1]; got values in [{np.min(images):.3g}, '
                      f'{np.max(images):.3g}]. Map them with 2 x - 1 from [0, 1], or clip.')
   train = make_probe(embed, jnp.asarray(images), jnp.asarray(labels, jnp.int32), num_classes,
                      protocol, augment=augment, teacher_embed=teacher_embed, golden=golden)
   trained = jax.jit(jax.vmap(train))(jax.random.split(key, protocol.runs))
-  test_features = jnp.asarray(test_features)
 
-  def logits(params):
-    return golden.logits(test_features @ params) if protocol.mode == 'ci' else params.logits(
-        test_features)
+  def logits(params, features):
+    return golden.logits(features @ params) if protocol.mode == 'ci' else params.logits(features)
 
-  accs = np.array([accuracy(logits(jax.tree.map(lambda a, r=r: a[r], trained)), test_labels)
-                   for r in range(protocol.runs)])
-  return {'accs': accs.tolist(), 'mean': float(accs.mean()), 'std': float(accs.std())}
+  out = {}
+  held_out = {'': (test_features, test_labels)}
+  if validation is not None:
+    held_out['val_'] = validation
+  for prefix, (features, labels_) in held_out.items():
+    features = jnp.asarray(features)
+    accs = np.array([accuracy(logits(jax.tree.map(lambda a, r=r: a[r], trained), features),
+                              labels_) for r in range(protocol.runs)])
+    out.update({f'{prefix}accs': accs.tolist(), f'{prefix}mean': float(accs.mean()),
+                f'{prefix}std': float(accs.std())})
+  return out

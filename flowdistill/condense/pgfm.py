@@ -41,12 +41,18 @@ class PrototypeGuidance:
     t_stop: guidance is 0 for t >= t_stop, in [0, 1]; t_stop = 0 is unguided sampling and
       t_stop = 1 never stops (w(1) = w0 for 'constant').
     delta: >= 0, keeps 1 / (1 - t + δ) finite at t = 1.
+    trust: ρ > 0 bounds the pull of each sample to `||v_g − v_θ|| <= ρ ||v_θ||` (a trust
+      region around the flow's own step, direction kept); 0: unbounded.
+    warm_start: t0 in [0, 1): sampling starts at t0 from `(1 − t0) z0 + t0 p`, the linear
+      path's state between the noise and the prototype, and the flow takes it on from there.
   """
   form: str = 'denoiser'
   w0: float = 1.0
   schedule: str = 'constant'
   t_stop: float = 1.0
   delta: float = 0.05
+  trust: float = 0.0
+  warm_start: float = 0.0
 
   def __post_init__(self):
     if self.form not in FORMS:
@@ -62,6 +68,10 @@ class PrototypeGuidance:
       bound = '[0, 1] for the straight form (a convex blend)' if self.form == 'straight' \
           else '>= 0'
       raise ValueError(f'PrototypeGuidance.w0 must be {bound}; got {self.w0}.')
+    if self.trust < 0:
+      raise ValueError(f'PrototypeGuidance.trust must be >= 0 (0: unbounded); got {self.trust}.')
+    if not 0 <= self.warm_start < 1:
+      raise ValueError(f'PrototypeGuidance.warm_start must lie in [0, 1); got {self.warm_start}.')
 
 
 def weight(pull: PrototypeGuidance, t):
@@ -78,7 +88,11 @@ def weight(pull: PrototypeGuidance, t):
 def guided_velocity(v: ode.VelocityFn, prototypes, pull: PrototypeGuidance) -> ode.VelocityFn:
   """Wraps `v(z, t)` with the pull toward `prototypes` [B, ...] (one per sample); one call of
   the wrapped field is one call of `v`, so the solver's NFE stays true. Where w(t) = 0 the
-  result is `v(z, t)` bit for bit (the pull is selected away, never multiplied by 0)."""
+  result is `v(z, t)` bit for bit (the pull is selected away, never multiplied by 0).
+
+  With `pull.trust = ρ > 0` each sample's pull `g = v_g − v` is scaled to
+  `min(1, ρ ||v|| / ||g||) g` (norms over the sample's entries): a step of size dt then moves
+  the sample at most `ρ dt ||v||` away from the flow's own step."""
 
   def v_guided(z, t):
     u = v(z, t)
@@ -89,21 +103,38 @@ def guided_velocity(v: ode.VelocityFn, prototypes, pull: PrototypeGuidance) -> o
       pulled = (1.0 - w) * u + w * (prototypes - z) / gap
     else:
       pulled = u + w * (prototypes - (z + (1.0 - t) * u)) / gap
+    if pull.trust > 0:
+      g = pulled - u
+      pulled = u + trust_scale(g, u, pull.trust) * g
     return jnp.where(on, pulled, u)
 
   return v_guided
 
 
+def trust_scale(g, u, ratio: float):
+  """`min(1, ratio ||u|| / ||g||)` per sample of g, u [B, ...], shaped [B, 1, ..., 1]."""
+  axes = tuple(range(1, g.ndim))
+  norm = lambda a: jnp.sqrt(jnp.sum(jnp.square(a), axis=axes, keepdims=True))
+  return jnp.minimum(1.0, ratio * norm(u) / jnp.maximum(norm(g), 1e-12))
+
+
+def warm_start(z0, prototypes, t0: float):
+  """`(1 − t0) z0 + t0 p` [B, ...]: the state at t0 of the linear path from each sample's noise
+  z0 to its prototype p, where a warm-started sampler begins (t0 = 0: the noise)."""
+  return (1.0 - t0) * z0 + t0 * prototypes
+
+
 def sample(apply_fn, params, key, labels, prototypes, pull: PrototypeGuidance, *,
            solver: str = 'euler', steps: int = 8, cfg_scale: float | None = None,
            null_label: int | None = None):
-  """Guided latents from noise at t = 0 to t = 1.
+  """Guided latents from noise at t = 0 (or the warm start at t0) to t = 1.
 
   Args:
     apply_fn, params: the class-conditional latent velocity model.
     key: sample i starts from `fold_in(key, i)` noise.
     labels: int [B]. prototypes: [B, h, w, c] scaled latents, the target of each sample.
-    pull: the prototype guidance. solver, steps: a fixed-step solver of `ode.solve`.
+    pull: the prototype guidance. solver, steps: a fixed-step solver of `ode.solve` (steps on
+      [t0, 1]).
     cfg_scale: classifier-free guidance weight (None: the conditional model); needs `null_label`.
 
   Returns:
@@ -114,7 +145,9 @@ def sample(apply_fn, params, key, labels, prototypes, pull: PrototypeGuidance, *
                      'row per sample.')
   v = ode.velocity_fn(apply_fn, params, cond=labels, cfg_scale=cfg_scale, null_label=null_label)
   z0 = ode.noise(key, labels.shape[0], prototypes.shape[1:], prototypes.dtype)
-  return ode.solve(guided_velocity(v, prototypes, pull), z0, solver=solver, steps=steps)
+  z = warm_start(z0, prototypes, pull.warm_start) if pull.warm_start else z0
+  return ode.solve(guided_velocity(v, prototypes, pull), z, solver=solver, steps=steps,
+                   t0=pull.warm_start)
 
 
 def class_prototypes(latents: np.ndarray, labels: np.ndarray, ipc: int, *, seed: int = 0,
@@ -148,13 +181,14 @@ def jump_sample(apply_fn, params, key, labels, prototypes, pull: PrototypeGuidan
 
   Args:
     apply_fn, params: a two-time class-conditional model. labels: int [B].
-    prototypes: [B, h, w, c]. steps: jumps on a uniform grid from 0 to 1.
+    prototypes: [B, h, w, c]. steps: jumps on a uniform grid from t0 (the warm start) to 1.
 
   Returns:
     (latents [B, h, w, c], info with 'nfe' = steps).
   """
   z0 = ode.noise(key, labels.shape[0], prototypes.shape[1:], prototypes.dtype)
-  grid = ode.time_grid(steps)
+  z0 = warm_start(z0, prototypes, pull.warm_start) if pull.warm_start else z0
+  grid = ode.time_grid(steps, pull.warm_start)
 
   def one_jump(z, st):
     s, t = st

@@ -48,10 +48,12 @@ def load_or_make_prototypes(workdir: str, lat: dict, ipc: int, config,
 
 @dataclasses.dataclass
 class FinishedRun:
-  """A finished `pgfm` workdir read back: its config, the image data, the frozen VAE, the
-  scaled latents, the latent flow and the feature net that judges samples."""
+  """A finished `pgfm` workdir read back: its config, the image data (train: what may be
+  distilled), the validation split held out of train, the frozen VAE, the scaled latents, the
+  latent flow and the feature net that judges samples."""
   config: ml_collections.ConfigDict
   dataset: sources.Dataset
+  validation: dict | None
   frozen: frozen_vae.FrozenVAE
   latents: dict
   flow: Trained
@@ -68,7 +70,8 @@ class FinishedRun:
     """What a benchmark needs to make and score one set of IPC per class: 'labels' int
     [C * IPC], 'assigned' (each sample's prototype index in its class), 'prototypes'
     [C, IPC, ...], 'targets' (each sample's prototype, [C * IPC, ...]), feature-space 'modes',
-    the test 'split' and the evaluator 'protocol' with `runs` and `epochs`."""
+    the test 'split' (with the validation split) and the evaluator 'protocol' with `runs` and
+    `epochs`."""
     protos = self.prototypes(ipc)
     classes = self.dataset.num_classes
     train = self.dataset.train
@@ -78,7 +81,7 @@ class FinishedRun:
             'targets': jnp.asarray(protos.reshape(-1, *protos.shape[2:])),
             'modes': coverage.class_modes(self.judge.features(train['x']), train['label'], ipc,
                                           seed=self.config.dd.seed),
-            'split': synset_eval.test_split(train, self.dataset.test),
+            'split': synset_eval.test_split(train, self.dataset.test, self.validation),
             'protocol': dataclasses.replace(proto, runs=runs, epochs=epochs)}
 
 
@@ -104,7 +107,7 @@ def load_finished(workdir: str) -> FinishedRun:
   config = ml_collections.ConfigDict(files.read_json(path))
   make = (f'`python -m flowdistill.main --config=configs/pgfm.py:{config.data.source} '
           f'--workdir={workdir}` (with the config of that run)')
-  dataset = sources.load(config.data)
+  dataset, validation = protocol.with_validation(sources.load(config.data), config.dd)
   settings = vae_settings(config)
   frozen = frozen_vae.load_cached(dataset.train, settings)
   if frozen is None:
@@ -120,4 +123,4 @@ def load_finished(workdir: str) -> FinishedRun:
   check_flow(flow, lat['train']['x'].shape[1:], flow_dir)
   judge = feature_net.load_or_train(dataset.train, dataset.test,
                                     steps=config.eval.classifier_steps, seed=config.seed)
-  return FinishedRun(config, dataset, frozen, lat, flow, judge, workdir)
+  return FinishedRun(config, dataset, validation, frozen, lat, flow, judge, workdir)

@@ -47,6 +47,8 @@ class Plan:
   epochs: E per IPC (one value: all); 300 is the reference without DSA. strategy: DSA families
   ('' picks digits for grey and RGB families for colour images). whole_data_epochs: the
   whole-data ConvNet (our choice; the papers give none). seed: sets and evaluation keys.
+  validation: the share of each class's train images held out (drawn with `seed`) to choose
+  settings on; they are never distilled from, selected as a baseline or trained on (0: none).
   """
   preset: str = 'paper'
   ipcs: tuple[int, ...] = (1, 10, 50)
@@ -54,6 +56,7 @@ class Plan:
   strategy: str = ''
   whole_data_epochs: int = 20
   seed: int = 0
+  validation: float = 0.1
 
   def __post_init__(self):
     if not self.ipcs or min(self.ipcs) < 1:
@@ -65,6 +68,8 @@ class Plan:
       raise ValueError(f'Plan.whole_data_epochs={self.whole_data_epochs} must be >= 1.')
     if self.strategy:
       parse_strategy(self.strategy)
+    if not 0 <= self.validation < 1:
+      raise ValueError(f'Plan.validation={self.validation} must lie in [0, 1).')
 
 
 _SCORING_FIELDS = ('epochs', 'strategy')  # per IPC and per data set: given by the Plan
@@ -99,6 +104,14 @@ def scoring(dd, ipc: int | None = None, *, channels: int = 1) -> synset_eval.Pro
                       strategy=p.strategy or (DIGITS if channels == 1 else RGB))
 
 
+def dm_settings(config, channels: int = 1) -> dm.DMConfig:
+  """DM's settings of a config (`config.dd_eval.dm`), augmenting as the protocol of
+  `config.dd` does for images of `channels` channels."""
+  net = scoring(config.dd, config.dd.ipcs[0], channels=channels)
+  return from_section(dm.DMConfig, config.dd_eval.dm, 'dd_eval.dm', dsa=net.dsa,
+                      strategy=net.strategy)
+
+
 def reductions(dd, dm_section=None) -> dict:
   """{'dd.<key>' (or 'dm.<key>'): {'paper', 'here'}} for every protocol value of `dd` (and of
   the DM settings `dm_section`) that differs from the paper's; speed-only keys are skipped."""
@@ -114,6 +127,48 @@ def reductions(dd, dm_section=None) -> dict:
       if here != default:
         out[f'{prefix}.{key}'] = {'paper': default, 'here': here}
   return out
+
+
+def hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict | None]:
+  """(the rest of `train`, the validation split): `round(fraction · n_c)` images of each class
+  (at least one), drawn without replacement with `seed`; both keep the train order.
+
+  Args:
+    train: {'x': [N, ...], 'label': int [N], ...} (every array split alike).
+  """
+  if fraction == 0:
+    return train, None
+  labels = np.asarray(train['label'])
+  rng = np.random.default_rng([seed, 0x7a1])
+  rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+  held = np.sort(np.concatenate([rng.choice(r, max(1, round(fraction * len(r))), replace=False)
+                                 for r in rows]))
+  rest = np.setdiff1d(np.arange(len(labels)), held)
+  emptied = [c for c, r in enumerate(rows) if np.isin(r, held).all()]
+  if emptied:
+    raise ValueError(f'Holding out {fraction:.0%} of each class for validation leaves class '
+                     f'{emptied[0]} ({len(rows[emptied[0]])} images) with none to distil; lower '
+                     'config.dd.validation.')
+  return ({k: np.asarray(v)[rest] for k, v in train.items()},
+          {k: np.asarray(v)[held] for k, v in train.items()})
+
+
+def with_validation(dataset, dd):
+  """(`dataset` with its train split reduced to what may be distilled, the validation split
+  or None) of the section `dd`: what every dataset-distillation run starts from."""
+  p = plan(dd)
+  rest, validation = hold_out(dataset.train, p.validation, p.seed)
+  return dataclasses.replace(dataset, train=rest), validation
+
+
+def choose(results: list[dict], key: str = 'val_mean') -> int:
+  """The index of the best of `results` (cells or evaluations) by their validation accuracy:
+  how every setting is chosen; test accuracies are never read."""
+  missing = [i for i, r in enumerate(results) if key not in r]
+  if missing:
+    raise ValueError(f'Results {missing} have no {key!r}: score them with a validation split '
+                     '(config.dd.validation > 0).')
+  return int(np.argmax([r[key] for r in results]))
 
 
 def content_hash(*arrays) -> str:
@@ -161,7 +216,7 @@ def score(name: str, ipc: int, synsets: list[dict], split: synset_eval.TestSplit
   stem = files.join(workdir, 'sets', f'{name}_ipc{ipc}')
   bar = progress_bar(f'{name} IPC {ipc}', synset_eval.epochs_total(proto))
   one_each = len(synsets) > 1
-  accs, seconds = [], 0.0
+  accs, seconds = {}, 0.0
   for r, synset in enumerate(synsets):
     save_set(f'{stem}_subset{r}' if one_each else stem, synset, ipc, split.num_classes)
     done = r * (proto.epochs + 1)
@@ -169,13 +224,17 @@ def score(name: str, ipc: int, synsets: list[dict], split: synset_eval.TestSplit
         synset['x'], synset['label'], split, jax.random.fold_in(key, r) if one_each else key,
         dataclasses.replace(proto, runs=1) if one_each else proto,
         on_progress=lambda epochs, done=done: bar.update(done + epochs - bar.n))
-    accs += result['accs'].tolist()
+    for prefix in ('', 'val_'):
+      if f'{prefix}accs' in result:
+        accs.setdefault(prefix, []).extend(result[f'{prefix}accs'].tolist())
     seconds += result['seconds_per_run'] * len(result['accs'])
   bar.close()
-  return {'set': name, 'ipc': ipc, 'accs': accs, 'mean': float(np.mean(accs)),
-          'std': float(np.std(accs)), 'seconds_per_run': seconds / len(accs),
-          'runs': proto.runs, 'epochs': proto.epochs, 'sets': len(synsets),
-          **synsets[0].get('extra', {})}
+  out = {'set': name, 'ipc': ipc}
+  for prefix, runs in accs.items():
+    out.update({f'{prefix}accs': runs, f'{prefix}mean': float(np.mean(runs)),
+                f'{prefix}std': float(np.std(runs))})
+  return dict(out, seconds_per_run=seconds / len(accs['']), runs=proto.runs,
+              epochs=proto.epochs, sets=len(synsets), **synsets[0].get('extra', {}))
 
 
 def baseline_sets(name: str, ipc: int, train: dict, features, dd, key,

@@ -1,7 +1,8 @@
 """An SFM config's settings as library objects, and what it caches beside its backbone: the
 SimCLR settings of φ_d and φ_e (`ssl_settings`), the linear-probe protocol (`probe_protocol`),
 the pre-trained backbones (`backbones`) and the real statistics with the golden head
-(`statistics`). The SFM run and benchmarks/sfm_cost.py start from these.
+(`statistics`), the distillation losses of a config (`distillation_loss`) and the memory of
+their compiled step (`step_cost`). The SFM run and benchmarks/sfm_cost.py start from these.
 """
 
 import dataclasses
@@ -89,3 +90,34 @@ def statistics(backbone: ssl.FrozenBackbone, dataset, config,
                  bias=golden.bias, golden_accuracy=accuracy,
                  **{k: np.asarray(v) for k, v in real.items()})
   return load_statistics(path, backbone.fingerprint)
+
+
+def step_cost(loss_fn, images, key, *args) -> dict:
+  """XLA memory of the compiled loss-and-gradient step: temporaries, arguments (the images,
+  the backbone and, for LGM, the real images), outputs, and their sum less what the outputs
+  alias from the arguments: the step's peak."""
+  grad = jax.jit(jax.value_and_grad(lambda x, k, *a: loss_fn(x, k, *a)[0]))
+  memory = grad.lower(images, key, *args).compile().memory_analysis()
+  out = {f'xla_{name}_bytes': int(getattr(memory, f'{name}_size_in_bytes'))
+         for name in ('temp', 'argument', 'output', 'alias')}
+  out['xla_peak_bytes'] = (out['xla_temp_bytes'] + out['xla_argument_bytes']
+                           + out['xla_output_bytes'] - out['xla_alias_bytes'])
+  return out
+
+
+def distillation_loss(name: str, ipc: int, backbone, real, dataset, p) -> tuple:
+  """(loss_fn, loss_args) of the distillation method `name` ('lgm', 'sfm', 'sfm_decouple')
+  with the settings of the section `p` (`config.sfm`): `loss_fn(images, key, *loss_args)`."""
+  classes = dataset.num_classes
+  if name == 'lgm':
+    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=ssl.view,
+                                copies=p.lgm_copies)
+    args = (backbone.params, jnp.asarray(dataset.train['x']),
+            jnp.asarray(sfm.class_index_table(dataset.train['label'], classes)))
+  else:
+    factory = sfm.make_sfm_loss if name == 'sfm' else sfm.make_sfm_decouple_loss
+    extra = {} if name == 'sfm' else {'alpha': p.decouple_alpha}
+    loss_fn = factory(backbone.apply, real, classes, ipc, augment=ssl.view, copies=p.copies,
+                      denominator=p.nontarget_denominator, **extra)
+    args = (backbone.params,)
+  return loss_fn, args

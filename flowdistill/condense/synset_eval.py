@@ -68,15 +68,19 @@ class Protocol:
 
 @dataclasses.dataclass(frozen=True)
 class TestSplit:
-  """The real test split and the per-channel statistics of the real train split.
+  """The real test split, the per-channel statistics of the real train split, and optionally
+  a validation split held out of train (what settings are chosen on).
 
   x: float images [N, H, W, C] in the library's [-1, 1]. label: int [N].
   mean, std: [C] of the train split, in the same range.
+  validation_x, validation_label: [M, H, W, C] and int [M], or None.
   """
   x: np.ndarray
   label: np.ndarray
   mean: np.ndarray
   std: np.ndarray
+  validation_x: np.ndarray | None = None
+  validation_label: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
@@ -87,11 +91,15 @@ class TestSplit:
     return (jnp.asarray(images, jnp.float32) - self.mean) / self.std
 
 
-def test_split(train: dict, test: dict) -> TestSplit:
-  """A `TestSplit` from `{'x': [N, H, W, C] float, 'label': [N]}` train and test splits."""
+def test_split(train: dict, test: dict, validation: dict | None = None) -> TestSplit:
+  """A `TestSplit` from `{'x': [N, H, W, C] float, 'label': [N]}` train and test splits (and
+  the validation split held out of train, if any)."""
   x = np.asarray(train['x'], np.float32)
+  held_out = {} if validation is None else {
+      'validation_x': np.asarray(validation['x'], np.float32),
+      'validation_label': np.asarray(validation['label'], np.int32)}
   return TestSplit(np.asarray(test['x'], np.float32), np.asarray(test['label'], np.int32),
-                   x.mean((0, 1, 2)), x.std((0, 1, 2)))
+                   x.mean((0, 1, 2)), x.std((0, 1, 2)), **held_out)
 
 
 def make_net(image_shape, num_classes: int, protocol: Protocol, key):
@@ -271,13 +279,17 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
     on_progress: called with the number of epochs done, summed over runs, after each dispatch.
 
   Returns:
-    {'accs': [R] test accuracies, 'mean', 'std', 'seconds_per_run'}.
+    {'accs': [R] test accuracies, 'mean', 'std', 'seconds_per_run'}, and with a validation
+    split the same networks' 'val_accs', 'val_mean', 'val_std'.
   """
   check_synset(images, labels, split)
   x, y = split.standardise(images), jnp.asarray(labels, jnp.int32)
-  test_x, test_y = split.standardise(split.x), jnp.asarray(split.label)
+  held_out = {'': (split.standardise(split.x), jnp.asarray(split.label))}
+  if split.validation_x is not None:
+    held_out['val_'] = (split.standardise(split.validation_x),
+                        jnp.asarray(split.validation_label))
   start = time.perf_counter()
-  accs = []
+  accs = {prefix: [] for prefix in held_out}
   run_keys = jnp.stack([jax.random.fold_in(key, r) for r in range(protocol.runs)])
   for lo in range(0, protocol.runs, protocol.runs_per_call):
     keys = run_keys[lo:lo + protocol.runs_per_call]
@@ -285,12 +297,16 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
     progress = None if on_progress is None else (
         lambda epochs, done=done, group=group: on_progress(done + epochs * group))
     params, _ = train_networks(x, y, keys, protocol, split.num_classes, on_progress=progress)
-    accs.append(np.asarray(_test_accuracies(params, test_x, test_y, protocol=protocol,
-                                            num_classes=split.num_classes)))
+    for prefix, (images_, labels_) in held_out.items():
+      accs[prefix].append(np.asarray(_test_accuracies(
+          params, images_, labels_, protocol=protocol, num_classes=split.num_classes)))
   seconds = time.perf_counter() - start
-  accs = np.concatenate(accs)
-  return {'accs': accs, 'mean': float(accs.mean()), 'std': float(accs.std()),
-          'seconds_per_run': seconds / protocol.runs}
+  out = {'seconds_per_run': seconds / protocol.runs}
+  for prefix, runs in accs.items():
+    runs = np.concatenate(runs)
+    out.update({f'{prefix}accs': runs, f'{prefix}mean': float(runs.mean()),
+                f'{prefix}std': float(runs.std())})
+  return out
 
 
 def epochs_total(protocol: Protocol) -> int:

@@ -26,7 +26,7 @@ from flowdistill.condense import dm, protocol, reference_net, synset_eval
 from flowdistill.data import sources
 from flowdistill.eval import report
 from flowdistill.experiments import common
-from flowdistill.sections import from_section, section
+from flowdistill.sections import section
 
 DEFAULTS = dict(             # what is scored
     synsets=(),              # saved synthetic sets (.npz with x [N, H, W, C] in [-1, 1], label)
@@ -45,25 +45,19 @@ def validate(config) -> None:
     if not files.exists(path):
       raise FileNotFoundError(f'config.dd_eval.synsets: {path} does not exist; give .npz files '
                               'holding x [N, H, W, C] in [-1, 1] and label [N].')
-  dm_settings(config)
+  protocol.dm_settings(config)
   needs_features = set(config.dd_eval.baselines) & set(protocol.FEATURE_BASELINES)
   if needs_features and not config.dd_eval.whole_data:
     raise ValueError(f'config.dd_eval.baselines {sorted(needs_features)} select in the features '
                      'of the whole-data ConvNet; set config.dd_eval.whole_data=True.')
 
 
-def dm_settings(config, channels: int = 1) -> dm.DMConfig:
-  """DM's settings, augmenting as the protocol does for images of `channels` channels."""
-  net = protocol.scoring(config.dd, config.dd.ipcs[0], channels=channels)
-  return from_section(dm.DMConfig, config.dd_eval.dm, 'dd_eval.dm', dsa=net.dsa,
-                      strategy=net.strategy)
-
-
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
-  dataset = sources.load(config.data)
-  split = synset_eval.test_split(dataset.train, dataset.test)
-  dd, channels = config.dd, dataset.shape[-1]
+  dd = config.dd
+  dataset, validation = protocol.with_validation(sources.load(config.data), dd)
+  split = synset_eval.test_split(dataset.train, dataset.test, validation)
+  channels = dataset.shape[-1]
   whole = features = None
   if config.dd_eval.whole_data:
     proto = protocol.scoring(dd, None, channels=channels)
@@ -77,7 +71,7 @@ def run(config, workdir: str) -> dict:
     if set(config.dd_eval.baselines) & set(protocol.FEATURE_BASELINES):
       features = ref.features(dataset.train['x'])
   key = jax.random.key(dd.seed)
-  settings = dm_settings(config, channels)
+  settings = protocol.dm_settings(config, channels)
 
   def cells():
     for path in config.dd_eval.synsets:
@@ -87,7 +81,8 @@ def run(config, workdir: str) -> dict:
       name = os.path.splitext(os.path.basename(path))[0]
       yield protocol.Cell(
           name, ipc, {'set': protocol.content_hash(synset['x'], synset['label']),
-                      'protocol': dataclasses.asdict(proto), 'seed': dd.seed},
+                      'protocol': dataclasses.asdict(proto), 'seed': dd.seed,
+                      'validation': dd.validation},
           lambda name=name, ipc=ipc, synset=synset, proto=proto: protocol.score(
               name, ipc, [synset], split, proto, jax.random.fold_in(key, ipc), workdir))
     for ipc in dd.ipcs:
@@ -102,8 +97,8 @@ def run(config, workdir: str) -> dict:
                                            settings)
           return protocol.score(name, ipc, synsets, split, proto, set_key, workdir)
 
-        yield protocol.Cell(name, ipc, {'set': recipe, 'protocol': dataclasses.asdict(proto)},
-                            make)
+        yield protocol.Cell(name, ipc, {'set': recipe, 'protocol': dataclasses.asdict(proto),
+                                        'validation': dd.validation}, make)
 
   results = protocol.run_cells(files.join(workdir, 'cells'), cells())
   dataset_name = config.data.source

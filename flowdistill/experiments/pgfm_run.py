@@ -40,7 +40,7 @@ from flowdistill.experiments import common
 from flowdistill.sections import section
 from flowdistill.train import configured, identity
 
-SETS = ('pgfm', 'unguided', 'prototypes', 'random')
+SETS = ('pgfm', 'unguided', 'prototypes', 'random', 'dm')  # dm: config.dd_eval.dm
 SOLVERS = ('euler', 'midpoint', 'heun')
 DEFAULTS = dict(
     vae=section(frozen_vae.VAEConfig, exclude=('seed',)),  # the frozen VAE (seeded by config.seed)
@@ -49,7 +49,7 @@ DEFAULTS = dict(
     solver='euler', steps=8,   # the guided sampler
     cfg_scale=1.0,             # classifier-free guidance weight (1: the conditional model)
     prototype_n_init=3,        # k-means restarts per class
-    sets=SETS,
+    sets=SETS[:4],
     check_samples=1000,        # unguided samples whose labels the feature net checks
 )
 
@@ -99,7 +99,8 @@ def run(config, workdir: str) -> dict:
   files.makedirs(workdir)
   # what `condense.pgfm_workdir.load_finished` (the PGFM benchmarks) rebuilds the run from
   files.write_bytes(files.join(workdir, 'config.json'), config.to_json().encode())
-  dataset = sources.load(config.data)
+  # the VAE, latents, flow, prototypes and judge see only what may be distilled
+  dataset, validation = protocol.with_validation(sources.load(config.data), config.dd)
   p = config.pgfm
   settings = vae_settings(config)
   bar = protocol.progress_bar('VAE', settings.steps, unit='step')
@@ -131,7 +132,7 @@ def run(config, workdir: str) -> dict:
   recon = frozen.decode(frozen.encode(dataset.test['x'])[0])
   recon_accuracy = float(np.mean(judge.predict(recon) == dataset.test['label']))
 
-  split = synset_eval.test_split(dataset.train, dataset.test)
+  split = synset_eval.test_split(dataset.train, dataset.test, validation)
   real_features = judge.features(dataset.train['x'])
 
   def make_set(name, ipc, protos, set_key):
@@ -139,8 +140,9 @@ def run(config, workdir: str) -> dict:
     flat_protos = protos.reshape(-1, *protos.shape[2:])
     labels = np.repeat(np.arange(num_classes), ipc).astype(np.int32)
     extra = {}
-    if name == 'random':
-      synsets = protocol.baseline_sets('random', ipc, dataset.train, None, config.dd, set_key)
+    if name in ('random', 'dm'):
+      synsets = protocol.baseline_sets(name, ipc, dataset.train, None, config.dd, set_key,
+                                       protocol.dm_settings(config, dataset.shape[-1]))
       return synsets, frozen.latents(synsets[0]['x']), extra
     if name == 'prototypes':
       z, seconds = flat_protos, 0.0
@@ -165,11 +167,12 @@ def run(config, workdir: str) -> dict:
       set_key = jax.random.fold_in(key, ipc)
       proto = protocol.scoring(config.dd, ipc, channels=dataset.shape[-1])
       for name in p.sets:
-        synsets, z, extra = make_set(name, ipc, protos, set_key)
+        # sets made in seconds are keyed by their bytes; DM (minutes) by its recipe
+        made = None if name == 'dm' else make_set(name, ipc, protos, set_key)
 
-        def make(name=name, ipc=ipc, synsets=synsets, z=z, extra=extra,
-                 feature_modes=feature_modes, latent_modes=latent_modes, proto=proto,
-                 set_key=set_key):
+        def make(name=name, ipc=ipc, made=made, protos=protos, feature_modes=feature_modes,
+                 latent_modes=latent_modes, proto=proto, set_key=set_key):
+          synsets, z, extra = made or make_set(name, ipc, protos, set_key)
           first = synsets[0]
           features = judge.features(first['x'])
           extra['mc_feature'] = coverage.mode_coverage(features, first['label'],
@@ -182,9 +185,12 @@ def run(config, workdir: str) -> dict:
           return protocol.score(name, ipc, [dict(first, extra=extra)] + synsets[1:], split,
                                 proto, set_key, workdir)
 
-        content = protocol.content_hash(*[a for s in synsets for a in (s['x'], s['label'])])
+        content = {'dm': dataclasses.asdict(protocol.dm_settings(config, dataset.shape[-1]))} \
+            if made is None else protocol.content_hash(
+                *[a for s in made[0] for a in (s['x'], s['label'])])
         yield protocol.Cell(name, ipc, {'set': content, 'protocol': dataclasses.asdict(proto),
-                                        'seed': config.dd.seed}, make)
+                                        'seed': config.dd.seed,
+                                        'validation': config.dd.validation}, make)
 
   results = protocol.run_cells(files.join(workdir, 'cells'), cells())
   result = {'cells': results, 'vae': {**frozen.info, 'fingerprint': frozen.fingerprint,
@@ -200,8 +206,9 @@ def run(config, workdir: str) -> dict:
 def _markdown(result: dict, config) -> str:
   rows = []
   for c in result['cells']:
-    rows.append({'set': c['set'], 'IPC': c['ipc'],
-                 'accuracy %': f'{100 * c["mean"]:.1f} ± {100 * c["std"]:.1f}',
+    val = f'{100 * c["val_mean"]:.1f} ± {100 * c["val_std"]:.1f}' if 'val_mean' in c else ''
+    rows.append({'set': c['set'], 'IPC': c['ipc'], 'val %': val,
+                 'test %': f'{100 * c["mean"]:.1f} ± {100 * c["std"]:.1f}',
                  'MC feature': c.get('mc_feature'), 'MC latent': c.get('mc_latent'),
                  'landing': c.get('landing_rate', ''), 'diversity': c.get('diversity'),
                  'FD per class': c.get('fd_per_class') or '',
@@ -209,10 +216,12 @@ def _markdown(result: dict, config) -> str:
   g = result['prototype_guidance']
   lines = [f'# PGFM on {config.data.source}, preset `{config.dd.preset}`', '',
            f'Prototype guidance: {g["form"]}, w0 = {g["w0"]} ({g["schedule"]}), '
-           f't_stop = {g["t_stop"]}, δ = {g["delta"]}; {config.pgfm.solver}, '
-           f'{config.pgfm.steps} steps. Accuracy of '
-           f'ConvNet-3 trained on each set (mean ± std over {config.dd.runs} runs).', '',
-           report.markdown_table(rows, ['set', 'IPC', 'accuracy %', 'MC feature', 'MC latent',
+           f't_stop = {g["t_stop"]}, δ = {g["delta"]}, trust {g["trust"] or "off"}, warm start '
+           f'{g["warm_start"]}; {config.pgfm.solver}, {config.pgfm.steps} steps. Accuracy of '
+           f'ConvNet-3 trained on each set (mean ± std over {config.dd.runs} runs) on the '
+           f'validation split held out of train ({config.dd.validation:.0%}; what settings are '
+           'chosen on) and on the test split.', '',
+           report.markdown_table(rows, ['set', 'IPC', 'val %', 'test %', 'MC feature', 'MC latent',
                                         'landing', 'diversity', 'FD per class', 'NFE', 's/run']),
            '',
            f'VAE: scale {result["vae"]["scale"]:.4f}, the feature net labels '

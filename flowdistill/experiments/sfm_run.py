@@ -42,7 +42,6 @@ SETS = ('random', 'kmeans_nearest', 'lgm', 'sfm', 'sfm_decouple')
 DISTILLED = ('lgm', 'sfm', 'sfm_decouple')
 PROBES = {  # probe of a distilled set: (linear_probe mode, the backbone role it reads)
     'normal': ('normal', 'distill'),
-    'ci_same': ('ci', 'distill'),       # φ_e = φ_d: should recover the golden head's accuracy
     'normal_cross': ('normal', 'cross'),
     'ci': ('ci', 'cross'),
     'kd': ('kd', 'cross'),
@@ -83,31 +82,6 @@ def validate(config) -> None:
   sfm_setup.probe_protocol(config)
 
 
-def step_cost(loss_fn, images, key, *args) -> dict:
-  """XLA memory of the compiled loss-and-gradient step: temp and argument bytes."""
-  grad = jax.jit(jax.value_and_grad(lambda x, k, *a: loss_fn(x, k, *a)[0]))
-  memory = grad.lower(images, key, *args).compile().memory_analysis()
-  return {'xla_temp_bytes': int(memory.temp_size_in_bytes),
-          'xla_argument_bytes': int(memory.argument_size_in_bytes)}
-
-
-def make_loss(name: str, ipc: int, backbone, real, dataset, p) -> tuple:
-  """(loss_fn, loss_args) of a distillation method: `loss_fn(images, key, *loss_args)`."""
-  classes = dataset.num_classes
-  if name == 'lgm':
-    loss_fn = sfm.make_lgm_loss(backbone.apply, classes, ipc, augment=ssl.view,
-                                copies=p.lgm_copies)
-    args = (backbone.params, jnp.asarray(dataset.train['x']),
-            jnp.asarray(sfm.class_index_table(dataset.train['label'], classes)))
-  else:
-    factory = sfm.make_sfm_loss if name == 'sfm' else sfm.make_sfm_decouple_loss
-    extra = {} if name == 'sfm' else {'alpha': p.decouple_alpha}
-    loss_fn = factory(backbone.apply, real, classes, ipc, augment=ssl.view, copies=p.copies,
-                      denominator=p.nontarget_denominator, **extra)
-    args = (backbone.params,)
-  return loss_fn, args
-
-
 def distil(name: str, ipc: int, backbone, real, dataset, p, key, folder: str) -> tuple[
     np.ndarray, dict, dict]:
   """One distilled set [C·IPC, H, W, C], its cost record and its snapshots {'steps' [K],
@@ -116,12 +90,12 @@ def distil(name: str, ipc: int, backbone, real, dataset, p, key, folder: str) ->
   (`<name>_ipc<n>.state.npz`, `.partial.npz`; `discard_progress` removes them)."""
   classes, shape = dataset.num_classes, dataset.shape
   labels = np.repeat(np.arange(classes), ipc)
-  loss_fn, args = make_loss(name, ipc, backbone, real, dataset, p)
+  loss_fn, args = sfm_setup.distillation_loss(name, ipc, backbone, real, dataset, p)
   init = None
   if p.init == 'real':
     init = dataset.train['x'][subsets.select('random', None, dataset.train['label'], ipc,
                                              seed=0)]
-  cost = step_cost(loss_fn, jnp.zeros((classes * ipc, *shape)), key, *args)
+  cost = sfm_setup.step_cost(loss_fn, jnp.zeros((classes * ipc, *shape)), key, *args)
   stem = files.join(folder, f'{name}_ipc{ipc}')
   snapshots = {'steps': [], 'seconds': [], 'images': []}
   if files.exists(stem + '.partial.npz'):
@@ -168,7 +142,8 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   snapshot_folder = files.join(workdir, 'snapshots')
   files.makedirs(snapshot_folder)
-  dataset = sources.load(config.data)
+  # the backbones, statistics and real subsets see only what may be distilled
+  dataset, validation = protocol.with_validation(sources.load(config.data), config.dd)
   p = config.sfm
   sfm.check_classes(dataset.num_classes)
   nets = sfm_setup.backbones(dataset, config)
@@ -176,6 +151,8 @@ def run(config, workdir: str) -> dict:
   features = phi_d.features(dataset.train['x'])
   real = sfm_setup.statistics(phi_d, dataset, config, features)
   test_features = {role: b.features(dataset.test['x']) for role, b in nets.items()}
+  val_features = {role: (b.features(validation['x']), validation['label'])
+                  for role, b in nets.items()} if validation is not None else {}
   random_encoder = ssl.standardised(
       ConvEncoder(dataset.shape[-1], widths=tuple(p.ssl.widths), rngs=nnx.Rngs(config.seed)),
       dataset.train['x'], 'random-init', {})
@@ -211,7 +188,8 @@ def run(config, workdir: str) -> dict:
           embed[role], images, labels, test_features[role], dataset.test['label'],
           dataset.num_classes, jax.random.fold_in(set_key, 7),
           sfm_setup.probe_protocol(config, mode), augment=ssl.view,
-          teacher_embed=embed['distill'], golden=real['golden'])
+          teacher_embed=embed['distill'], golden=real['golden'],
+          validation=val_features.get(role))
       cell['probes'][probe] = dict(result, seconds=time.perf_counter() - t0)
     if 'ci' in probes:
       cell['ci_storage_floats'] = int(real['golden'].weight.size + real['golden'].bias.size
@@ -226,7 +204,8 @@ def run(config, workdir: str) -> dict:
         if name in DISTILLED:
           recipe.update({k: p[k] for k in DISTILLATION_KEYS},
                         probes=list(p.probes), cross_backbone=phi_e.fingerprint)
-        yield protocol.Cell(name, ipc, {'set': recipe, 'probe': p.probe.to_dict()},
+        yield protocol.Cell(name, ipc, {'set': recipe, 'probe': p.probe.to_dict(),
+                                        'validation': config.dd.validation},
                             functools.partial(make, name, ipc))
 
   results = protocol.run_cells(files.join(workdir, 'cells'), cells())
@@ -246,12 +225,12 @@ def _markdown(result: dict, config) -> str:
     for mode, r in c['probes'].items():
       row[f'{mode} %'] = f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}'
     row['s/step'] = c.get('seconds_per_step', '')
-    row['XLA temp MiB'] = (f'{c["xla_temp_bytes"] / 2**20:.1f}' if 'xla_temp_bytes' in c
-                           else '')
+    row['step peak MiB'] = (f'{c["xla_peak_bytes"] / 2**20:.1f}' if 'xla_peak_bytes' in c
+                            else '')
     row['total min'] = f'{c["distill_seconds"] / 60:.1f}' if 'distill_seconds' in c else ''
     rows.append(row)
   columns = ['method', 'IPC'] + [f'{m} %' for m in PROBES] + [
-      's/step', 'XLA temp MiB', 'total min']
+      's/step', 'step peak MiB', 'total min']
   for row in rows:
     for col in columns:
       row.setdefault(col, '')
@@ -259,8 +238,8 @@ def _markdown(result: dict, config) -> str:
   return '\n'.join([
       f'# SFM on {config.data.source}', '',
       f'Linear-probe accuracy (mean ± std over {config.sfm.probe.runs} runs, '
-      f'{config.sfm.probe.epochs} epochs). On φ_d: `normal` a fresh head, `ci_same` the golden '
-      'head W* of φ_d through a projector φ_d → φ_d. On φ_e (another seed and width): '
+      f'{config.sfm.probe.epochs} epochs; test split, the validation split in results.json). '
+      'On φ_d: `normal` a fresh head. On φ_e (another seed and width): '
       '`normal_cross` a fresh head, `ci` W* through a projector φ_e → φ_d, `kd` a fresh head '
       'distilled from W*.',
       '', report.markdown_table(rows, columns), '',
