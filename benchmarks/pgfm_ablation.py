@@ -35,6 +35,8 @@ def main():
   parser.add_argument('--t-stops', type=float, nargs='+', default=[0.4, 0.6, 1.0])
   parser.add_argument('--trusts', type=float, nargs='+', default=[0.0])
   parser.add_argument('--warm-starts', type=float, nargs='+', default=[0.0])
+  parser.add_argument('--settings', nargs='+', default=None,
+                      help='explicit settings instead of the product, e.g. "t_stop=0.6,trust=1"')
   parser.add_argument('--runs', type=int, default=2)
   parser.add_argument('--epochs', type=int, default=100)
   parser.add_argument('--out', default='benchmarks/out/pgfm_ablation.json')
@@ -73,13 +75,17 @@ def main():
   references = [score('decoded prototypes', np.asarray(targets)),
                 score('unguided', np.asarray(sample(done.flow.params,
                                                     dataclasses.replace(base, w0=0.0))))]
+  if args.settings:
+    pulls = [dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in (
+        item.split('=') for item in setting.split(','))}) for setting in args.settings]
+  else:
+    pulls = [dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop,
+                                 trust=trust, warm_start=warm)
+             for form, schedule, w0, t_stop, trust, warm in itertools.product(
+                 args.forms, args.schedules, args.w0s, args.t_stops, args.trusts,
+                 args.warm_starts) if not (form == 'straight' and w0 > 1)]
   rows = []
-  for form, schedule, w0, t_stop, trust, warm in itertools.product(
-      args.forms, args.schedules, args.w0s, args.t_stops, args.trusts, args.warm_starts):
-    if form == 'straight' and w0 > 1:
-      continue
-    pull = dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop,
-                               trust=trust, warm_start=warm)
+  for pull in pulls:
     row = score('pgfm', np.asarray(sample(done.flow.params, pull)))
     rows.append(dict(row, **{k: getattr(pull, k) for k in (
         'form', 'schedule', 'w0', 't_stop', 'trust', 'warm_start')}))
