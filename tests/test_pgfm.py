@@ -364,7 +364,7 @@ def test_unguided_jumps_are_the_flow_map_jumps_bit_for_bit():
   apply_fn, params = _gaussian_flow_map()
   labels, p = jnp.zeros(16, jnp.int32), _latents(seed=1)
   guided, info = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p,
-                                  pgfm.PrototypeGuidance(w0=0.0), steps=3)
+                                  pgfm.PrototypeGuidance(w0=0.0, warm_start=0.0), steps=3)
   plain, _ = flow_map.jump(apply_fn, params, ode.noise(jax.random.key(0), 16, SHAPE),
                            ode.time_grid(3), labels)
   np.testing.assert_array_equal(guided, plain)
@@ -375,7 +375,8 @@ def test_unguided_jumps_are_the_flow_map_jumps_bit_for_bit():
 def test_straight_full_weight_jumps_land_on_the_exact_endpoint(steps):
   apply_fn, params = _gaussian_flow_map()
   labels, p = jnp.zeros(16, jnp.int32), _latents(seed=1)
-  g = pgfm.PrototypeGuidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=0.1)
+  g = pgfm.PrototypeGuidance(form='straight', w0=1.0, schedule='constant', t_stop=1.0, delta=0.1,
+                             warm_start=0.0)
   z1, _ = pgfm.jump_sample(apply_fn, params, jax.random.key(0), labels, p, g, steps=steps)
   z0 = ode.noise(jax.random.key(0), 16, SHAPE)
   np.testing.assert_allclose(z1, p + (z0 - p) * 0.1 / 1.1, atol=2e-6)

@@ -49,10 +49,10 @@ class PrototypeGuidance:
   form: str = 'denoiser'
   w0: float = 1.0
   schedule: str = 'constant'
-  t_stop: float = 1.0
+  t_stop: float = 0.6  # chosen on the validation split (benchmarks/RESULTS.md, issue 31)
   delta: float = 0.05
   trust: float = 0.0
-  warm_start: float = 0.0
+  warm_start: float = 0.5
 
   def __post_init__(self):
     if self.form not in FORMS:
