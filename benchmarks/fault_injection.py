@@ -31,8 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowdistill.config import load_config_file
 from flowdistill.data import sources
+from flowdistill.experiments import load_config_file
 from flowdistill.train import configured, lease, loop, parallel
 from flowdistill.train.checkpoint import SAVE_MARGIN_BYTES
 from flowdistill.train.step import make_train_step

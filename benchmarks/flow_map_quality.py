@@ -38,7 +38,7 @@ def main():
   args = parser.parse_args()
 
   from flowdistill import experiments  # noqa: PLC0415
-  from flowdistill.config import load_config_file  # noqa: PLC0415
+  from flowdistill.experiments import load_config_file  # noqa: PLC0415
 
   summary = {}
   for name in args.sets.split(','):

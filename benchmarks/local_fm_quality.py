@@ -25,8 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_config(name: str, *, blocks: int, hidden: int, steps: int, distill: int = 0):
-  from flowdistill.config import load_config_file
-  from flowdistill.experiments import validate
+  from flowdistill.experiments import load_config_file, validate
   config = load_config_file(ROOT / 'configs' / 'local_fm.py', name)
   config.local_fm.update(num_blocks=blocks, distill_steps=distill)
   config.model.hidden = hidden

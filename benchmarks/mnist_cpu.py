@@ -45,7 +45,7 @@ def shrink(config, args, steps: int):
 
 
 def student_config(method: str, args, teacher_dir: str):
-  from flowdistill.config import load_config_file  # noqa: PLC0415
+  from flowdistill.experiments import load_config_file  # noqa: PLC0415
 
   if method == 'flow_map':
     config = load_config_file(CONFIGS / 'flow_map.py', 'lmd,mnist')
@@ -122,7 +122,7 @@ def main():
                  f'{", ".join(REFLOW_VARIANTS)}')
 
   from flowdistill import experiments  # noqa: PLC0415
-  from flowdistill.config import load_config_file  # noqa: PLC0415
+  from flowdistill.experiments import load_config_file  # noqa: PLC0415
   from flowdistill.train import configured  # noqa: PLC0415
 
   teacher_dir = os.path.join(args.out, 'teacher')

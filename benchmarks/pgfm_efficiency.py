@@ -34,7 +34,7 @@ from flowdistill.train.teacher import load_trained
 
 def _times(fn, repeats: int) -> tuple[np.ndarray, np.ndarray]:
   """(the output of `fn()`, seconds of `repeats` calls after a first, compiling one)."""
-  out = np.asarray(jax.block_until_ready(fn()))
+  out = jax.block_until_ready(fn())
   seconds = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -74,37 +74,40 @@ def main():
 
   @functools.partial(jax.jit, static_argnames='steps')
   def pgfm_sample(params, steps):
-    return pgfm.sample(flow.apply_fn, params, key, labels, targets, pull, steps=steps,
-                       solver=config.pgfm.solver)[0]
+    z, info = pgfm.sample(flow.apply_fn, params, key, labels, targets, pull, steps=steps,
+                          solver=config.pgfm.solver)
+    return z, info['nfe']
 
   @functools.partial(jax.jit, static_argnames='steps')
   def counterpart_sample(params, steps):
-    return mgd.sample(flow.apply_fn, params, key, labels, targets.shape[1:], path, steps=steps,
-                      prototypes=targets, lam=args.lam,
-                      stop_step=round(args.stop_fraction * steps))[0]
+    z, info = mgd.sample(flow.apply_fn, params, key, labels, targets.shape[1:], path,
+                         steps=steps, prototypes=targets, lam=args.lam,
+                         stop_step=round(args.stop_fraction * steps))
+    return z, info['nfe']
 
-  per_step = 2 if config.pgfm.solver in ('heun', 'midpoint') else 1
-  families = [('pgfm', pgfm_sample, flow.params, [config.pgfm.steps], per_step),
-              ('counterpart', counterpart_sample, flow.params, args.counterpart_steps, 1)]
+  families = [('pgfm', pgfm_sample, flow.params, [config.pgfm.steps]),
+              ('counterpart', counterpart_sample, flow.params, args.counterpart_steps)]
   if args.student:
     student = load_trained(args.student)
 
     @functools.partial(jax.jit, static_argnames='steps')
     def student_sample(params, steps):
-      return pgfm.jump_sample(student.apply_fn, params, key, labels, targets, pull,
-                              steps=steps)[0]
+      z, info = pgfm.jump_sample(student.apply_fn, params, key, labels, targets, pull,
+                                 steps=steps)
+      return z, info['nfe']
 
-    families.append(('flow_map', student_sample, student.params, args.student_steps, 1))
+    families.append(('flow_map', student_sample, student.params, args.student_steps))
   rows = []
-  for family, fn, params, grid, nfe_per_step in families:
+  for family, fn, params, grid in families:
     for steps in grid:
-      z, sampling = _times(lambda fn=fn, steps=steps, params=params: fn(params, steps=steps),
-                           args.repeats)
+      (z, nfe), sampling = _times(lambda fn=fn, steps=steps, params=params: fn(params, steps=steps),
+                                  args.repeats)
+      z = np.asarray(z)
       images, decoding = _times(lambda z=z: frozen.decode_scaled(z), args.repeats)
       result = synset_eval.evaluate_synset(images, np.asarray(labels), split,
                                            jax.random.fold_in(key, steps), protocol)
       synthesis = prototype_seconds + sampling + decoding
-      row = {'family': family, 'steps': steps, 'nfe': steps * nfe_per_step,
+      row = {'family': family, 'steps': steps, 'nfe': int(nfe),
              'val': result['val_mean'], 'val_std': result['val_std'],
              'test': result['mean'], 'test_std': result['std'],
              'mc': coverage.mode_coverage(judge.features(images), np.asarray(labels),

@@ -50,7 +50,7 @@ def main():
   args = parser.parse_args()
 
   from flowdistill import experiments
-  from flowdistill.config import load_config_file
+  from flowdistill.experiments import load_config_file
 
   summary = {}
   for name in args.sets.split(','):

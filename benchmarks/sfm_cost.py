@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from flowdistill.condense import linear_probe, protocol, sfm_setup, ssl
-from flowdistill.config import load_config_file
 from flowdistill.data import sources
+from flowdistill.experiments import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,8 +26,7 @@ def main():
   import jax  # noqa: PLC0415
 
   from flowdistill import experiments  # noqa: PLC0415
-  from flowdistill.config import load_config_file  # noqa: PLC0415
-  from flowdistill.experiments import validate  # noqa: PLC0415
+  from flowdistill.experiments import load_config_file, validate  # noqa: PLC0415
 
   summary = {}
   for name in args.sets.split(','):

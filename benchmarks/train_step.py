@@ -40,8 +40,8 @@ def measure(kind: str, checkpoint_dir: str) -> dict:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from flowdistill.config import load_config_file  # noqa: PLC0415
   from flowdistill.data.sources import Dataset  # noqa: PLC0415
+  from flowdistill.experiments import load_config_file  # noqa: PLC0415
   from flowdistill.train import configured  # noqa: PLC0415
   from flowdistill.train.checkpoint import Checkpointer  # noqa: PLC0415
   from flowdistill.train.step import make_train_step  # noqa: PLC0415

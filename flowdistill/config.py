@@ -1,18 +1,16 @@
 """The experiment configuration: the shared sections, their checks, and what configs share.
 
-Every `configs/*.py` starts from `flowdistill.experiments.method_config(name)`: these shared
-sections plus each registered method's own section, every key with its default. A key missing
-there is a typo: `validate` rejects it (and any inconsistent value) with a message naming the
-key, before any work starts. Settings that a library dataclass defines (`condense.protocol.Plan`
-and `condense.synset_eval.Protocol` for `dd`) take their defaults and checks from it.
+The method registry above this module builds a method's full config from these shared sections
+plus each registered method's own section, every key with its default. A key missing there is a
+typo: `validate` rejects it (and any inconsistent value) with a message naming the key, before
+any work starts. Settings that a library dataclass defines (`condense.protocol.Plan` and
+`condense.synset_eval.Protocol` for `dd`) take their defaults and checks from it.
 
 Config files are loaded by path (`--config=configs/x.py:arg`), so what they share lives here,
 importable: `parse_arg` for their argument and presets such as `MNIST_UNET`.
 """
 
 import difflib
-import importlib.util
-import os
 
 import ml_collections
 
@@ -154,19 +152,11 @@ def _typed(value: str, default, name: str, arg: str):
                      f'{type(default).__name__}.') from None
 
 
-def load_config_file(path: str | os.PathLike, arg: str = ''):
-  """`get_config(arg)` of a config file, as `--config=path:arg` would load it."""
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0],
-                                                path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 def validate(config, defaults, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Raises ValueError naming the first key of `config` that `defaults` (the full config of its
-  method, `experiments.method_config`) lacks or types otherwise, or the first inconsistent
-  value of the shared sections (the registry's `experiments.validate` adds the method's)."""
+  method, from the method registry) lacks or types otherwise, or the first inconsistent value
+  of the shared sections (the registry adds the method's own checks)."""
   known, flat = identity.flatten(defaults), identity.flatten(config)
   for key in flat:
     if key not in known:

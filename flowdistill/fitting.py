@@ -52,6 +52,14 @@ def make_update(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
   return update
 
 
+def random_batch(data_key, i, batch_size: int, num: int) -> tuple[jax.Array, jax.Array]:
+  """(indices int [batch_size] drawn with replacement from [0, num), a key for the rest of
+  the loss) of step i, both from `fold_in(data_key, i)`: the minibatch of the small trainers,
+  the same whether or not the run was resumed."""
+  k = jax.random.fold_in(data_key, i)
+  return jax.random.randint(k, (batch_size,), 0, num), jax.random.fold_in(k, 1)
+
+
 def default_record(out: Update) -> dict:
   """The metrics `fit` keeps per step: {'loss', **aux} (aux a dict of scalars, or None)."""
   return {'loss': out.loss, **(out.aux or {})}

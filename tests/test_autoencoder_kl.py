@@ -9,9 +9,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from flowdistill.condense import latents
-from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import fm_run, method_config, validate
+from flowdistill.experiments import fm_run, load_config_file, method_config, validate
 from flowdistill.models import autoencoder_kl as akl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

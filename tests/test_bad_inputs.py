@@ -30,9 +30,8 @@ from flowdistill.condense import (
   sfm_setup,
   synset_eval,
 )
-from flowdistill.config import load_config_file
 from flowdistill.data import sources
-from flowdistill.experiments import method_config, validate
+from flowdistill.experiments import load_config_file, method_config, validate
 from flowdistill.models.convnet import ConvNet
 from flowdistill.models.factory import build_model
 from flowdistill.train import configured, loop, parallel

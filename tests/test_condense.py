@@ -14,9 +14,8 @@ from jax.test_util import check_grads
 from flowdistill import experiments
 from flowdistill.condense import augment, dm, protocol, subsets, synset_eval
 from flowdistill.condense.kmeans import kmeans
-from flowdistill.config import load_config_file
 from flowdistill.data import images
-from flowdistill.experiments import validate
+from flowdistill.experiments import load_config_file, validate
 from flowdistill.models.convnet import ConvNet, InstanceNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,8 +5,8 @@ import pathlib
 import ml_collections
 import pytest
 
-from flowdistill.config import load_config_file, parse_arg
-from flowdistill.experiments import method_config, pgfm_run, validate
+from flowdistill.config import parse_arg
+from flowdistill.experiments import load_config_file, method_config, pgfm_run, validate
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 

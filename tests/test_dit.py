@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowdistill.config import load_config_file
-from flowdistill.experiments import flow_map_run, method_config, validate
+from flowdistill.experiments import flow_map_run, load_config_file, method_config, validate
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.dit import DiT, sincos_2d
 

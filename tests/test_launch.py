@@ -60,8 +60,7 @@ def test_pod_dry_run_of_the_imagenet_latent_config_passes_its_flags_and_validate
   remote = next(a for a in _command(out) if a.startswith('--command='))
   assert '--worker=all' in out
   assert 'FLOWDISTILL_DISTRIBUTED=1 python -m flowdistill.main ' + ' '.join(flags) in remote
-  from flowdistill.config import load_config_file
-  from flowdistill.experiments import validate
+  from flowdistill.experiments import load_config_file, validate
   config = load_config_file(ROOT / 'configs' / 'imagenet_latent.py', 'XL')
   validate(config, num_devices=64, num_processes=16)  # v5e-64: 16 hosts of 4 chips
   assert (config.model.name, config.model.dit, config.train.mesh.fsdp) == ('dit', 'XL', 8)

@@ -16,9 +16,8 @@ from flax import nnx
 
 from flowdistill import closed_form as cf
 from flowdistill import fm, ode, paths
-from flowdistill.config import load_config_file
 from flowdistill.data import sources, tabular
-from flowdistill.experiments import local_fm_run, method_config, validate
+from flowdistill.experiments import load_config_file, local_fm_run, method_config, validate
 from flowdistill.fewstep import local_fm
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.mlp import MLP

@@ -12,8 +12,8 @@ import time
 import jax
 import numpy as np
 
-from flowdistill.config import load_config_file
 from flowdistill.data import sources
+from flowdistill.experiments import load_config_file
 from flowdistill.train import configured, loop, parallel
 from flowdistill.train.checkpoint import Checkpointer
 from flowdistill.train.step import make_train_step

@@ -12,8 +12,7 @@ from flowdistill import closed_form as cf
 from flowdistill import experiments, ode, paths
 from flowdistill.condense import coverage, pgfm, pgfm_workdir
 from flowdistill.condense import mode_guided_diffusion as mgd
-from flowdistill.config import load_config_file
-from flowdistill.experiments import pgfm_run, validate
+from flowdistill.experiments import load_config_file, pgfm_run, validate
 from flowdistill.fewstep import flow_map
 from flowdistill.train.teacher import load_trained
 

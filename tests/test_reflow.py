@@ -9,9 +9,8 @@ import pytest
 
 from flowdistill import closed_form as cf
 from flowdistill import ode, paths
-from flowdistill.config import load_config_file
 from flowdistill.data import sources, teacher_pairs
-from flowdistill.experiments import method_config, reflow_run, validate
+from flowdistill.experiments import load_config_file, method_config, reflow_run, validate
 from flowdistill.fewstep import reflow
 from flowdistill.train import configured
 from flowdistill.train.teacher import load_trained

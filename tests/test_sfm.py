@@ -13,8 +13,7 @@ from jax.test_util import check_grads
 
 from flowdistill import experiments
 from flowdistill.condense import image_param, linear_probe, sfm, ssl
-from flowdistill.config import load_config_file
-from flowdistill.experiments import sfm_run, validate
+from flowdistill.experiments import load_config_file, sfm_run, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, M, D = 4, 6, 5

@@ -121,10 +121,8 @@ def train_vae(images, config: VAEConfig, *,
   data_key = jax.random.fold_in(key, 1)
 
   def loss_fn(params, i, images):
-    k = jax.random.fold_in(data_key, i)
-    idx = jax.random.randint(k, (config.batch_size,), 0, images.shape[0])
-    return vae_loss(nnx.merge(graphdef, params), images[idx], jax.random.fold_in(k, 1),
-                    config.beta)
+    idx, k = fitting.random_batch(data_key, i, config.batch_size, images.shape[0])
+    return vae_loss(nnx.merge(graphdef, params), images[idx], k, config.beta)
 
   params, metrics = fitting.fit(
       fitting.make_update(loss_fn, opt, has_aux=True), params, opt.init(params),

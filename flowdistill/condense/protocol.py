@@ -104,11 +104,11 @@ def scoring(dd, ipc: int | None = None, *, channels: int = 1) -> synset_eval.Pro
                       strategy=p.strategy or (DIGITS if channels == 1 else RGB))
 
 
-def dm_settings(config, channels: int = 1) -> dm.DMConfig:
-  """DM's settings of a config (`config.dd_eval.dm`), augmenting as the protocol of
-  `config.dd` does for images of `channels` channels."""
-  net = scoring(config.dd, config.dd.ipcs[0], channels=channels)
-  return from_section(dm.DMConfig, config.dd_eval.dm, 'dd_eval.dm', dsa=net.dsa,
+def dm_settings(dm_section, dd, channels: int = 1) -> dm.DMConfig:
+  """DM's settings from its config section (`config.dd_eval.dm`), augmenting as the protocol
+  of the section `dd` does for images of `channels` channels."""
+  net = scoring(dd, dd.ipcs[0], channels=channels)
+  return from_section(dm.DMConfig, dm_section, 'dd_eval.dm', dsa=net.dsa,
                       strategy=net.strategy)
 
 

@@ -113,9 +113,9 @@ def train_ssl(images, config: SSLConfig, *,
   data_key = jax.random.fold_in(key, 1)
 
   def loss_fn(params, i, images):
-    k = jax.random.fold_in(data_key, i)
-    x = images[jax.random.randint(k, (config.batch_size,), 0, images.shape[0])]
-    k1, k2 = jax.random.split(jax.random.fold_in(k, 1))
+    idx, k = fitting.random_batch(data_key, i, config.batch_size, images.shape[0])
+    x = images[idx]
+    k1, k2 = jax.random.split(k)
     m = nnx.merge(graphdef, params)
     embed = lambda v: m.head(m.encoder(v))  # noqa: E731
     return nt_xent(embed(view(x, k1, config.views)), embed(view(x, k2, config.views)),

@@ -44,7 +44,7 @@ def train_classifier(images, labels, key, *, steps: int = 2000, batch_size: int 
   opt = optax.adam(lr)
 
   def loss_fn(params, i, images, labels):
-    idx = jax.random.randint(jax.random.fold_in(data_key, i), (batch_size,), 0, images.shape[0])
+    idx, _ = fitting.random_batch(data_key, i, batch_size, images.shape[0])
     logits, y = nnx.merge(graphdef, params)(images[idx]), labels[idx]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == y)}

@@ -5,6 +5,9 @@ sources). The registry builds a method's full config (`method_config`: the share
 method is its module plus one entry below.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from flowdistill import config as shared
@@ -65,3 +68,12 @@ def run(config, workdir: str) -> dict:
   """Validates `config` and runs its method in `workdir` (trains, resuming; evaluates)."""
   validate(config)
   return get(config.method).run(config, workdir)
+
+
+def load_config_file(path: str | os.PathLike, arg: str = ''):
+  """`get_config(arg)` of a config file, as `--config=path:arg` would load it."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0],
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -45,7 +45,7 @@ def validate(config) -> None:
     if not files.exists(path):
       raise FileNotFoundError(f'config.dd_eval.synsets: {path} does not exist; give .npz files '
                               'holding x [N, H, W, C] in [-1, 1] and label [N].')
-  protocol.dm_settings(config)
+  protocol.dm_settings(config.dd_eval.dm, config.dd)
   needs_features = set(config.dd_eval.baselines) & set(protocol.FEATURE_BASELINES)
   if needs_features and not config.dd_eval.whole_data:
     raise ValueError(f'config.dd_eval.baselines {sorted(needs_features)} select in the features '
@@ -71,7 +71,7 @@ def run(config, workdir: str) -> dict:
     if set(config.dd_eval.baselines) & set(protocol.FEATURE_BASELINES):
       features = ref.features(dataset.train['x'])
   key = jax.random.key(dd.seed)
-  settings = protocol.dm_settings(config, channels)
+  settings = protocol.dm_settings(config.dd_eval.dm, dd, channels)
 
   def cells():
     for path in config.dd_eval.synsets:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import files
+from flowdistill import files, ode
 from flowdistill.condense import coverage, frozen_vae, latents, pgfm, protocol, synset_eval
 from flowdistill.condense.pgfm_workdir import (
   load_or_make_prototypes,
@@ -41,7 +41,6 @@ from flowdistill.sections import section
 from flowdistill.train import configured, identity
 
 SETS = ('pgfm', 'unguided', 'prototypes', 'random', 'dm')  # dm: config.dd_eval.dm
-SOLVERS = ('euler', 'midpoint', 'heun')
 DEFAULTS = dict(
     vae=section(frozen_vae.VAEConfig, exclude=('seed',)),  # the frozen VAE (seeded by config.seed)
     latent='mean',             # latents of the train split: posterior 'mean' or a 'sample'
@@ -63,7 +62,7 @@ def validate(config) -> None:
     raise ValueError(f'config.pgfm.sets has {unknown}; choose from {list(SETS)}.')
   flat = identity.flatten(config)
   check_choice(flat, 'pgfm.latent', latents.MODES)
-  check_choice(flat, 'pgfm.solver', SOLVERS)
+  check_choice(flat, 'pgfm.solver', ode.FIXED_SOLVERS)
   check_positive(flat, ints=('pgfm.steps', 'pgfm.prototype_n_init', 'pgfm.check_samples'),
                  floats=('pgfm.cfg_scale',))
   vae_settings(config)
@@ -79,7 +78,7 @@ def latent_fm_config(config, latent_path: str):
 
 
 def _sampler(apply_fn, config, num_classes: int):
-  """Jitted `(params, key, labels, prototypes, guided) -> latents` of config.pgfm."""
+  """Jitted `(params, key, labels, prototypes, guided) -> (latents, nfe)` of config.pgfm."""
   p = config.pgfm
   cfg_scale = None if p.cfg_scale == 1.0 else p.cfg_scale
   pull = prototype_guidance(config)
@@ -87,9 +86,10 @@ def _sampler(apply_fn, config, num_classes: int):
   @functools.partial(jax.jit, static_argnames=('guided',))
   def sample(params, key, labels, prototypes, guided: bool):
     g = pull if guided else dataclasses.replace(pull, w0=0.0)
-    return pgfm.sample(apply_fn, params, key, labels, prototypes, g, solver=p.solver,
-                       steps=p.steps, cfg_scale=cfg_scale,
-                       null_label=num_classes if cfg_scale else None)[0]
+    z, info = pgfm.sample(apply_fn, params, key, labels, prototypes, g, solver=p.solver,
+                          steps=p.steps, cfg_scale=cfg_scale,
+                          null_label=num_classes if cfg_scale else None)
+    return z, info['nfe']
 
   return sample
 
@@ -127,12 +127,13 @@ def run(config, workdir: str) -> dict:
   n = p.check_samples
   check_labels = jnp.arange(n, dtype=jnp.int32) % num_classes
   check = frozen.decode_scaled(sample(params, jax.random.fold_in(key, 0), check_labels,
-                                      jnp.zeros((n, *lat['train']['x'].shape[1:])), False))
+                                      jnp.zeros((n, *lat['train']['x'].shape[1:])), False)[0])
   label_accuracy = float(np.mean(judge.predict(check) == np.asarray(check_labels)))
   recon = frozen.decode(frozen.encode(dataset.test['x'])[0])
   recon_accuracy = float(np.mean(judge.predict(recon) == dataset.test['label']))
 
   split = synset_eval.test_split(dataset.train, dataset.test, validation)
+  dm_settings = protocol.dm_settings(config.dd_eval.dm, config.dd, dataset.shape[-1])
   real_features = judge.features(dataset.train['x'])
 
   def make_set(name, ipc, protos, set_key):
@@ -142,16 +143,17 @@ def run(config, workdir: str) -> dict:
     extra = {}
     if name in ('random', 'dm'):
       synsets = protocol.baseline_sets(name, ipc, dataset.train, None, config.dd, set_key,
-                                       protocol.dm_settings(config, dataset.shape[-1]))
+                                       dm_settings)
       return synsets, frozen.latents(synsets[0]['x']), extra
     if name == 'prototypes':
       z, seconds = flat_protos, 0.0
     else:
       t0 = time.perf_counter()
-      z = np.asarray(sample(params, jax.random.fold_in(set_key, 1), jnp.asarray(labels),
-                            jnp.asarray(flat_protos), name == 'pgfm'))
+      z, nfe = sample(params, jax.random.fold_in(set_key, 1), jnp.asarray(labels),
+                      jnp.asarray(flat_protos), name == 'pgfm')
+      z = np.asarray(z)
       seconds = time.perf_counter() - t0
-      extra['nfe'] = p.steps * (2 if p.solver in ('midpoint', 'heun') else 1)
+      extra['nfe'] = int(nfe)
     extra['landing_rate'] = coverage.landing_rate(z, labels, np.tile(np.arange(ipc), num_classes),
                                                   protos)
     extra['sample_seconds'] = seconds
@@ -185,9 +187,8 @@ def run(config, workdir: str) -> dict:
           return protocol.score(name, ipc, [dict(first, extra=extra)] + synsets[1:], split,
                                 proto, set_key, workdir)
 
-        content = {'dm': dataclasses.asdict(protocol.dm_settings(config, dataset.shape[-1]))} \
-            if made is None else protocol.content_hash(
-                *[a for s in made[0] for a in (s['x'], s['label'])])
+        content = ({'dm': dataclasses.asdict(dm_settings)} if made is None else
+                   protocol.content_hash(*[a for s in made[0] for a in (s['x'], s['label'])]))
         yield protocol.Cell(name, ipc, {'set': content, 'protocol': dataclasses.asdict(proto),
                                         'seed': config.dd.seed,
                                         'validation': config.dd.validation}, make)
