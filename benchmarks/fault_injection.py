@@ -7,11 +7,14 @@ warning (and still end bit-exact); SIGTERM, SIGINT and SIGHUP at a random step s
 the first ends bit-exact; a full disk (a tmpfs mounted for the purpose, where the machine
 allows it) ends the run with one message and the run, moved to a larger disk, resumes
 bit-exact; an unwritable workdir fails at start with a clear message (through the command
-line). Recovery time = from restarting a killed run to its first
-new step logged. The runs train the quickstart's model on moons in a child process
-(`--worker`) through the library's training loop, without the evaluation that follows.
+line). With `--evaluation`, SIGTERM, SIGINT and SIGHUP at a random point of dataset-distillation
+evaluation (`dd_eval` on digits, after its first cell): no crash, the message, 0 / 130 / 0, the
+stored cell kept byte for byte, and a rerun with the results of an uninterrupted run.
+Recovery time = from restarting a killed run to its first new step logged. The runs train the
+quickstart's model on moons in a child process (`--worker`) through the library's training
+loop, without the evaluation that follows.
 
-python benchmarks/fault_injection.py [--kills 10] [--steps 400] [--seed 0] \
+python benchmarks/fault_injection.py [--kills 10] [--steps 400] [--seed 0] [--evaluation] \
     [--workdir /tmp/fd-faults] [--out benchmarks/out/fault_injection.json]
 """
 
@@ -189,6 +192,56 @@ def full_disk(reference, base: pathlib.Path, steps: int, ckpt_every: int) -> dic
 
 
 
+EVALUATION = ('--config=configs/dd_protocol.py:digits,cpu', '--config.dd.runs=1',
+              '--config.dd.epochs=(12,)', '--config.dd.width=8', '--config.dd.epochs_per_call=1',
+              '--config.dd.ipcs=(1,2)', '--config.dd_eval.baselines=("random",)',
+              '--config.dd_eval.whole_data=False')
+
+
+def evaluation_cli(workdir: pathlib.Path) -> list[str]:
+  return [sys.executable, '-m', 'flowdistill.main', *EVALUATION, f'--workdir={workdir}']
+
+
+def cell_results(workdir: pathlib.Path) -> dict:
+  """{cell file: its accuracies and identity} (timings left out)."""
+  return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if 'seconds' not in k}
+          for p in sorted((workdir / 'cells').glob('*.json'))}
+
+
+def evaluation_stops(base: pathlib.Path, rng: random.Random) -> dict:
+  """Each stop signal at a random moment of dd_eval's second cell (its compilation and runs, as
+  long as the uninterrupted run took for it): how the command ended, whether the first cell
+  was kept, and whether the rerun's cells are the uninterrupted run's."""
+  env_ = dict(env(), FLOWDISTILL_CACHE=str(base / 'eval-cache'))
+  reference = base / 'eval-reference'
+  subprocess.run(evaluation_cli(reference), env=env_, cwd=ROOT, capture_output=True,
+                 timeout=COMMAND_TIMEOUT_S, check=True)
+  second_cell_s = (os.path.getmtime(reference / 'cells' / 'random_ipc2.json')
+                   - os.path.getmtime(reference / 'cells' / 'random_ipc1.json'))
+  out = {}
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    name = signal.Signals(signum).name
+    workdir, delay = base / f'eval-{name.lower()}', rng.uniform(0, 0.8 * second_cell_s)
+    proc = subprocess.Popen(evaluation_cli(workdir), env=env_, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = workdir / 'cells' / 'random_ipc1.json'
+    while not first.exists() and proc.poll() is None:
+      time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=COMMAND_TIMEOUT_S)
+    kept = {p.name: p.read_bytes() for p in (workdir / 'cells').glob('*.json')}
+    subprocess.run(evaluation_cli(workdir), env=env_, cwd=ROOT, capture_output=True,
+                   timeout=COMMAND_TIMEOUT_S, check=True)
+    out[name] = {
+        'delay_s': delay, 'exit_status': proc.returncode,
+        'crashed': proc.returncode in (-11, 139) or 'Fatal Python error' in stderr,
+        'message': f'{name} outside training: stopped' in stderr,
+        'cells_kept': all((workdir / 'cells' / k).read_bytes() == v for k, v in kept.items()),
+        'same_results': cell_results(workdir) == cell_results(reference)}
+  return out
+
+
 def final_state(workdir: pathlib.Path, step: int):
   """The state of the checkpoint at `step` as host numpy arrays (no template needed)."""
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
@@ -224,6 +277,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--workdir', default='/tmp/fd-faults')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'fault_injection.json'))
+  parser.add_argument('--evaluation', action='store_true',
+                      help='also stop dataset-distillation evaluation with each signal')
   parser.add_argument('--worker', default='', help='(internal) train in this workdir')
   args = parser.parse_args(argv)
   if args.worker:
@@ -276,6 +331,7 @@ def main(argv=None) -> dict:
   signals = signal_stops(final, base, args.steps, args.ckpt_every, rng)
   shared = second_run(final, base, args.steps, args.ckpt_every)
   disk = full_disk(final, base, args.steps, args.ckpt_every)
+  evaluation = evaluation_stops(base, rng) if args.evaluation else {}
 
   for k in kills:
     del k['stderr']
@@ -284,7 +340,7 @@ def main(argv=None) -> dict:
       'kills': kills, 'killed_mid_run': sum(k['killed'] for k in kills),
       'bit_exact': exact, 'fallback_step': truncated, 'fallback_warned': fallback_warned,
       'bit_exact_after_fallback': exact_after_fallback, 'unwritable': unwritable,
-      'signals': signals, 'second_run': shared, 'full_disk': disk,
+      'signals': signals, 'second_run': shared, 'full_disk': disk, 'evaluation': evaluation,
       'uninterrupted_s': uninterrupted_s, 'last_resumed_run_s': last_run_s,
       'recovery_s_median': sorted(recovered)[len(recovered) // 2] if recovered else None,
       'recovery_s_max': max(recovered) if recovered else None,

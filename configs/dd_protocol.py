@@ -12,13 +12,12 @@ python -m flowdistill.main --config=configs/dd_protocol.py:cifar10 --workdir=run
   --config.dd_eval.synsets='("pgfm_ipc10.npz",)'
 """
 
-from flowdistill.config import MNIST_DATA, check_preset, parse_arg
+from flowdistill.config import CPU_DM, MNIST_DATA, check_preset, parse_arg
 from flowdistill.experiments import method_config
 
 # Reductions of the `cpu` preset (2-core CPU): 3 runs instead of 20, 300 epochs instead of
 # 1000, a 3-epoch whole-data ConvNet, and DM with 1000 iterations of 64 real images per class.
 CPU_DD = dict(runs=3, epochs=(300,), whole_data_epochs=3)
-CPU_DM = dict(iterations=1000, batch_real=64)
 PRESETS = ('paper', 'cpu')
 
 

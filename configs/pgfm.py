@@ -4,13 +4,14 @@ prototypes and path-to-prototype guided sampling, scored by the dataset-distilla
 Arg: 'data[,preset]': data 'mnist' (default; FLOWDISTILL_MNIST_DIR or --config.data.path),
 'cifar10' (tfds or data.path; for an accelerator: wider VAE and U-Net, longer training) or
 'digits' (built-in 8x8, a quick end-to-end look); preset 'paper' (protocol reference values) or
-'cpu' (the named reductions of configs/dd_protocol.py: R = 3, E = 300; IPC 1 and 10).
+'cpu' (the named reductions of configs/dd_protocol.py: R = 3, E = 300, DM 1000 iterations of
+64 real images per class; IPC 1 and 10).
 
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/pgfm.py:mnist,cpu --workdir=runs/pgfm-mnist-cpu
 """
 
-from flowdistill.config import MNIST_DATA, check_preset, parse_arg
+from flowdistill.config import CPU_DM, MNIST_DATA, check_preset, parse_arg
 from flowdistill.experiments import method_config
 
 PRESETS = ('paper', 'cpu')
@@ -46,4 +47,5 @@ def get_config(arg: str = ''):
                      f'{arg.data!r}.')
   if arg.preset == 'cpu':
     config.dd.update(**CPU_DD)
+    config.dd_eval.dm.update(**CPU_DM)
   return config

@@ -25,6 +25,7 @@ from flowdistill.data.sources import (
   TABULAR_SOURCES,
   TOY_SOURCES,
 )
+from flowdistill.errors import BadInput
 from flowdistill.models import dit
 from flowdistill.train import identity, parallel
 from flowdistill.train import state as train_state
@@ -35,6 +36,9 @@ DTYPES = ('float32', 'bfloat16')
 # Presets the MNIST configs of every method share: `config.data.update(**MNIST_DATA)`, ...
 MNIST_DATA = dict(source='mnist', path_env='FLOWDISTILL_MNIST_DIR', batch_size=128,
                   conditional=True)
+# The `cpu` preset's DM baseline (`config.dd_eval.dm`) for every dataset-distillation config:
+# 1000 iterations of 64 real images per class instead of 20 000 of 256.
+CPU_DM = dict(iterations=1000, batch_real=64)
 MNIST_UNET = dict(name='unet', channels=(32, 64, 64), num_res_blocks=1, attention=True,
                   time_dim=128)
 MNIST_EVAL = dict(num_samples=1000, nll_samples=256, nll_divergence='hutchinson', rtol=1e-4,
@@ -45,16 +49,16 @@ def check_positive(flat: dict, ints=(), floats=()) -> None:
   """Raises naming the first key of `ints` below 1 or of `floats` not above 0."""
   for key in ints:
     if flat[key] < 1:
-      raise ValueError(f'config.{key}={flat[key]} must be >= 1.')
+      raise BadInput(f'config.{key}={flat[key]} must be >= 1.')
   for key in floats:
     if not flat[key] > 0:
-      raise ValueError(f'config.{key}={flat[key]} must be > 0.')
+      raise BadInput(f'config.{key}={flat[key]} must be > 0.')
 
 
 def check_choice(flat: dict, key: str, options) -> None:
   """Raises unless `config.<key>` is one of `options`."""
   if flat[key] not in options:
-    raise ValueError(f'config.{key}={flat[key]!r} is not one of {list(options)}.')
+    raise BadInput(f'config.{key}={flat[key]!r} is not one of {list(options)}.')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -111,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
 def check_preset(config_file: str, preset: str, presets) -> None:
   """Refuses a preset that `config_file` (e.g. 'configs/sfm.py') does not define."""
   if preset not in presets:
-    raise ValueError(f'{config_file}: unknown preset {preset!r}; choose one of {presets}.')
+    raise BadInput(f'{config_file}: unknown preset {preset!r}; choose one of {presets}.')
 
 
 def parse_arg(arg: str, **spec) -> ml_collections.ConfigDict:
@@ -131,11 +135,11 @@ def parse_arg(arg: str, **spec) -> ml_collections.ConfigDict:
     elif not eq:
       name, value = next(positional, None), part
       if name is None:
-        raise ValueError(f'Config argument {arg!r}: too many values; the fields are '
-                         f'{list(spec)}.')
-    if name not in spec:
-      raise ValueError(f'Config argument {arg!r}: unknown field {name!r}; the fields are '
+        raise BadInput(f'Config argument {arg!r}: too many values; the fields are '
                        f'{list(spec)}.')
+    if name not in spec:
+      raise BadInput(f'Config argument {arg!r}: unknown field {name!r}; the fields are '
+                     f'{list(spec)}.')
     fields[name] = _typed(value, spec[name], name, arg)
   return ml_collections.ConfigDict(fields)
 
@@ -143,18 +147,18 @@ def parse_arg(arg: str, **spec) -> ml_collections.ConfigDict:
 def _typed(value: str, default, name: str, arg: str):
   if isinstance(default, bool):
     if value not in ('True', 'False', 'true', 'false', '1', '0'):
-      raise ValueError(f'Config argument {arg!r}: {name} must be True or False, got {value!r}.')
+      raise BadInput(f'Config argument {arg!r}: {name} must be True or False, got {value!r}.')
     return value in ('True', 'true', '1')
   try:
     return type(default)(value)
   except ValueError:
-    raise ValueError(f'Config argument {arg!r}: {name}={value!r} is not a '
-                     f'{type(default).__name__}.') from None
+    raise BadInput(f'Config argument {arg!r}: {name}={value!r} is not a '
+                   f'{type(default).__name__}.') from None
 
 
 
 def validate(config, defaults, num_devices: int | None = None, num_processes: int = 1) -> None:
-  """Raises ValueError naming the first key of `config` that `defaults` (the full config of its
+  """Raises `BadInput` naming the first key of `config` that `defaults` (the full config of its
   method, from the method registry) lacks or types otherwise, or the first inconsistent value
   of the shared sections (the registry adds the method's own checks)."""
   known, flat = identity.flatten(defaults), identity.flatten(config)
@@ -162,17 +166,17 @@ def validate(config, defaults, num_devices: int | None = None, num_processes: in
     if key not in known:
       near = difflib.get_close_matches(key, known, n=1)
       hint = f' Did you mean config.{near[0]}?' if near else ''
-      raise ValueError(f'Unknown config key config.{key}.{hint}')
+      raise BadInput(f'Unknown config key config.{key}.{hint}')
   for key, default in known.items():
     if key not in flat:
-      raise ValueError(f'config.{key} is missing; start configs from flowdistill.config.'
-                       'base_config().')
+      raise BadInput(f'config.{key} is missing; start configs from flowdistill.config.'
+                     'base_config().')
     value = flat[key]
     if isinstance(default, bool) != isinstance(value, bool) or (
         isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
             isinstance(default, str) and not isinstance(value, str)):
-      raise ValueError(f'config.{key}={value!r} has the wrong type; expected a '
-                       f'{type(default).__name__} like {default!r}.')
+      raise BadInput(f'config.{key}={value!r} has the wrong type; expected a '
+                     f'{type(default).__name__} like {default!r}.')
   check_choice(flat, 'data.source', SOURCES)
   check_choice(flat, 'model.name', MODELS)
   check_choice(flat, 'model.dtype', DTYPES)
@@ -189,60 +193,66 @@ def validate(config, defaults, num_devices: int | None = None, num_processes: in
                              'train.log_every', 'train.ckpt_every', 'train.keep',
                              'eval.num_samples', 'eval.nll_samples'), floats=('optim.lr',))
   if flat['eval.cfg_scale'] < 0:
-    raise ValueError(f'config.eval.cfg_scale={flat["eval.cfg_scale"]} must be >= 0 (0: '
-                     'unconditional, 1: conditional, > 1: guided).')
+    raise BadInput(f'config.eval.cfg_scale={flat["eval.cfg_scale"]} must be >= 0 (0: '
+                   'unconditional, 1: conditional, > 1: guided).')
   for key in ('eval.euler_steps', 'eval.map_steps'):
     if key in flat and any(n < 1 for n in flat[key]):
-      raise ValueError(f'config.{key}={tuple(flat[key])}: every step count must be >= 1.')
+      raise BadInput(f'config.{key}={tuple(flat[key])}: every step count must be >= 1.')
   if not 0.0 <= flat['fm.label_dropout'] < 1.0:
-    raise ValueError(f'config.fm.label_dropout={flat["fm.label_dropout"]} must be in [0, 1).')
+    raise BadInput(f'config.fm.label_dropout={flat["fm.label_dropout"]} must be in [0, 1).')
   if flat['fm.label_dropout'] > 0 and not flat['data.conditional']:
-    raise ValueError('config.fm.label_dropout > 0 needs config.data.conditional=True.')
+    raise BadInput('config.fm.label_dropout > 0 needs config.data.conditional=True.')
   if any(not 0.0 < r < 1.0 for r in flat['train.ema_rates']):
-    raise ValueError(f'config.train.ema_rates={flat["train.ema_rates"]} must lie in (0, 1).')
+    raise BadInput(f'config.train.ema_rates={flat["train.ema_rates"]} must lie in (0, 1).')
   if flat['train.eval_ema'] and flat['train.eval_ema'] not in flat['train.ema_rates']:
-    raise ValueError(f'config.train.eval_ema={flat["train.eval_ema"]} is not among '
-                     f'config.train.ema_rates={flat["train.ema_rates"]}; add it or set 0 to '
-                     'evaluate the raw params.')
+    raise BadInput(f'config.train.eval_ema={flat["train.eval_ema"]} is not among '
+                   f'config.train.ema_rates={flat["train.ema_rates"]}; add it or set 0 to '
+                   'evaluate the raw params.')
   if flat['data.source'] in TOY_SOURCES + TABULAR_SOURCES and flat['model.name'] != 'mlp':
-    raise ValueError(f'config.model.name must be "mlp" for config.data.source='
-                     f'{flat["data.source"]!r}.')
+    raise BadInput(f'config.model.name must be "mlp" for config.data.source='
+                   f'{flat["data.source"]!r}.')
   if flat['data.source'] in IMAGE_SOURCES + LATENT_SOURCES and flat['model.name'] == 'mlp':
-    raise ValueError(f'config.model.name must be "unet" or "dit" for image and latent data '
-                     f'(config.data.source={flat["data.source"]!r}).')
+    raise BadInput(f'config.model.name must be "unet" or "dit" for image and latent data '
+                   f'(config.data.source={flat["data.source"]!r}).')
   check_choice(flat, 'model.dit', tuple(dit.PRESETS))
   check_positive(flat, ints=('model.patch_size',))
   if flat['data.encode.vae'] and flat['data.source'] != 'latent':
-    raise ValueError(f'config.data.encode.vae encodes images into a latent cache, so it needs '
-                     f"config.data.source='latent'; got {flat['data.source']!r}.")
+    raise BadInput(f'config.data.encode.vae encodes images into a latent cache, so it needs '
+                   f"config.data.source='latent'; got {flat['data.source']!r}.")
   if flat['data.source'] == 'toy' and flat['data.conditional']:
-    raise ValueError('config.data.conditional needs labelled (image) data.')
+    raise BadInput('config.data.conditional needs labelled (image) data.')
   devices = flat['train.num_devices'] or num_devices
   fsdp, data = flat['train.mesh.fsdp'], flat['train.mesh.data']
+  if num_devices and flat['train.num_devices'] > num_devices:
+    raise BadInput(f'config.train.num_devices={flat["train.num_devices"]} but only {num_devices} '
+                   f'devices exist; set it to 0 (all devices) or at most {num_devices}.')
   if devices:
-    parallel.mesh_shape(devices, data, fsdp)
+    try:
+      parallel.mesh_shape(devices, data, fsdp)
+    except ValueError as e:  # its message names the key
+      raise BadInput(str(e)) from None
   elif fsdp < 1 or (data != -1 and data < 1):
-    raise ValueError(f'config.train.mesh: fsdp={fsdp} must be >= 1 and data={data} >= 1 (or -1: '
-                     'the rest).')
+    raise BadInput(f'config.train.mesh: fsdp={fsdp} must be >= 1 and data={data} >= 1 (or -1: '
+                   'the rest).')
   if devices and flat['data.batch_size'] % devices:
-    raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
-                     f'the {devices} devices; change the batch or config.train.num_devices.')
+    raise BadInput(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
+                   f'the {devices} devices; change the batch or config.train.num_devices.')
   if flat['data.batch_size'] % num_processes:
-    raise ValueError(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
-                     f'the {num_processes} processes.')
+    raise BadInput(f'config.data.batch_size={flat["data.batch_size"]} is not divisible by '
+                   f'the {num_processes} processes.')
   not_identity = identity.allowed_changes(flat['train.allow_config_change']) - set(
       identity.identity(flat))
   if not_identity:
-    raise ValueError(f'config.train.allow_config_change names {sorted(not_identity)}, which '
-                     'do not define this run (a resume never checks them); list keys such as '
-                     'train.steps or optim.lr.')
+    raise BadInput(f'config.train.allow_config_change names {sorted(not_identity)}, which '
+                   'do not define this run (a resume never checks them); list keys such as '
+                   'train.steps or optim.lr.')
   protocol.check_section(config.dd)
   if flat['fm.ot_on_host'] and (flat['fm.coupling'] != 'exact' or flat['method'] != 'fm'):
-    raise ValueError(f'config.fm.ot_on_host=True pairs by exact OT in the data pipeline of '
-                     f'method="fm"; got config.fm.coupling={flat["fm.coupling"]!r} and '
-                     f'config.method={flat["method"]!r}. Set config.fm.coupling="exact" or '
-                     'config.fm.ot_on_host=False.')
+    raise BadInput(f'config.fm.ot_on_host=True pairs by exact OT in the data pipeline of '
+                   f'method="fm"; got config.fm.coupling={flat["fm.coupling"]!r} and '
+                   f'config.method={flat["method"]!r}. Set config.fm.coupling="exact" or '
+                   'config.fm.ot_on_host=False.')
   block = flat['fm.ot_block_size']
   if block and (flat['data.batch_size'] // (devices or 1)) % block:
-    raise ValueError(f'config.fm.ot_block_size={block} must divide the per-device batch '
-                     f'{flat["data.batch_size"] // (devices or 1)}.')
+    raise BadInput(f'config.fm.ot_block_size={block} must divide the per-device batch '
+                   f'{flat["data.batch_size"] // (devices or 1)}.')

@@ -46,6 +46,7 @@ import scipy.optimize
 from ott.geometry import geometry
 from ott.solvers import linear
 
+from flowdistill import errors
 from flowdistill.auction import auction_assignment
 
 COUPLINGS = ('independent', 'exact', 'sinkhorn')
@@ -146,12 +147,20 @@ def _sinkhorn_pairing(key, cost, epsilon, num_iters):
   return jax.random.categorical(key, logits, axis=0)
 
 
+def check_names(method: str, solver: str = 'auction') -> None:
+  """Refuses an unknown coupling `method` or exact-OT `solver` (errors.BadInput), so that a
+  builder (e.g. `fm.make_loss`) can fail before the first step."""
+  if method not in COUPLINGS:
+    raise errors.BadInput(f'Unknown coupling `method`={method!r}; valid options are '
+                          f'{COUPLINGS}.')
+  if solver not in SOLVERS:
+    raise errors.BadInput(f'Unknown exact-OT `solver`={solver!r}; valid options are '
+                          f'{SOLVERS}.')
+
+
 def _check(x0, x1, labels, labels0, method, block_size, solver='auction'):
   """Validates the static arguments and shapes of `couple`; returns the block size."""
-  if method not in COUPLINGS:
-    raise ValueError(f'Unknown coupling `method`={method!r}; valid options are {COUPLINGS}.')
-  if solver not in SOLVERS:
-    raise ValueError(f'Unknown exact-OT `solver`={solver!r}; valid options are {SOLVERS}.')
+  check_names(method, solver)
   if x0.shape != x1.shape:
     raise ValueError(f'x0 and x1 must have the same shape [B, ...]; got x0 {x0.shape} and '
                      f'x1 {x1.shape}.')
@@ -197,8 +206,11 @@ def couple(x0, x1, key, *, method: str = 'independent', labels=None, labels0=Non
     `(x0, x1, labels)`: x0 [B, ...] re-paired (rows of the input x0), x1 and labels unchanged.
 
   Raises:
-    ValueError: unknown `method` or `solver`, x0/x1 shape mismatch, bad label shape, or a
-      `block_size` that does not divide B.
+    ValueError: unknown `method` or `solver` (errors.BadInput), x0/x1 shape mismatch, bad
+      label shape, a `block_size` that does not divide B, or (eager 'exact' with the auction
+      only) NaN costs from non-finite samples. Under `jit` non-finite samples are paired as
+      given and a block whose auction stops above `ot_tol` is used as found: no host
+      round-trip (call `auction_assignment` with `with_info=True` to see its status).
   """
   block = _check(x0, x1, labels, labels0, method, block_size, solver)
   if method == 'independent':

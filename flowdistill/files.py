@@ -3,16 +3,35 @@
 Every file the library writes outside Orbax goes through here, so a `--workdir`, a cache root
 (`FLOWDISTILL_CACHE`) or a latent cache may be a bucket. Writes are atomic: locally a temporary
 file is renamed over the target; in an object store an upload becomes visible only once
-complete, so the object is written in place.
+complete, so the object is written in place. `check_writable` finds a folder that cannot be
+written, or a bucket that does not answer, before a run starts.
 """
 
 import hashlib
 import io
 import json
 import os
+import socket
+import threading
 
 import numpy as np
 from etils import epath
+
+from flowdistill.errors import UserError
+
+# A bucket silent this long is out of reach (gcsfs would retry ~90 s); a probe write to a
+# reachable bucket takes well under a second.
+PROBE_TIMEOUT_S = 10.0
+_BUCKET_HINT = ('check the network, the credentials (gcloud auth application-default login, or '
+                'GOOGLE_APPLICATION_CREDENTIALS) and that the bucket exists')
+
+
+class NotWritable(UserError, PermissionError):
+  """A folder (a workdir, a cache) that cannot be created or written."""
+
+
+class Unreachable(UserError, TimeoutError):
+  """A folder whose store did not answer in time: a bucket out of reach, a hung mount."""
 
 
 def is_url(path) -> bool:
@@ -119,3 +138,53 @@ def sha256(path, chunk: int = 1 << 22) -> str:
     while block := f.read(chunk):
       digest.update(block)
   return digest.hexdigest()
+
+
+def _write_probe(folder) -> None:
+  """Writes a small file in `folder` (created if local) and removes it."""
+  probe = join(folder, f'.write_test.{socket.gethostname()}.{os.getpid()}')
+  write_bytes(probe, b'ok')
+  remove(probe)
+
+
+def check_writable(folder, *, what: str, fix: str, timeout_s: float | None = None) -> None:
+  """Creates `folder` if local and writes a small file in it, within `timeout_s` seconds.
+
+  Args:
+    folder: a local path or a gs:// URL.
+    what: how the message names the folder, e.g. '--workdir'.
+    fix: what the user can do, e.g. 'choose a writable --workdir'.
+    timeout_s: how long to wait for the store to answer (None: `PROBE_TIMEOUT_S`).
+
+  Raises:
+    NotWritable: the folder cannot be created or written (for a bucket, the message names the
+      network and the credentials too).
+    Unreachable: no answer within `timeout_s`.
+  """
+  timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+  failure = []
+
+  def probe():
+    try:
+      _write_probe(folder)
+    except Exception as e:  # noqa: BLE001 — gcsfs and the OS raise many types; all mean "no".
+      failure.append(e)
+
+  # a daemon thread, so that a store that never answers does not hold the process at exit
+  thread = threading.Thread(target=probe, daemon=True, name='write-probe')
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
+    hint = _BUCKET_HINT if is_url(folder) else 'check the filesystem (a hung network mount?)'
+    raise Unreachable(f'{what} {str(folder)!r} did not answer within {timeout_s:g} s: {hint}; '
+                      f'or {fix}.')
+  if failure:
+    hint = f'{_BUCKET_HINT}, or ' if is_url(folder) else ''
+    raise NotWritable(f'Cannot write to {what} {str(folder)!r} ({_cause(failure[0])}): '
+                      f'{hint}{fix}.') from failure[0]
+
+
+def _cause(error: Exception) -> str:
+  """The first line of what `error` says, e.g. 'Permission denied'."""
+  text = getattr(error, 'strerror', None) or str(error)
+  return text.strip().splitlines()[0] if text.strip() else type(error).__name__

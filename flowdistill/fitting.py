@@ -7,7 +7,8 @@ and the core of the train state's step.
 
 `fit` calls `update(params, opt_state, i, *args)` with the step index `i` (int32), from which the
 loss draws its minibatch and key (`fold_in(key, i)`), so a run resumed from its state file
-(`state_path`) takes the same steps as one that never stopped.
+(`state_path`) takes the same steps as one that never stopped; a stop signal ends `fit` after
+the step it came in, with that step in the state file.
 """
 
 import re
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from flowdistill import files
+from flowdistill.train import stop as stop_signals
 
 
 class Update(NamedTuple):
@@ -92,6 +94,10 @@ def fit(update: Callable[..., Update], params, opt_state, *, steps: int, args: t
 
   Returns:
     (params, history {name: numpy [stop]}), the params after step `stop - 1`.
+
+  Raises:
+    flowdistill.train.stop.Stopped: after the step during which a stop signal came, once the
+      state file (if any) holds that step, so that a rerun continues from it.
   """
   stop = steps if stop is None else stop
   logs = {k: list(v) for k, v in (history or {}).items()}
@@ -120,11 +126,16 @@ def fit(update: Callable[..., Update], params, opt_state, *, steps: int, args: t
     metrics = dict(zip(names, values, strict=True))
     for name, value in metrics.items():
       logs.setdefault(name, []).append(value)
-    if (i + 1) % progress_every == 0 or i + 1 == steps:
-      if on_progress is not None:
-        on_progress(i + 1, params, metrics)
-      if state_path is not None:
-        _write_state(state_path, i + 1, (params, opt_state), logs)
+    progress = (i + 1) % progress_every == 0 or i + 1 == steps
+    if progress and on_progress is not None:
+      on_progress(i + 1, params, metrics)
+    stopping = stop_signals.requested() is not None
+    if state_path is not None and (progress or stopping):
+      _write_state(state_path, i + 1, (params, opt_state), logs)
+    if stopping:
+      saved = f', saved in {state_path}' if state_path is not None else ''
+      stop_signals.check(params, opt_state, logs,
+                         where=f'at fitting step {i + 1} of {steps}{saved}')
   return params, _stacked(logs)
 
 

@@ -1,14 +1,15 @@
 """The flow-matching loss."""
 
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from flowdistill import checks
-from flowdistill.couplings import couple
+from flowdistill import checks, errors
+from flowdistill.couplings import check_names, couple
 from flowdistill.paths import AffinePath
-from flowdistill.timesampling import sample_times
+from flowdistill.timesampling import TIME_DISTRIBUTIONS, sample_times
 
 
 def drop_labels(key, labels, rate: float, null_label: int):
@@ -16,6 +17,19 @@ def drop_labels(key, labels, rate: float, null_label: int):
   if rate <= 0.0:
     return labels
   return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_label, labels)
+
+
+def _check_names(time_distribution, coupling, coupling_kwargs):
+  """Refuses unknown names when the loss is built (errors.BadInput), not at its first call."""
+  if time_distribution not in TIME_DISTRIBUTIONS:
+    raise errors.BadInput(f'Unknown `time_distribution`={time_distribution!r}; valid options '
+                          f'are {TIME_DISTRIBUTIONS}.')
+  options = set(inspect.signature(couple).parameters) - {'x0', 'x1', 'key', 'method', 'labels'}
+  unknown = sorted(set(coupling_kwargs) - options)
+  if unknown:
+    raise errors.BadInput(f'Unknown `coupling_kwargs` {unknown}; valid keys are '
+                          f'{sorted(options)} (see `couplings.couple`).')
+  check_names(coupling, coupling_kwargs.get('solver', 'auction'))
 
 
 def make_loss(apply_fn, path: AffinePath, *, time_distribution: str = 'uniform',
@@ -41,6 +55,7 @@ def make_loss(apply_fn, path: AffinePath, *, time_distribution: str = 'uniform',
   checks.check_model(apply_fn)
   time_kwargs = dict(time_kwargs or {})
   coupling_kwargs = dict(coupling_kwargs or {})
+  _check_names(time_distribution, coupling, coupling_kwargs)
   if label_dropout > 0.0 and null_label is None:
     raise ValueError('`label_dropout` > 0 needs the model `null_label`.')
 

@@ -12,7 +12,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from flowdistill import checks
+from flowdistill import checks, errors
 from flowdistill.paths import check_times
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # v(x [B, ...], t []) -> [B, ...]
@@ -90,14 +90,16 @@ def _fixed_step(v, solver, x, t, dt):
   return x + 0.5 * dt * (k1 + k2)
 
 
-def _check_solver(solver):
+def check_solver(solver: str) -> None:
+  """Refuses an unknown solver name (errors.BadInput); for builders of samplers to call before
+  any work."""
   if solver not in SOLVERS:
-    raise ValueError(f'Unknown solver {solver!r}; choose one of {list(SOLVERS)}.')
+    raise errors.BadInput(f'Unknown solver {solver!r}; choose one of {list(SOLVERS)}.')
 
 
 def solve(v: VelocityFn, x, *, solver: str = 'euler', steps: int | None = None, grid=None,
           t0: float = 0.0, t1: float = 1.0, rtol: float = 1e-5, atol: float = 1e-5,
-          max_steps: int = 4096, return_trajectory: bool = False):
+          max_steps: int = 4096, return_trajectory: bool = False, check_finite: bool = False):
   """Integrates `dx/dt = v(x, t)` from t0 to t1.
 
   Args:
@@ -108,17 +110,21 @@ def solve(v: VelocityFn, x, *, solver: str = 'euler', steps: int | None = None, 
       explicit monotone time grid [K + 1] (then t0, t1 are ignored).
     rtol, atol, max_steps: adaptive solver tolerances and step budget.
     return_trajectory: fixed-step solvers only; also return the states on the grid.
+    check_finite: raise FloatingPointError where the result is NaN or infinite; an adaptive
+      solve that fails on a non-finite velocity reports it so, rather than as running out of
+      `max_steps` (its step controller shrinks the step until then).
 
   Returns:
     (x at t1 [B, ...], info) with info['nfe'] (and info['trajectory'] [K + 1, B, ...]).
   """
-  _check_solver(solver)
+  check_solver(solver)
   checks.check_data(x)
   if solver in ADAPTIVE_SOLVERS:
     if return_trajectory:
       raise ValueError('`return_trajectory` needs a fixed-step solver.')
     check_times(jnp.array([t0, t1]), 't0/t1')
-    return _adaptive_solve(v, x, solver, t0, t1, rtol, atol, max_steps)
+    x_end, info = _adaptive_solve(v, x, solver, t0, t1, rtol, atol, max_steps, check_finite)
+    return _checked(x_end, check_finite), info
   if grid is None:
     if steps is None:
       raise ValueError(f'Solver {solver!r} needs `steps` or an explicit `grid`.')
@@ -134,7 +140,11 @@ def solve(v: VelocityFn, x, *, solver: str = 'euler', steps: int | None = None, 
   info = {'nfe': _STAGES[solver] * (grid.shape[0] - 1)}
   if return_trajectory:
     info['trajectory'] = jnp.concatenate([x[None], traj])
-  return x_end, info
+  return _checked(x_end, check_finite), info
+
+
+def _checked(x, check_finite):
+  return checks.check_finite(x, 'samples') if check_finite else x
 
 
 def _adaptive_solver(solver):
@@ -147,11 +157,25 @@ def _diffrax_nfe(solver, stats):
   return _STAGES[solver] * stats['num_steps'] + 1
 
 
-def _adaptive_solve(v, x, solver, t0, t1, rtol, atol, max_steps):
+def _adaptive_solve(v, x, solver, t0, t1, rtol, atol, max_steps, check_finite):
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(lambda t, y, args: v(y, t)), _adaptive_solver(solver), t0, t1, None, x,
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
-  return sol.ys[-1], {'nfe': _diffrax_nfe(solver, sol.stats)}
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
+      throw=not check_finite)
+  x_end = _checked_end(v, sol) if check_finite else sol.ys[-1]
+  return x_end, {'nfe': _diffrax_nfe(solver, sol.stats)}
+
+
+def _checked_end(v, sol):
+  """The end state [B, ...] of a solve run with `throw=False`; NaN for the samples whose
+  velocity is not finite at the last accepted state of a failed solve (the step controller
+  rejects such steps until `max_steps`), and diffrax's error for any other failure."""
+  failed = sol.result != diffrax.RESULTS.successful
+  y, t = sol.ys[-1], sol.ts[-1]
+  vel = jax.lax.cond(failed, lambda: v(y, t), lambda: jnp.zeros_like(y))
+  bad = ~jnp.all(jnp.isfinite(vel.reshape(y.shape[0], -1)), axis=1)
+  y = jnp.where(bad.reshape((-1,) + (1,) * (y.ndim - 1)), jnp.nan, y)
+  return sol.result.error_if(y, failed & ~jnp.any(bad))
 
 
 def noise(key, num: int, shape: tuple[int, ...], dtype=jnp.float32):
@@ -171,8 +195,7 @@ def sample(apply_fn, params, key, num: int, shape: tuple[int, ...], *, cond=None
   Returns (samples [num, *shape], info with 'nfe').
   """
   v = velocity_fn(apply_fn, params, cond=cond, cfg_scale=cfg_scale, null_label=null_label)
-  x, info = solve(v, noise(key, num, shape), **solve_kwargs)
-  return (checks.check_finite(x, 'samples') if check_finite else x), info
+  return solve(v, noise(key, num, shape), check_finite=check_finite, **solve_kwargs)
 
 
 def standard_normal_logpdf(x):
@@ -241,7 +264,7 @@ def integrate_with_divergence(v: VelocityFn, x, key=None, *, t0: float = 1.0, t1
   Returns:
     (x(t1) [B, ...], delta [B], info with 'nfe').
   """
-  _check_solver(solver)
+  check_solver(solver)
   check_times(jnp.array([t0, t1]), 't0/t1')
   if divergence == 'exact':
     field = lambda t, state, args: (v(state[0], t), exact_divergence(v, state[0], t))

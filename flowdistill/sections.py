@@ -10,6 +10,8 @@ and no field is copied by hand.
 import dataclasses
 from typing import Any
 
+from flowdistill.errors import BadInput
+
 
 def section(cls, *, exclude: tuple[str, ...] = ()) -> dict:
   """{field: default} of the dataclass `cls`, nested dataclass fields as nested dicts; fields
@@ -27,8 +29,8 @@ def from_section(cls, values, where: str, **given: Any):
   """`cls(...)` from the section `values` (a ConfigDict or dict holding at least the fields of
   `cls` that `given` does not supply; other keys are ignored) and the keyword values `given`.
 
-  Tuples come back as tuples (ConfigDict may hold lists). A value the dataclass refuses raises
-  ValueError naming the section `config.<where>`.
+  Tuples come back as tuples (ConfigDict may hold lists). A missing field, or a value the
+  dataclass refuses, raises `BadInput` (a ValueError) naming the section `config.<where>`.
   """
   kwargs = {}
   for field in dataclasses.fields(cls):
@@ -36,8 +38,8 @@ def from_section(cls, values, where: str, **given: Any):
       kwargs[field.name] = given[field.name]
       continue
     if field.name not in values:
-      raise ValueError(f'config.{where}.{field.name} is missing; start configs from the '
-                       'registry (flowdistill.experiments.method_config).')
+      raise BadInput(f'config.{where}.{field.name} is missing; start configs from the '
+                     'registry (flowdistill.experiments.method_config).')
     value, default = values[field.name], _default(field)
     if dataclasses.is_dataclass(default):
       value = from_section(type(default), value, f'{where}.{field.name}')
@@ -47,7 +49,7 @@ def from_section(cls, values, where: str, **given: Any):
   try:
     return cls(**kwargs)
   except ValueError as e:
-    raise ValueError(f'config.{where}: {e}') from None
+    raise BadInput(f'config.{where}: {e}') from None
 
 
 def _default(field: dataclasses.Field):

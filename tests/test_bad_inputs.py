@@ -445,12 +445,6 @@ def _foreign_latent_cache(tmp_path):
   latents.load(str(path), fingerprint='bbbb')
 
 
-def _foreign_prototypes(tmp_path):
-  np.savez(tmp_path / 'prototypes_ipc1.npz', prototypes=np.zeros((2, 1, 2, 2, 4)),
-           fingerprint='aaaa')
-  pgfm_workdir.load_or_make_prototypes(str(tmp_path), None, 1, None, 'bbbb')
-
-
 PGFM_CASES = [
     ('t-stop-outside-0-1', lambda t: _pgfm_validate(pull={'t_stop': 1.5}), ValueError,
      r'config.pgfm.prototype_guidance: PrototypeGuidance.t_stop must lie in \[0, 1\]; got 1.5'),
@@ -471,8 +465,6 @@ PGFM_CASES = [
      r'latents of VAE aaaa, but the VAE in use is bbbb; delete the file'),
     ('ipc-below-1', lambda t: pgfm.class_prototypes(np.zeros((3, 2, 2, 4)), np.zeros(3, int), 0),
      ValueError, r'IPC must be in \[1, 3\] \(class 0 has 3 latents\); got 0'),
-    ('prototypes-of-another-vae', _foreign_prototypes, ValueError,
-     r'prototypes of VAE aaaa, but the VAE in use is bbbb; delete it'),
     ('unconditional-pgfm', lambda t: _pgfm_validate(
         {'data': {'conditional': False}, 'fm': {'label_dropout': 0.0}}), ValueError,
      r'pgfm" needs a class-conditional latent flow: set config.data.conditional=True'),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
+from flowdistill import errors, fm, paths
 from flowdistill.couplings import couple, ot_cost, pair_on_host
 
 KEY = jax.random.PRNGKey(0)
@@ -190,9 +191,9 @@ def test_sharded_vmapped_and_differentiable():
 
 def test_errors():
   x0, x1 = _batches(12, 8, 2)
-  with pytest.raises(ValueError, match=r"`method`='hungarian'.*'exact'"):
+  with pytest.raises(errors.BadInput, match=r"`method`='hungarian'.*'exact'"):
     couple(x0, x1, KEY, method='hungarian')
-  with pytest.raises(ValueError, match=r"`solver`='lapjv'.*'auction'"):
+  with pytest.raises(errors.BadInput, match=r"`solver`='lapjv'.*'auction'"):
     couple(x0, x1, KEY, method='exact', solver='lapjv')
   with pytest.raises(ValueError, match=r'x0 \(8, 2\) and x1 \(6, 2\)'):
     couple(x0, x1[:6], KEY, method='exact')
@@ -202,3 +203,29 @@ def test_errors():
     couple(x0, x1, KEY, method='exact', labels=jnp.zeros(7, jnp.int32))
   with pytest.raises(ValueError, match='`labels0`.*needs `labels`'):
     couple(x0, x1, KEY, method='exact', labels0=jnp.zeros(8, jnp.int32))
+
+
+def _apply_fn(params, x, t, *, cond=None, train=False):
+  return x * params['w']
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    ({'coupling': 'exactt'}, r"`method`='exactt'.*\('independent', 'exact', 'sinkhorn'\)"),
+    ({'coupling': 'exact', 'coupling_kwargs': {'solver': 'hungarian'}},
+     r"`solver`='hungarian'.*\('auction', 'scipy'\)"),
+    ({'coupling': 'exact', 'coupling_kwargs': {'ot_tolerance': 1e-3}},
+     r"Unknown `coupling_kwargs` \['ot_tolerance'\].*'ot_tol'"),
+    ({'time_distribution': 'logitnormal'}, r"`time_distribution`='logitnormal'.*'logit_normal'"),
+])
+def test_loss_refuses_unknown_names_when_built(kwargs, match):
+  with pytest.raises(errors.BadInput, match=match):
+    fm.make_loss(_apply_fn, paths.get_path('linear'), **kwargs)
+
+
+def test_non_finite_samples_under_jit_are_paired_as_given_and_refused_eagerly():
+  x0, x1 = _batches(13, 8, 2)
+  x1[2, 0] = np.nan
+  y0, _, _ = _jit_couple(x0, x1, KEY, method='exact')
+  np.testing.assert_array_equal(y0, x0)
+  with pytest.raises(errors.BadInput, match='NaN or -inf'):
+    couple(x0, x1, KEY, method='exact')

@@ -1,17 +1,21 @@
-"""One run per workdir: the lease refuses a live holder, takes over a dead one's, and the CLI
-refuses a second run within seconds while the first finishes as if alone."""
+"""One run per workdir: the lease refuses a live holder, takes over a dead one's (a damaged
+lease file or a restarted container's too), and the CLI refuses a second run within seconds
+while the first finishes as if alone."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
 
+from flowdistill import errors
 from flowdistill.train import lease
 from flowdistill.train.teacher import load_trained
 
@@ -60,6 +64,85 @@ def test_another_hosts_lease_is_live_until_its_heartbeat_is_old(tmp_path):
   taker.acquire()
   assert json.loads((tmp_path / '.lease').read_text())['host'] == taker.holder['host']
   taker.release()
+
+
+DAMAGED = {'empty': b'', 'garbage': b'\x00\xffnot json', 'no fields': b'{}',
+           'partial': b'{"host": "worker-7", "pi', 'not an object': b'[1, 2]',
+           'pid 0': b'{"host": "worker-7", "pid": 0}'}
+
+
+def _age(path, seconds):
+  then = time.time() - seconds
+  os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize('content', DAMAGED.values(), ids=DAMAGED.keys())
+def test_an_old_damaged_lease_is_taken_over_with_a_warning(tmp_path, caplog, content):
+  (tmp_path / '.lease').write_bytes(content)
+  _age(tmp_path / '.lease', 120)
+  with caplog.at_level(logging.WARNING, logger=lease.__name__):
+    with lease.hold(str(tmp_path), stale_after_s=60):
+      assert json.loads((tmp_path / '.lease').read_text())['pid'] == os.getpid()
+  assert f'Taking over the workdir lease {tmp_path / ".lease"}: it names no run' in caplog.text
+
+
+@pytest.mark.parametrize('content', DAMAGED.values(), ids=DAMAGED.keys())
+def test_a_fresh_damaged_lease_is_refused_until_it_is_old(tmp_path, monkeypatch, content):
+  monkeypatch.setattr(lease, 'WRITE_GRACE_S', 0.05)
+  (tmp_path / '.lease').write_bytes(content)
+  with pytest.raises(lease.WorkdirInUseError,
+                     match=rf'its lease {tmp_path / ".lease"} names no run .* once unchanged '
+                           r'for 60 s\. Use another --workdir, wait, or delete the file'):
+    lease.WorkdirLease(str(tmp_path), stale_after_s=60).acquire()
+  assert (tmp_path / '.lease').read_bytes() == content
+  _age(tmp_path / '.lease', 61)
+  with lease.hold(str(tmp_path), stale_after_s=60):
+    assert json.loads((tmp_path / '.lease').read_text())['pid'] == os.getpid()
+
+
+def test_a_lease_being_written_is_read_once_complete(tmp_path):
+  (tmp_path / '.lease').write_bytes(b'')  # created, not yet written
+  writer = threading.Timer(0.2, (tmp_path / '.lease').write_text,
+                           [json.dumps({'host': 'worker-7', 'pid': 5, 'started': 'now'})])
+  writer.start()
+  with pytest.raises(lease.WorkdirInUseError, match='in use by another run: pid 5 on worker-7'):
+    lease.WorkdirLease(str(tmp_path)).acquire()
+  writer.join()
+
+
+@pytest.mark.parametrize('recorded', [{'pid_start': 'another-boot/123'}, {}],
+                         ids=['another start', 'an earlier version'])
+def test_a_restarted_container_takes_over_the_lease_of_its_own_pid(tmp_path, caplog, recorded):
+  holder = lease.WorkdirLease(str(tmp_path)).holder
+  left = {k: v for k, v in holder.items() if k != 'pid_start'}
+  (tmp_path / '.lease').write_text(json.dumps(dict(left, **recorded)))
+  with caplog.at_level(logging.WARNING, logger=lease.__name__):
+    with lease.hold(str(tmp_path)):
+      taken = json.loads((tmp_path / '.lease').read_text())
+      assert [taken[k] for k in ('pid', 'pid_start')] == [holder['pid'], holder['pid_start']]
+  assert f'{tmp_path / ".lease"} of pid {os.getpid()}' in caplog.text
+
+
+def test_this_process_does_not_take_its_own_lease_twice(tmp_path):
+  held = lease.WorkdirLease(str(tmp_path))
+  (tmp_path / '.lease').write_text(json.dumps(held.holder))
+  with pytest.raises(lease.WorkdirInUseError, match=rf'pid {os.getpid()} on') as refused:
+    lease.WorkdirLease(str(tmp_path)).acquire()
+  assert isinstance(refused.value, errors.UserError)
+  assert json.loads((tmp_path / '.lease').read_text()) == held.holder
+
+
+@pytest.mark.skipif(lease._process_start(os.getpid()) is None, reason='no /proc')
+def test_a_live_pid_is_its_holder_only_if_it_started_then(tmp_path):
+  parent = os.getppid()  # alive for the whole test
+  live = {'host': lease.WorkdirLease(str(tmp_path)).holder['host'], 'pid': parent,
+          'pid_start': lease._process_start(parent), 'started': 'then'}
+  (tmp_path / '.lease').write_text(json.dumps(live))
+  with pytest.raises(lease.WorkdirInUseError, match=f'pid {parent} on'):
+    lease.WorkdirLease(str(tmp_path)).acquire()
+  (tmp_path / '.lease').write_text(json.dumps(dict(live, pid_start='another-boot/1')))
+  with lease.hold(str(tmp_path)):  # the pid was reused
+    assert json.loads((tmp_path / '.lease').read_text())['pid'] == os.getpid()
 
 
 def test_the_holder_keeps_its_lease_fresh(tmp_path):

@@ -14,8 +14,8 @@ import scipy.special
 import scipy.stats
 from flax import nnx
 
+from flowdistill import cache, fm, ode, paths
 from flowdistill import closed_form as cf
-from flowdistill import fm, ode, paths
 from flowdistill.data import sources, tabular
 from flowdistill.experiments import load_config_file, local_fm_run, method_config, validate
 from flowdistill.fewstep import local_fm
@@ -258,10 +258,12 @@ def test_chain_resumes_block_wise_and_push_forward_chunk_wise(tmp_path, monkeypa
   os.makedirs(parts)
   rows = chain.data(0)[:128]
   np.savez(os.path.join(parts, '000000.npz'), x=np.asarray(push(rows)[0]), nfe=8)
+  cache.write_file_manifest(os.path.join(parts, '000000.npz'))
+  np.savez(os.path.join(parts, '000001.npz'), x=np.zeros((128, 2)), nfe=8)  # no manifest: cut
   calls = []
   again = local_fm_run.cached_push_forward(block0, lambda r: calls.append(1) or push(r),
                                          chain.data(0), 128)
-  assert len(calls) == 2  # chunks 1 and 2 only
+  assert len(calls) == 2  # chunks 1 (cut short) and 2 only
   np.testing.assert_allclose(again, pushed, atol=1e-5)
 
   # Rerunning restores every block without training and reuses the cached push-forward.

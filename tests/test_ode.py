@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from flowdistill import closed_form as cf
-from flowdistill import ode, paths
+from flowdistill import errors, ode, paths
+from flowdistill.eval import report
 from flowdistill.models.apply import to_apply_fn
 from flowdistill.models.mlp import MLP
 
@@ -137,7 +138,7 @@ def test_bits_per_dim_of_a_uniform_density_is_eight():
 def test_bad_inputs_name_the_argument():
   v = ode.velocity_fn(cf.make_apply_fn(paths.linear_path()), PARAMS)
   x = jnp.zeros((4, 2))
-  with pytest.raises(ValueError, match='Unknown solver'):
+  with pytest.raises(errors.BadInput, match=r"Unknown solver 'rk45'.*'dopri5'"):
     ode.solve(v, x, solver='rk45')
   with pytest.raises(ValueError, match='needs `steps`'):
     ode.solve(v, x, solver='euler')
@@ -149,3 +150,34 @@ def test_bad_inputs_name_the_argument():
     ode.velocity_fn(lambda p, x, t, cond=None: x, None, cond=jnp.zeros(3, int))(x, 0.5)
   with pytest.raises(ValueError, match='guidance needs'):
     ode.velocity_fn(lambda p, x, t, cond=None: x, None, cfg_scale=2.0)
+
+
+@pytest.mark.parametrize('solver', ode.ADAPTIVE_SOLVERS)
+def test_adaptive_solve_of_a_nan_model_reports_the_nan(solver):
+  nan_model = lambda params, x, t, cond=None: x * params
+  with pytest.raises(FloatingPointError, match='4 of 4 samples are NaN or infinite'):
+    ode.sample(nan_model, jnp.nan, jax.random.key(0), 4, (2,), solver=solver,
+               check_finite=True)
+  x, _ = ode.sample(nan_model, 1.0, jax.random.key(0), 4, (2,), solver=solver,
+                    check_finite=True)
+  np.testing.assert_allclose(x, np.e * ode.noise(jax.random.key(0), 4, (2,)), rtol=1e-4)
+
+
+def test_adaptive_solve_out_of_steps_still_says_so_with_check_finite():
+  stiff = lambda params, x, t, cond=None: -1e4 * x
+  with pytest.raises(RuntimeError, match='maximum number of solver steps'):
+    ode.sample(stiff, None, jax.random.key(0), 4, (2,), solver='dopri5', max_steps=16,
+               check_finite=True)
+
+
+def test_sample_refuses_an_unknown_solver_before_any_work():
+  def model(params, x, t, cond=None):
+    raise AssertionError('the model ran')
+
+  with pytest.raises(errors.BadInput, match="Unknown solver 'dopri'"):
+    ode.sample(model, None, jax.random.key(0), 4, (2,), solver='dopri')
+
+
+def test_sampler_builder_refuses_an_unknown_solver_before_any_call():
+  with pytest.raises(errors.BadInput, match=r"Unknown solver 'eulr'; choose one of"):
+    report.make_sampler(lambda params, x, t, cond: x, solver='eulr', steps=4)

@@ -389,3 +389,39 @@ def test_per_class_frechet_is_zero_for_the_real_features_and_none_at_one_per_cla
   assert coverage.per_class_frechet(real[:2], np.array([0, 1]), real, labels) is None
   shifted = coverage.per_class_frechet(real + np.array([2.0, 0, 0]), labels, real, labels)
   assert shifted == pytest.approx(4.0, rel=1e-6)
+
+
+def test_prototypes_file_is_reused_only_for_its_own_recipe(tmp_path, caplog):
+  """The saved k-means prototypes are reused for the same VAE and k-means recipe; a file of
+  the old format (no manifest), of another recipe or with flipped bytes is replaced by a fresh
+  k-means with one warning naming it."""
+  rng = np.random.default_rng(0)
+  lat = {'train': {'x': rng.normal(size=(40, 2, 2, 1)).astype(np.float32),
+                   'label': np.repeat(np.arange(2), 20)}}
+  config = experiments.method_config('pgfm')
+  want = pgfm.class_prototypes(lat['train']['x'], lat['train']['label'], 3, seed=config.dd.seed,
+                               n_init=config.pgfm.prototype_n_init)
+  path = tmp_path / 'prototypes_ipc3.npz'
+  np.savez(path, prototypes=np.zeros_like(want), fingerprint='vae')  # the old format
+  got = pgfm_workdir.load_or_make_prototypes(str(tmp_path), lat, 3, config, 'vae')
+  np.testing.assert_array_equal(got, want)
+  assert str(path) in caplog.text and 'manifest' in caplog.text
+
+  caplog.clear()
+  other = pgfm_workdir.load_or_make_prototypes(str(tmp_path), lat, 3, config, 'another vae')
+  np.testing.assert_array_equal(other, want)
+  assert str(path) in caplog.text and 'another VAE or k-means recipe' in caplog.text
+
+  pgfm_workdir.load_or_make_prototypes(str(tmp_path), lat, 3, config, 'vae')
+  caplog.clear()
+  mtime = os.path.getmtime(path)
+  again = pgfm_workdir.load_or_make_prototypes(str(tmp_path), lat, 3, config, 'vae')
+  np.testing.assert_array_equal(again, want)
+  assert os.path.getmtime(path) == mtime and not caplog.text
+
+  data = bytearray(path.read_bytes())
+  data[-30] ^= 0xFF
+  path.write_bytes(bytes(data))
+  again = pgfm_workdir.load_or_make_prototypes(str(tmp_path), lat, 3, config, 'vae')
+  np.testing.assert_array_equal(again, want)
+  assert 'k-means prototypes' in caplog.text and 'sha256' in caplog.text

@@ -139,6 +139,16 @@ def test_cells_are_reused_only_for_the_same_set_and_protocol(tmp_path, caplog):
   assert calls[-1] == 'a'
 
 
+@pytest.mark.parametrize('damage', [b'{"identity": {"set": "h1"', b'', b'[1, 2]', b'\xff\xfe'])
+def test_a_damaged_cell_is_scored_again_with_a_warning(tmp_path, caplog, damage):
+  calls = []
+  protocol.run_cells(str(tmp_path), [_cell('a', {'set': 'h1'}, calls)])
+  (tmp_path / 'a_ipc1.json').write_bytes(damage)
+  (again,) = protocol.run_cells(str(tmp_path), [_cell('a', {'set': 'h1'}, calls)])
+  assert calls == ['a', 'a'] and again['mean'] == 2
+  assert f'{tmp_path / "a_ipc1.json"} holds no readable result; scoring it again' in caplog.text
+
+
 def test_content_hash_names_bytes_dtype_and_shape():
   x = np.zeros((2, 3), np.float32)
   assert protocol.content_hash(x) == protocol.content_hash(x.copy())

@@ -1,5 +1,8 @@
 """The frozen VAE of PGFM: shapes, the KL term, the latent scale and the cache."""
 
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +13,7 @@ from flowdistill.condense import frozen_vae, latents
 from flowdistill.data import images
 from flowdistill.experiments import method_config, validate
 from flowdistill.models.vae import VAE
-from flowdistill.train import configured
+from flowdistill.train import configured, stop
 
 
 @pytest.mark.parametrize('shape,latent', [((28, 28, 1), (8, 8, 4)), ((32, 32, 3), (8, 8, 4)),
@@ -86,3 +89,23 @@ def test_latent_cache_feeds_the_trainer_and_refuses_another_vae(tmp_path, monkey
   other = frozen_vae.load_or_train(train, frozen_vae.VAEConfig(steps=5, seed=1))
   with pytest.raises(ValueError, match=f'VAE {frozen.fingerprint}.*{other.fingerprint}'):
     latents.load_or_encode(other, train, test, path=path)
+
+
+def test_a_stopped_vae_training_resumes_to_the_same_weights(tmp_path):
+  """A stop signal during the VAE's training keeps its fitting state beside the cache entry; the
+  rerun continues from it to the weights of a run that never stopped, and removes it."""
+  train = _digits()
+  config = frozen_vae.VAEConfig(steps=200, batch_size=32)
+  entry = str(tmp_path / 'vae')
+
+  def signal_at_100(done):
+    if done == 100:
+      signal.raise_signal(signal.SIGTERM)
+
+  with stop.watch(), pytest.raises(stop.Stopped):
+    frozen_vae.load_or_train(train, config, cache_dir=entry, on_progress=signal_at_100)
+  assert os.path.exists(entry + '.partial.npz')
+  resumed = frozen_vae.load_or_train(train, config, cache_dir=entry)
+  assert not os.path.exists(entry + '.partial.npz')
+  fresh = frozen_vae.load_or_train(train, config, cache_dir=str(tmp_path / 'fresh'))
+  np.testing.assert_array_equal(resumed.latents(train['x']), fresh.latents(train['x']))

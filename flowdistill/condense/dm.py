@@ -21,6 +21,7 @@ from flax import nnx
 from flowdistill.condense.augment import DIGITS, augment, parse_strategy
 from flowdistill.condense.subsets import check_ipc, random_subset
 from flowdistill.condense.synset_eval import Protocol, make_net
+from flowdistill.train import stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,7 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, settings: DMCon
   momentum = jnp.zeros_like(syn)
   losses = []
   for i in range(settings.iterations):
+    stop.check(syn, where=f'DM iteration {i} (DM starts again on a rerun)')
     real = np.stack([x[rng.choice(r, batch_real, replace=False)] for r in rows])
     syn, momentum, loss = step(syn, momentum, real, jnp.int32(i))
     losses.append(loss)

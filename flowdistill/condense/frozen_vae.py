@@ -101,12 +101,14 @@ class FrozenVAE:
 
 
 def train_vae(images, config: VAEConfig, *,
-              on_progress: Callable[[int], None] | None = None) -> tuple[VAE, dict]:
+              on_progress: Callable[[int], None] | None = None,
+              state_path: str | None = None) -> tuple[VAE, dict]:
   """Adam (cosine decay) on minibatches drawn with replacement.
 
   Args:
     images: [N, H, W, C] in [-1, 1].
     on_progress: called with the steps done, every 100 steps.
+    state_path: `fitting.fit`'s resume file (written every 100 steps and on a stop signal).
 
   Returns:
     (model, metrics {'loss', 'recon', 'kl'}: numpy [steps]).
@@ -127,7 +129,8 @@ def train_vae(images, config: VAEConfig, *,
   params, metrics = fitting.fit(
       fitting.make_update(loss_fn, opt, has_aux=True), params, opt.init(params),
       steps=config.steps, args=(images,),
-      on_progress=None if on_progress is None else lambda done, *_: on_progress(done))
+      on_progress=None if on_progress is None else lambda done, *_: on_progress(done),
+      state_path=state_path)
   return nnx.merge(graphdef, params), metrics
 
 
@@ -173,7 +176,7 @@ def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = Non
   fingerprint, folder = cache_folder(train, config)
 
   def build(folder):
-    model, metrics = train_vae(train['x'], config, on_progress=on_progress)
+    model, metrics = train_vae(train['x'], config, on_progress=on_progress, state_path=partial)
     unscaled = FrozenVAE(model, 1.0, fingerprint, {})
     means = unscaled.encode(train['x'])[0]
     tail = slice(-min(100, config.steps), None)
@@ -183,7 +186,10 @@ def load_or_train(train: dict, config: VAEConfig, *, cache_dir: str | None = Non
     checkpointer.save(files.join(folder, 'params'), nnx.to_pure_dict(nnx.split(model)[1]))
     checkpointer.wait_until_finished()
     files.write_json(files.join(folder, 'info.json'), info)
+    files.remove(partial)
     return FrozenVAE(model, info['scale'], fingerprint, info)
 
+  # the resume file lies beside the entry: a rebuild empties the entry's folder
+  partial = f"{(cache_dir or folder).rstrip('/')}.partial.npz"
   return load_or_build(cache_dir or folder, build,
                        lambda f: _restore(f, train, config, fingerprint), describe='VAE')

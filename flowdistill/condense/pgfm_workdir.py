@@ -5,12 +5,14 @@ from; nothing is retrained).
 """
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from flowdistill import files
+from flowdistill import cache, files
 from flowdistill.condense import coverage, frozen_vae, latents, pgfm, protocol, synset_eval
 from flowdistill.data import sources
 from flowdistill.eval import feature_net
@@ -31,18 +33,30 @@ def prototype_guidance(config) -> pgfm.PrototypeGuidance:
 
 def load_or_make_prototypes(workdir: str, lat: dict, ipc: int, config,
                             fingerprint: str) -> np.ndarray:
-  """`workdir/prototypes_ipc<ipc>.npz` [C, IPC, h, w, c], computed from the latents `lat` and
-  saved where missing; refused where another VAE (`fingerprint`) made it."""
+  """`workdir/prototypes_ipc<ipc>.npz` [C, IPC, h, w, c], k-means of the latents `lat`: read
+  where the file matches its manifest and its recipe (the VAE `fingerprint`, the latent mode,
+  `dd.seed`, `pgfm.prototype_n_init`), else computed and saved (with one warning where a file
+  of another recipe or a damaged one is replaced)."""
+  recipe = json.dumps({'vae': fingerprint, 'latent': config.pgfm.latent, 'seed': config.dd.seed,
+                       'n_init': config.pgfm.prototype_n_init}, sort_keys=True)
   path = files.join(workdir, f'prototypes_ipc{ipc}.npz')
-  if files.exists(path):
-    f = files.load_npz(path)
-    if str(f['fingerprint']) != fingerprint:
-      raise ValueError(f'{path} holds prototypes of VAE {f["fingerprint"]}, but the VAE in '
-                       f'use is {fingerprint}; delete it to recompute them.')
-    return f['prototypes']
-  protos = pgfm.class_prototypes(lat['train']['x'], lat['train']['label'], ipc,
-                                 seed=config.dd.seed, n_init=config.pgfm.prototype_n_init)
-  files.save_npz(path, prototypes=protos, fingerprint=fingerprint)
+
+  def build(p):
+    protos = pgfm.class_prototypes(lat['train']['x'], lat['train']['label'], ipc,
+                                   seed=config.dd.seed, n_init=config.pgfm.prototype_n_init)
+    files.save_npz(p, prototypes=protos, recipe=recipe)
+    return protos
+
+  def load(p):
+    f = files.load_npz(p)
+    return f['prototypes'] if str(f.get('recipe')) == recipe else None
+
+  protos = cache.load_or_build_file(path, build, load, describe='k-means prototypes')
+  if protos is None:
+    logging.warning('%s holds prototypes of another VAE or k-means recipe; computing them '
+                    'again.', path)
+    protos = build(path)
+    cache.write_file_manifest(path)
   return protos
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 
 import jax
@@ -22,8 +23,10 @@ from absl import logging
 from flowdistill import files
 from flowdistill.condense import dm, subsets, synset_eval
 from flowdistill.condense.augment import DIGITS, RGB, parse_strategy
+from flowdistill.errors import BadInput
 from flowdistill.eval import plots, report
 from flowdistill.sections import from_section, section
+from flowdistill.train import stop
 
 BASELINES = subsets.SELECTORS + ('dm',)
 FEATURE_BASELINES = ('herding', 'k_center', 'kmeans_nearest')  # in the whole-data net's features
@@ -182,17 +185,29 @@ def content_hash(*arrays) -> str:
 
 
 def load_synset(path: str) -> dict:
-  """A saved synthetic set {'x', 'label'}, refusing files without those arrays."""
-  f = files.load_npz(path)
+  """A saved synthetic set {'x', 'label'}, refusing files without those arrays and sets that
+  `synset_eval.check_synset` refuses (the test split's shape and classes are checked later,
+  by `score`)."""
+  try:
+    f = files.load_npz(path)
+  except (ValueError, EOFError, zipfile.BadZipFile):
+    raise BadInput(f'{path} cannot be read as an .npz of arrays; a synthetic set is an .npz '
+                   'with x [N, H, W, C] float in [-1, 1] and label int [N].') from None
   missing = [k for k in ('x', 'label') if k not in f]
   if missing:
-    raise ValueError(f'{path} lacks {missing} (it has {sorted(f)}); a synthetic set is an .npz '
-                     'with x [N, H, W, C] float in [-1, 1] and label int [N].')
+    raise BadInput(f'{path} lacks {missing} (it has {sorted(f)}); a synthetic set is an .npz '
+                   'with x [N, H, W, C] float in [-1, 1] and label int [N].')
+  try:
+    synset_eval.check_synset(f['x'], f['label'])
+  except BadInput as e:
+    raise BadInput(f'{path}: {e}') from None
   return {'x': f['x'], 'label': f['label']}
 
 
 def save_set(stem: str, synset: dict, ipc: int, num_classes: int) -> None:
-  """`stem`.npz (x, label) and `stem`.png (a grid, IPC per row, at most 10 columns)."""
+  """`stem`.npz (x, label) and `stem`.png (a grid, IPC per row, at most 10 columns); writes
+  nothing for a set that `synset_eval.check_synset` refuses."""
+  synset_eval.check_synset(synset['x'], synset['label'], num_classes=num_classes)
   files.save_npz(stem + '.npz', x=synset['x'], label=synset['label'])
   order = np.argsort(synset['label'], kind='stable')
   columns = min(ipc, 10)
@@ -211,7 +226,9 @@ def score(name: str, ipc: int, synsets: list[dict], split: synset_eval.TestSplit
           proto: synset_eval.Protocol, key, workdir: str) -> dict:
   """Evaluates one set with R runs, or R sets (one per run, as the random baseline), saves each
   set and its grid under `workdir/sets/`, and returns the cell (a set's 'extra' dict is merged
-  into it)."""
+  into it). Every set is checked against `split` before anything is written or trained."""
+  for synset in synsets:
+    synset_eval.check_synset(synset['x'], synset['label'], split.x.shape[1:], split.num_classes)
   files.makedirs(files.join(workdir, 'sets'))
   stem = files.join(workdir, 'sets', f'{name}_ipc{ipc}')
   bar = progress_bar(f'{name} IPC {ipc}', synset_eval.epochs_total(proto))
@@ -277,21 +294,39 @@ class Cell:
   make: Callable[[], dict]
 
 
+def _read_cell(path: str) -> dict | None:
+  """A stored cell, or None where the file is not a JSON object (damaged)."""
+  try:
+    stored = files.read_json(path)
+  except (ValueError, UnicodeDecodeError):
+    return None
+  return stored if isinstance(stored, dict) else None
+
+
 def run_cells(folder: str, cells: Iterable[Cell]) -> list[dict]:
   """The results of `cells` in order: each read from `folder/<name>_ipc<n>.json` where one with
-  the same identity is stored, else made and stored (with its identity) before the next."""
+  the same identity is stored, else made and stored (with its identity) before the next.
+
+  A stop signal (`stop.check`) ends it before the next cell is made, or inside one (its runs
+  and epochs check too); the stored cells are kept, and a rerun makes the rest."""
   files.makedirs(folder)
   results = []
   for cell in cells:
     path = files.join(folder, f'{cell.name}_ipc{cell.ipc}.json')
     identity = json.loads(json.dumps(cell.identity))
     if files.exists(path):
-      stored = files.read_json(path)
-      if stored.get('identity') == identity:
+      stored = _read_cell(path)
+      if stored is not None and stored.get('identity') == identity:
         results.append(stored)
         continue
-      logging.warning('%s holds a result of another set or protocol; scoring it again.', path)
-    result = dict(cell.make(), identity=identity)
+      logging.warning('%s holds %s; scoring it again.', path,
+                      'no readable result' if stored is None else
+                      'a result of another set or protocol')
+    stop.check(where=f'before {cell.name} IPC {cell.ipc}')
+    try:
+      result = dict(cell.make(), identity=identity)
+    except stop.Stopped as e:
+      raise stop.Stopped(e.signum, f'{e.where} in {cell.name} IPC {cell.ipc}') from None
     files.write_json(path, result)
     results.append(result)
   return results

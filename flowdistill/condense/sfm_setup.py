@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import files
+from flowdistill import cache, files
 from flowdistill.condense import linear_probe, sfm, ssl
 from flowdistill.condense.protocol import progress_bar
+from flowdistill.errors import BadInput, MissingInput
 from flowdistill.sections import from_section
 
 ROLES = ('distill', 'cross')  # φ_d: the distillation backbone; φ_e: cross-backbone probes
@@ -41,7 +42,7 @@ def backbones(dataset, config, *, train: bool = True) -> dict[str, ssl.FrozenBac
       out[role] = ssl.load_cached(dataset.train, settings)
       if out[role] is None:
         folder = ssl.cache_folder(dataset.train, settings)[1]
-        raise FileNotFoundError(
+        raise MissingInput(
             f'No {role} backbone of this config is cached ({folder} holds no complete entry); '
             f'pre-train it with `python -m flowdistill.main --config=configs/sfm.py:'
             f'{config.data.source} --workdir=...` (the same config).')
@@ -60,7 +61,7 @@ def load_statistics(path: str, fingerprint: str) -> dict | None:
     return None
   f = files.load_npz(path)
   if str(f['fingerprint']) != fingerprint:
-    raise ValueError(f'{path} holds statistics of backbone {f["fingerprint"]}, but the '
+    raise BadInput(f'{path} holds statistics of backbone {f["fingerprint"]}, but the '
                      f'backbone in use is {fingerprint}; delete the file and rerun '
                      'method="sfm" to recompute them.')
   return {'mu': jnp.asarray(f['mu']), 'nu': jnp.asarray(f['nu']),
@@ -71,25 +72,30 @@ def load_statistics(path: str, fingerprint: str) -> dict | None:
 
 def statistics(backbone: ssl.FrozenBackbone, dataset, config,
                train_features: np.ndarray | None = None) -> dict:
-  """Real statistics and the golden head of φ_d (`backbone`), cached beside it
-  (`train_features`: φ_d of the train split, where the caller has them already)."""
+  """Real statistics and the golden head of φ_d (`backbone`; `train_features`: its features of
+  the train split, where the caller has them already), cached beside it as
+  `statistics_golden<epochs>.npz`, a one-file entry of `flowdistill.cache` (one changed on disk
+  is recomputed, with one warning)."""
   settings = ssl_settings(config)['distill']
-  path = files.join(ssl.cache_folder(dataset.train, settings)[1], 'statistics.npz')
-  cached = load_statistics(path, backbone.fingerprint)
-  if cached is not None:
-    return cached
-  if train_features is None:
-    train_features = backbone.features(dataset.train['x'])
-  real = sfm.real_statistics(train_features, dataset.train['label'], dataset.num_classes)
-  golden = linear_probe.train_golden_head(train_features, dataset.train['label'],
-                                          dataset.num_classes, jax.random.key(config.seed),
-                                          epochs=config.sfm.golden_epochs)
-  accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
-                                   dataset.test['label'])
-  files.save_npz(path, fingerprint=backbone.fingerprint, weight=golden.weight,
-                 bias=golden.bias, golden_accuracy=accuracy,
-                 **{k: np.asarray(v) for k, v in real.items()})
-  return load_statistics(path, backbone.fingerprint)
+  path = files.join(ssl.cache_folder(dataset.train, settings)[1],
+                    f'statistics_golden{config.sfm.golden_epochs}.npz')
+
+  def build(path):
+    features = backbone.features(dataset.train['x']) if train_features is None else train_features
+    real = sfm.real_statistics(features, dataset.train['label'], dataset.num_classes)
+    golden = linear_probe.train_golden_head(features, dataset.train['label'],
+                                            dataset.num_classes, jax.random.key(config.seed),
+                                            epochs=config.sfm.golden_epochs)
+    accuracy = linear_probe.accuracy(golden.logits(backbone.features(dataset.test['x'])),
+                                     dataset.test['label'])
+    files.save_npz(path, fingerprint=backbone.fingerprint, weight=golden.weight,
+                   bias=golden.bias, golden_accuracy=accuracy,
+                   **{k: np.asarray(v) for k, v in real.items()})
+    return load_statistics(path, backbone.fingerprint)
+
+  return cache.load_or_build_file(path, build,
+                                  lambda path: load_statistics(path, backbone.fingerprint),
+                                  describe='SFM statistics')
 
 
 def step_cost(loss_fn, images, key, *args) -> dict:

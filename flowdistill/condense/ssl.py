@@ -94,12 +94,14 @@ class _SimCLR(nnx.Module):
 
 
 def train_ssl(images, config: SSLConfig, *,
-              on_progress: Callable[[int], None] | None = None) -> tuple[ConvEncoder, dict]:
+              on_progress: Callable[[int], None] | None = None,
+              state_path: str | None = None) -> tuple[ConvEncoder, dict]:
   """SimCLR pre-training: Adam (cosine decay) on minibatches drawn with replacement.
 
   Args:
     images: [N, H, W, C] in [-1, 1] (labels are never seen).
     on_progress: called with the steps done, every 100 steps.
+    state_path: `fitting.fit`'s resume file (written every 100 steps and on a stop signal).
 
   Returns:
     (encoder with the head dropped, metrics {'loss': numpy [steps]}).
@@ -124,7 +126,8 @@ def train_ssl(images, config: SSLConfig, *,
   params, metrics = fitting.fit(
       fitting.make_update(loss_fn, opt), params, opt.init(params), steps=config.steps,
       args=(images,),
-      on_progress=None if on_progress is None else lambda done, *_: on_progress(done))
+      on_progress=None if on_progress is None else lambda done, *_: on_progress(done),
+      state_path=state_path)
   return nnx.merge(graphdef, params).encoder, metrics
 
 
@@ -205,7 +208,8 @@ def load_or_train(train: dict, config: SSLConfig, *,
 
   def build(folder):
     start = time.perf_counter()
-    encoder, metrics = train_ssl(train['x'], config, on_progress=on_progress)
+    encoder, metrics = train_ssl(train['x'], config, on_progress=on_progress,
+                                 state_path=partial)
     info = {'config': dataclasses.asdict(config), 'train_seconds': time.perf_counter() - start,
             'final_loss': float(metrics['loss'][-min(100, config.steps):].mean())}
     checkpointer = ocp.StandardCheckpointer()
@@ -215,7 +219,9 @@ def load_or_train(train: dict, config: SSLConfig, *,
     backbone = standardised(encoder, train['x'], fingerprint, info)
     files.save_npz(files.join(folder, 'standardise.npz'), mean=backbone.params['mean'],
                    scale=backbone.params['scale'])
+    files.remove(partial)
     return _restore(folder, train, config, fingerprint)
 
+  partial = f'{folder}.partial.npz'  # beside the entry: a rebuild empties the folder
   return load_or_build(folder, build, lambda f: _restore(f, train, config, fingerprint),
                        describe='SSL backbone')

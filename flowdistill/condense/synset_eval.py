@@ -20,7 +20,9 @@ import optax
 from flax import nnx
 
 from flowdistill.condense.augment import DIGITS, augment, parse_strategy
+from flowdistill.errors import BadInput
 from flowdistill.models.convnet import ConvNet
+from flowdistill.train import stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,52 @@ class Protocol:
     return self.epochs // 2 + 1
 
 
+# Pixels this far outside [-1, 1] are refused; rounding after a clip stays well inside it.
+RANGE_TOLERANCE = 0.01
+
+
+def check_images(images: np.ndarray, what: str) -> None:
+  """Refuses images that are not float in the library's [-1, 1], naming the conversion.
+
+  Args:
+    images: [N, H, W, C]. what: whose they are in the message ('Synthetic', 'Test', ...).
+  """
+  if not np.issubdtype(images.dtype, np.floating):
+    raise BadInput(f'{what} images are {images.dtype}; the evaluator takes float images in '
+                   '[-1, 1]: map uint8 pixels with x / 127.5 - 1.')
+  if not np.all(np.isfinite(images)):
+    raise BadInput(f'{what} images hold {int((~np.isfinite(images)).sum())} NaN or Inf '
+                   'pixels; the set was not produced correctly.')
+  lo, hi = float(images.min()), float(images.max())
+  span = f'{what} pixels span [{lo:.3g}, {hi:.3g}]; the library range is [-1, 1]'
+  if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+    fix = 'map 0..255 pixels with x / 127.5 - 1' if lo >= 0 else 'clip or rescale them'
+    raise BadInput(f'{span}: {fix}.')
+  # A real spread inside [0, 1] is a [0, 1] image; images in [-1, 1] reach below 0.
+  if lo >= 0 and hi - lo > 0.5:
+    raise BadInput(f'{span}, and these look like [0, 1] images: map them with x * 2 - 1.')
+
+
+def check_labels(labels: np.ndarray, n: int, what: str, num_classes: int | None = None) -> None:
+  """Refuses labels that are not class indices int [n] (in [0, num_classes) when given).
+
+  what: whose they are in the message ('Synthetic', 'Test', ...).
+  """
+  if labels.ndim == 2 and labels.shape[0] == n:
+    raise BadInput(f'{what} labels have shape {labels.shape} and look one-hot; pass class '
+                   'indices int [N] (labels.argmax(-1)).')
+  if labels.shape != (n,):
+    raise BadInput(f'{what} labels have shape {labels.shape}; the {n} images need class '
+                   f'indices int [{n}].')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise BadInput(f'{what} labels are {labels.dtype}; class indices must be integers: cast '
+                   'whole numbers with labels.astype(np.int32).')
+  if n and labels.min() < 0:
+    raise BadInput(f'{what} label {int(labels.min())} is negative; class indices start at 0.')
+  if num_classes is not None and n and labels.max() >= num_classes:
+    raise BadInput(f'{what} label {int(labels.max())} is out of range [0, {num_classes}).')
+
+
 @dataclasses.dataclass(frozen=True)
 class TestSplit:
   """The real test split, the per-channel statistics of the real train split, and optionally
@@ -82,6 +130,17 @@ class TestSplit:
   validation_x: np.ndarray | None = None
   validation_label: np.ndarray | None = None
 
+  def __post_init__(self):
+    held_out = [('Test', self.x, self.label)]
+    if self.validation_x is not None:
+      held_out.append(('Validation', self.validation_x, self.validation_label))
+    for name, x, label in held_out:
+      x, label = np.asarray(x), np.asarray(label)
+      if x.ndim != 4:
+        raise BadInput(f'{name} images have shape {x.shape}; the evaluator takes [N, H, W, C].')
+      check_images(x, name)
+      check_labels(label, len(x), name)
+
   @property
   def num_classes(self) -> int:
     return int(self.label.max()) + 1
@@ -91,15 +150,23 @@ class TestSplit:
     return (jnp.asarray(images, jnp.float32) - self.mean) / self.std
 
 
+def _float32(x) -> np.ndarray:
+  """Float arrays as float32; others unchanged, so that `TestSplit` refuses them by dtype."""
+  x = np.asarray(x)
+  return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+
+
 def test_split(train: dict, test: dict, validation: dict | None = None) -> TestSplit:
-  """A `TestSplit` from `{'x': [N, H, W, C] float, 'label': [N]}` train and test splits (and
-  the validation split held out of train, if any)."""
-  x = np.asarray(train['x'], np.float32)
+  """A `TestSplit` from `{'x': [N, H, W, C] float in [-1, 1], 'label': int [N]}` train and test
+  splits (and the validation split held out of train, if any)."""
+  x = np.asarray(train['x'])
+  check_images(x, 'Train')
+  x = x.astype(np.float32)
   held_out = {} if validation is None else {
-      'validation_x': np.asarray(validation['x'], np.float32),
-      'validation_label': np.asarray(validation['label'], np.int32)}
-  return TestSplit(np.asarray(test['x'], np.float32), np.asarray(test['label'], np.int32),
-                   x.mean((0, 1, 2)), x.std((0, 1, 2)), **held_out)
+      'validation_x': _float32(validation['x']),
+      'validation_label': np.asarray(validation['label'])}
+  return TestSplit(_float32(test['x']), np.asarray(test['label']), x.mean((0, 1, 2)),
+                   x.std((0, 1, 2)), **held_out)
 
 
 def make_net(image_shape, num_classes: int, protocol: Protocol, key):
@@ -182,44 +249,44 @@ def test_accuracy(graphdef, params, x: jax.Array, labels: jax.Array, *,
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def check_synset(images, labels, split: TestSplit) -> None:
-  """Refuses a synthetic set the evaluator would score wrongly, naming the problem and the fix.
+def check_synset(images, labels, image_shape: tuple[int, ...] | None = None,
+                 num_classes: int | None = None) -> None:
+  """Refuses a synthetic set the evaluator would score wrongly or could not plot, naming the
+  problem and the fix; every entry point calls it before any work or file.
 
   Args:
-    images: [N, H, W, C] float in [-1, 1], the shape of the test images.
-    labels: int [N] in [0, C), every class present with the same count.
+    images: [N, H, W, C] float in [-1, 1]; channels last, [H, W, C] = `image_shape` when given
+      (the test split's), else grey or RGB (C of 1 or 3).
+    labels: int [N], class indices; with `num_classes`, in [0, num_classes) and every class
+      present with the same count.
   """
   images, labels = np.asarray(images), np.asarray(labels)
-  shape = split.x.shape[1:]
-  if images.ndim != 4 or images.shape[1:] != shape:
-    hint = ''
-    if images.ndim == 4 and images.shape[1:] == (shape[2], shape[0], shape[1]):
-      hint = ' It looks channels-first: transpose to [N, H, W, C].'
-    raise ValueError(f'Synthetic images have shape {images.shape}; the test split needs '
-                     f'[N, {shape[0]}, {shape[1]}, {shape[2]}] (channels last).{hint}')
-  if images.dtype == np.uint8 or not np.issubdtype(images.dtype, np.floating):
-    raise ValueError(f'Synthetic images are {images.dtype}; the evaluator takes float images in '
-                     '[-1, 1] (uint8 x maps to x / 127.5 - 1).')
-  if not np.all(np.isfinite(images)):
-    raise ValueError(f'Synthetic images hold {int((~np.isfinite(images)).sum())} NaN or Inf '
-                     'pixels; the set was not produced correctly.')
-  if images.min() < -1.5 or images.max() > 1.5:
-    raise ValueError(f'Synthetic pixels span [{images.min():.3g}, {images.max():.3g}]; the '
-                     'library range is [-1, 1] (uint8 x maps to x / 127.5 - 1).')
-  if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'Synthetic labels must be int [{len(images)}]; got {labels.dtype} '
-                     f'{labels.shape}.')
-  num_classes = split.num_classes
-  bad = labels[(labels < 0) | (labels >= num_classes)]
-  if bad.size:
-    raise ValueError(f'Synthetic label {int(bad[0])} is out of range [0, {num_classes}).')
+  if images.ndim != 4:
+    raise BadInput(f'Synthetic images have shape {images.shape}; the evaluator takes '
+                   '[N, H, W, C] (channels last).')
+  shape = images.shape[1:]
+  if image_shape is None:
+    bad, looks_first = shape[-1] not in (1, 3), shape[0] in (1, 3)
+    expected = '[N, H, W, C] with C of 1 or 3'
+  else:
+    h, w, c = image_shape
+    bad, looks_first = shape != (h, w, c), shape == (c, h, w)
+    expected = f'[N, {h}, {w}, {c}]'
+  if bad:
+    hint = ' It looks channels-first: transpose to [N, H, W, C].' if looks_first else ''
+    raise BadInput(f'Synthetic images have shape {images.shape}; the evaluator needs '
+                   f'{expected} (channels last).{hint}')
+  check_labels(labels, len(images), 'Synthetic', num_classes)
+  check_images(images, 'Synthetic')
+  if num_classes is None:
+    return
   counts = np.bincount(labels, minlength=num_classes)
   if counts.min() == 0:
-    raise ValueError(f'The synthetic set has no image of class {int(counts.argmin())}; every '
-                     f'one of the {num_classes} classes needs the same number of images.')
+    raise BadInput(f'The synthetic set has no image of class {int(counts.argmin())}; every '
+                   f'one of the {num_classes} classes needs the same number of images.')
   if counts.min() != counts.max():
-    raise ValueError(f'The synthetic set is unbalanced: images per class {counts.tolist()}; '
-                     'the protocol needs the same count (IPC) in every class.')
+    raise BadInput(f'The synthetic set is unbalanced: images per class {counts.tolist()}; '
+                   'the protocol needs the same count (IPC) in every class.')
 
 
 @functools.partial(jax.jit, static_argnames=('protocol', 'num_classes'))
@@ -253,6 +320,9 @@ def train_networks(images: jax.Array, labels: jax.Array, keys: jax.Array, protoc
 
   Returns:
     (params, momentum), each leaf with a leading axis K.
+
+  Raises:
+    stop.Stopped: after the dispatch during which a stop signal came (`stop.check`).
   """
   total = protocol.epochs + 1
   chunk = min(protocol.epochs_per_call, total)
@@ -261,6 +331,7 @@ def train_networks(images: jax.Array, labels: jax.Array, keys: jax.Array, protoc
   state = _init_networks(keys, images, labels, **static)
   for first in range(0, total, chunk):
     state = _train_epochs(state, keys, jnp.int32(first), images, labels, count=chunk, **static)
+    stop.check(state, where=f'after epoch {min(first + chunk, total)} of {total}')
     if on_progress is not None:
       jax.block_until_ready(state)
       on_progress(min(first + chunk, total))
@@ -282,7 +353,7 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
     {'accs': [R] test accuracies, 'mean', 'std', 'seconds_per_run'}, and with a validation
     split the same networks' 'val_accs', 'val_mean', 'val_std'.
   """
-  check_synset(images, labels, split)
+  check_synset(images, labels, split.x.shape[1:], split.num_classes)
   x, y = split.standardise(images), jnp.asarray(labels, jnp.int32)
   held_out = {'': (split.standardise(split.x), jnp.asarray(split.label))}
   if split.validation_x is not None:
@@ -296,6 +367,7 @@ def evaluate_synset(images, labels, split: TestSplit, key: jax.Array, protocol: 
     done, group = (protocol.epochs + 1) * lo, len(keys)
     progress = None if on_progress is None else (
         lambda epochs, done=done, group=group: on_progress(done + epochs * group))
+    stop.check(where=f'before run {lo + 1} of {protocol.runs}')
     params, _ = train_networks(x, y, keys, protocol, split.num_classes, on_progress=progress)
     for prefix, (images_, labels_) in held_out.items():
       accs[prefix].append(np.asarray(_test_accuracies(

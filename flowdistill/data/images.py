@@ -23,6 +23,8 @@ import zlib
 
 import numpy as np
 
+from flowdistill.errors import BadInput, MissingInput
+
 SPLITS = ('train', 'test')
 
 _IDX_PREFIX = {'train': 'train', 'test': 't10k'}
@@ -48,7 +50,7 @@ def env_var(source: str) -> str:
 
 def _check_split(split: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
+    raise BadInput(f'split must be one of {SPLITS}, got {split!r}.')
 
 
 def _read_idx(file: pathlib.Path) -> np.ndarray:
@@ -68,19 +70,19 @@ def _read_idx(file: pathlib.Path) -> np.ndarray:
     with opener(file, 'rb') as f:
       raw = f.read()
   except (OSError, EOFError, zlib.error) as e:
-    raise ValueError(f'{file}: cannot read idx file ({e}).') from e
+    raise BadInput(f'{file}: cannot read idx file ({e}).') from e
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
-    raise ValueError(f'{file}: bad idx magic number {raw[:4].hex()!r}; expected 000008NN '
-                     '(unsigned bytes, NN dimensions).')
+    raise BadInput(f'{file}: bad idx magic number {raw[:4].hex()!r}; expected 000008NN '
+                   '(unsigned bytes, NN dimensions).')
   ndim = raw[3]
   header = 4 + 4 * ndim
   if ndim == 0 or len(raw) < header:
-    raise ValueError(f'{file}: idx header is truncated or declares {ndim} dimensions.')
+    raise BadInput(f'{file}: idx header is truncated or declares {ndim} dimensions.')
   shape = tuple(int(d) for d in np.frombuffer(raw, '>u4', ndim, offset=4))
   size = int(np.prod(shape))
   if len(raw) - header != size:
-    raise ValueError(f'{file}: idx header declares shape {shape} ({size} bytes) but the file '
-                     f'holds {len(raw) - header} data bytes; the file is truncated or corrupt.')
+    raise BadInput(f'{file}: idx header declares shape {shape} ({size} bytes) but the file '
+                   f'holds {len(raw) - header} data bytes; the file is truncated or corrupt.')
   return np.frombuffer(raw, np.uint8, size, offset=header).reshape(shape)
 
 
@@ -91,7 +93,7 @@ def _find_idx(folder: pathlib.Path, split: str, kind: str, ndim: int) -> pathlib
   for name in names:
     if (folder / name).is_file():
       return folder / name
-  raise FileNotFoundError(f'No {split} {kind} idx file in {folder}: expected one of {names}.')
+  raise MissingInput(f'No {split} {kind} idx file in {folder}: expected one of {names}.')
 
 
 def load_idx_folder(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,17 +117,17 @@ def load_idx_folder(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np
   _check_split(split)
   folder = pathlib.Path(path).expanduser()
   if not folder.is_dir():
-    raise FileNotFoundError(f'idx folder {folder} does not exist.')
+    raise MissingInput(f'idx folder {folder} does not exist.')
   images_file = _find_idx(folder, split, 'images', 3)
   labels_file = _find_idx(folder, split, 'labels', 1)
   images = _read_idx(images_file)
   labels = _read_idx(labels_file)
   if images.ndim != 3 or labels.ndim != 1:
-    raise ValueError(f'{images_file}, {labels_file}: expected 3-D images and 1-D labels, got '
-                     f'shapes {images.shape} and {labels.shape}.')
+    raise BadInput(f'{images_file}, {labels_file}: expected 3-D images and 1-D labels, got '
+                   f'shapes {images.shape} and {labels.shape}.')
   if len(images) != len(labels):
-    raise ValueError(f'{images_file} holds {len(images)} images but {labels_file} holds '
-                     f'{len(labels)} labels.')
+    raise BadInput(f'{images_file} holds {len(images)} images but {labels_file} holds '
+                   f'{len(labels)} labels.')
   return images[..., None], labels.astype(np.int32)
 
 
@@ -134,11 +136,11 @@ def _as_images(x: np.ndarray, file: pathlib.Path, key: str) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4:
-    raise ValueError(f'{file}: {key} must have shape [N, H, W] or [N, H, W, C], got {x.shape}.')
+    raise BadInput(f'{file}: {key} must have shape [N, H, W] or [N, H, W, C], got {x.shape}.')
   if not np.issubdtype(x.dtype, np.integer):
-    raise ValueError(f'{file}: {key} must hold integer pixels 0..255, got dtype {x.dtype}.')
+    raise BadInput(f'{file}: {key} must hold integer pixels 0..255, got dtype {x.dtype}.')
   if x.size and (x.min() < 0 or x.max() > 255):
-    raise ValueError(f'{file}: {key} pixels must lie in 0..255, got {x.min()}..{x.max()}.')
+    raise BadInput(f'{file}: {key} pixels must lie in 0..255, got {x.min()}..{x.max()}.')
   return x.astype(np.uint8)
 
 
@@ -147,8 +149,8 @@ def _as_labels(y: np.ndarray, n: int, file: pathlib.Path, key: str) -> np.ndarra
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]
   if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f'{file}: {key} must be integers of shape [{n}] or [{n}, 1], got '
-                     f'{y.dtype} {y.shape}.')
+    raise BadInput(f'{file}: {key} must be integers of shape [{n}] or [{n}, 1], got '
+                   f'{y.dtype} {y.shape}.')
   return y.astype(np.int32)
 
 
@@ -173,24 +175,24 @@ def load_npz(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarra
   _check_split(split)
   file = pathlib.Path(path).expanduser()
   if not file.is_file():
-    raise FileNotFoundError(f'npz file {file} does not exist.')
+    raise MissingInput(f'npz file {file} does not exist.')
   x_key, y_key = f'x_{split}', f'y_{split}'
   try:
     npz = np.load(file, allow_pickle=False)
   except _NPZ_READ_ERRORS as e:
-    raise ValueError(f'{file}: not a readable .npz file ({e}).') from e
+    raise BadInput(f'{file}: not a readable .npz file ({e}).') from e
   if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise ValueError(f'{file}: holds one .npy array, not an .npz archive of x_train, y_train, '
-                     'x_test and y_test.')
+    raise BadInput(f'{file}: holds one .npy array, not an .npz archive of x_train, y_train, '
+                   'x_test and y_test.')
   with npz:
     missing = [k for k in (x_key, y_key) if k not in npz.files]
     if missing:
-      raise ValueError(f'{file}: missing keys {missing}; an npz data set needs x_train, '
-                       f'y_train, x_test and y_test (found {npz.files}).')
+      raise BadInput(f'{file}: missing keys {missing}; an npz data set needs x_train, '
+                     f'y_train, x_test and y_test (found {npz.files}).')
     try:
       x, y = npz[x_key], npz[y_key]
     except _NPZ_READ_ERRORS as e:
-      raise ValueError(f'{file}: cannot read {x_key} and {y_key} ({e}).') from e
+      raise BadInput(f'{file}: cannot read {x_key} and {y_key} ({e}).') from e
   images = _as_images(x, file, x_key)
   return images, _as_labels(y, len(images), file, y_key)
 
@@ -203,7 +205,7 @@ def _open_image(file: pathlib.Path):
       image.load()
       return image
   except OSError as e:
-    raise ValueError(f'{file}: cannot read image ({e}).') from e
+    raise BadInput(f'{file}: cannot read image ({e}).') from e
 
 
 def load_image_folder(path: str | os.PathLike,
@@ -229,7 +231,7 @@ def load_image_folder(path: str | os.PathLike,
   _check_split(split)
   root = pathlib.Path(path).expanduser() / split
   if not root.is_dir():
-    raise FileNotFoundError(f'image folder {root} does not exist.')
+    raise MissingInput(f'image folder {root} does not exist.')
   class_names = sorted(d.name for d in root.iterdir() if d.is_dir())
   files, labels = [], []
   for label, name in enumerate(class_names):
@@ -237,14 +239,14 @@ def load_image_folder(path: str | os.PathLike,
     files += found
     labels += [label] * len(found)
   if not files:
-    raise FileNotFoundError(f'No {"/".join(_IMAGE_SUFFIXES)} images in {root}/<class_name>/.')
+    raise MissingInput(f'No {"/".join(_IMAGE_SUFFIXES)} images in {root}/<class_name>/.')
   opened = [_open_image(f) for f in files]
   mode = 'L' if all(image.mode in _GREY_MODES for image in opened) else 'RGB'
   images = [np.asarray(image.convert(mode), np.uint8).reshape(image.height, image.width, -1)
             for image in opened]
   for file, image in zip(files, images):
     if image.shape != images[0].shape:
-      raise ValueError(f'{file}: size {image.shape} differs from {files[0]}: {images[0].shape}.')
+      raise BadInput(f'{file}: size {image.shape} differs from {files[0]}: {images[0].shape}.')
   return np.stack(images), np.asarray(labels, np.int32), class_names
 
 
@@ -312,7 +314,7 @@ def load_tfds(name: str,
   except Exception as e:  # tfds raises many types; all mean "not readable here".
     where = data_dir or 'the default tfds data_dir (~/tensorflow_datasets)'
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise FileNotFoundError(
+    raise MissingInput(
         f'tfds data set {name!r} split {split!r} is not available in array_record format in '
         f'{where} ({reason}). Prepare it on a machine with TensorFlow and network access: '
         f'`tfds build {name} --file_format=array_record --data_dir=DIR`, then pass data_dir; '
@@ -324,24 +326,29 @@ def load_tfds(name: str,
   return images, labels
 
 
-def _load_path(source: str, split: str, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """Loads local files, choosing the loader from what `path` holds."""
+def check_path(source: str, path: pathlib.Path) -> None:
+  """Refuses a local data path that does not exist (MissingInput, naming the fix)."""
   if not path.exists():
-    raise FileNotFoundError(
+    raise MissingInput(
         f'{source} data path {path} does not exist. Set config.data.path (or {env_var(source)}) '
         'to an idx folder, an .npz file or an image folder <path>/<split>/<class>/, or leave it '
         'unset to read tfds.')
+
+
+def _load_path(source: str, split: str, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """Loads local files, choosing the loader from what `path` holds."""
+  check_path(source, path)
   if path.is_file():
     if path.suffix != '.npz':
-      raise ValueError(f'{path}: a data file must be an .npz; for idx or image files pass their '
-                       'folder.')
+      raise BadInput(f'{path}: a data file must be an .npz; for idx or image files pass their '
+                     'folder.')
     return load_npz(path, split)
   if any(path.glob('*-idx[13]-ubyte*')) or any(path.glob('*.idx[13]-ubyte*')):
     return load_idx_folder(path, split)
   if (path / split).is_dir():
     images, labels, _ = load_image_folder(path, split)
     return images, labels
-  raise FileNotFoundError(
+  raise MissingInput(
       f'{source} data path {path} holds neither MNIST-format idx files (e.g. '
       f'train-images-idx3-ubyte.gz) nor an image folder {path / split}/<class>/.')
 

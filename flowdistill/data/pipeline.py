@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from flowdistill.errors import BadInput
+
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
   """Yields this process's part of each global batch, step after step.
@@ -52,22 +54,22 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
       ValueError: an argument is out of range or the arrays disagree on `N`.
     """
     if not arrays:
-      raise ValueError('arrays is empty: pass a dict such as {"x": images, "label": labels}.')
+      raise BadInput('arrays is empty: pass a dict such as {"x": images, "label": labels}.')
     sizes = {name: len(a) for name, a in arrays.items()}
     n = next(iter(sizes.values()))
     if any(size != n for size in sizes.values()):
-      raise ValueError(f'All arrays need the same leading dimension, got {sizes}.')
+      raise BadInput(f'All arrays need the same leading dimension, got {sizes}.')
     if process_count < 1 or not 0 <= process_index < process_count:
-      raise ValueError(f'Need 0 <= process_index < process_count, got process_index='
-                       f'{process_index}, process_count={process_count}.')
+      raise BadInput(f'Need 0 <= process_index < process_count, got process_index='
+                     f'{process_index}, process_count={process_count}.')
     if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
-                       f'process_count={process_count}.')
+      raise BadInput(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                     f'process_count={process_count}.')
     if global_batch_size > n:
-      raise ValueError(f'global_batch_size={global_batch_size} exceeds the {n} examples; '
-                       'lower the batch size.')
+      raise BadInput(f'global_batch_size={global_batch_size} exceeds the {n} examples; '
+                     'lower the batch size.')
     if seed < 0 or start_step < 0:
-      raise ValueError(f'seed and start_step must be non-negative, got {seed}, {start_step}.')
+      raise BadInput(f'seed and start_step must be non-negative, got {seed}, {start_step}.')
     self._arrays = dict(arrays)
     self._n = n
     self._global_batch_size = global_batch_size

@@ -3,14 +3,16 @@
 import dataclasses
 import functools
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import couplings
+from flowdistill import couplings, files
 from flowdistill.data import images, tabular, toy
 from flowdistill.data.pipeline import BatchIterator
+from flowdistill.errors import BadInput, MissingInput
 
 TOY_SOURCES = ('toy',)
 TABULAR_SOURCES = ('tabular',)
@@ -71,32 +73,40 @@ def data_path(data_config) -> str | None:
   if data_config.path_env:
     value = os.environ.get(data_config.path_env)
     if not value:
-      raise FileNotFoundError(
+      raise MissingInput(
           f'config.data.path is empty and the environment variable {data_config.path_env} is '
           f'not set; set one of them to the folder holding the {data_config.source} files.')
     return value
   return None
 
 
+def check_path(data_config) -> None:
+  """Refuses, before any work, an image source whose local path (or path variable) is missing."""
+  if data_config.source in IMAGE_SOURCES:
+    path = data_path(data_config)
+    if path and not files.is_url(path):
+      images.check_path(data_config.source, pathlib.Path(path))
+
+
 def load(data_config) -> Dataset:
   """Loads (or describes, for generated toys) the configured data set."""
   if data_config.source == 'toy':
     if data_config.name not in toy.NAMES:
-      raise ValueError(f'config.data.name={data_config.name!r} is not a toy set; choose one of '
-                       f'{list(toy.NAMES)}.')
+      raise BadInput(f'config.data.name={data_config.name!r} is not a toy set; choose one of '
+                     f'{list(toy.NAMES)}.')
     return Dataset(shape=(2,), toy=data_config.name)
   if data_config.source == 'tabular':
     if data_config.name not in tabular.NAMES:
-      raise ValueError(f'config.data.name={data_config.name!r} is not a tabular set; choose one '
-                       f'of {list(tabular.NAMES)}.')
+      raise BadInput(f'config.data.name={data_config.name!r} is not a tabular set; choose one '
+                     f'of {list(tabular.NAMES)}.')
     return Dataset(shape=(tabular.dim(data_config.name),), tabular=data_config.name,
                    **tabular.splits(data_config.name))
   if data_config.source in _LOADERS:
     return _LOADERS[data_config.source](data_config)
   if data_config.source in LATENT_SOURCES:
-    raise ValueError(f'config.data.source={data_config.source!r} is loaded by a module that '
-                     'registers it: import flowdistill.experiments (or call '
-                     "sources.register('latent', flowdistill.condense.latents.load_source)).")
+    raise BadInput(f'config.data.source={data_config.source!r} is loaded by a module that '
+                   'registers it: import flowdistill.experiments (or call '
+                   "sources.register('latent', flowdistill.condense.latents.load_source)).")
   path = data_path(data_config)
   splits = image_splits(data_config.source, path)
   num_classes = check_labels(splits, path or data_config.source)
@@ -117,14 +127,14 @@ def check_labels(splits: dict, where: str) -> int:
   every label lies in [0, class count)."""
   for split in ('train', 'test'):
     if len(splits[split]['label']) == 0:
-      raise ValueError(f'{where}: the {split} split holds no images.')
+      raise BadInput(f'{where}: the {split} split holds no images.')
   num_classes = int(splits['train']['label'].max()) + 1
   for split in ('train', 'test'):
     labels = splits[split]['label']
     if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f'{where}: {split} labels span {labels.min()}..{labels.max()}, but the '
-                       f'classes are 0..{num_classes - 1} (from the train labels); labels must '
-                       'be class indices starting at 0.')
+      raise BadInput(f'{where}: {split} labels span {labels.min()}..{labels.max()}, but the '
+                     f'classes are 0..{num_classes - 1} (from the train labels); labels must '
+                     'be class indices starting at 0.')
   return num_classes
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowdistill.errors import BadInput
+
 NAMES = ('mixture16',)
 TRAIN_SIZE = 50_000
 TEST_SIZE = 10_000
@@ -44,7 +46,7 @@ def _parameters(name: str):
 
 def check_name(name: str):
   if name not in NAMES:
-    raise ValueError(f'Unknown tabular data set {name!r}; choose one of {list(NAMES)}.')
+    raise BadInput(f'Unknown tabular data set {name!r}; choose one of {list(NAMES)}.')
 
 
 def dim(name: str) -> int:
@@ -71,7 +73,7 @@ def log_density(name: str, x: jax.Array) -> jax.Array:
   log_w, means, _, inv_chol = (jnp.asarray(a) for a in _parameters(name))
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2 or x.shape[1] != means.shape[1]:
-    raise ValueError(f'x must have shape [B, {means.shape[1]}]; got {x.shape}.')
+    raise BadInput(f'x must have shape [B, {means.shape[1]}]; got {x.shape}.')
   white = jnp.einsum('kij,bkj->bki', inv_chol, x[:, None, :] - means[None])  # [B, K, D]
   log_det = jnp.sum(jnp.log(jnp.diagonal(inv_chol, axis1=1, axis2=2)), -1)  # log|det L^-1|
   log_comp = (-0.5 * jnp.sum(white**2, -1) + log_det

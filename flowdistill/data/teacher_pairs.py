@@ -5,7 +5,9 @@ the seed) and `chunk_00000.npz`, ... each with `'states'` float32 [chunk, T, ...
 class-conditional teacher, `'label'` int32 [chunk]. Row `i` starts from the noise of
 `fold_in(key(seed), i)`, so the folder is the same whoever writes it: generation resumes
 after an interruption (each chunk is written atomically), more rows
-can be added later, and any run with the same teacher and settings reuses it.
+can be added later, and any run with the same teacher and settings reuses it. Each chunk is a
+one-file cache entry (`flowdistill.cache`: `chunk_00000.npz.manifest.json` records its size and
+sha256), so a chunk changed or cut short on disk is made again by `generate` and never loaded.
 """
 
 import hashlib
@@ -15,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flowdistill import files
+from flowdistill import cache, files
+from flowdistill.errors import BadInput, MissingInput
 
 MANIFEST = 'manifest.json'
 
@@ -46,17 +49,30 @@ def _chunk_path(directory, index):
   return files.join(directory, f'chunk_{index:05d}.npz')
 
 
-def _check_manifest(directory: str, manifest: dict) -> None:
+def _identity(directory: str) -> dict:
+  """The stored `manifest.json` of the pairs in `directory`, refused where it cannot be read."""
   path = files.join(directory, MANIFEST)
-  if not files.exists(path):
-    files.write_json(path, manifest)
+  try:
+    stored = files.read_json(path)
+    if isinstance(stored, dict) and isinstance(stored.get('chunk'), int):
+      return stored
+    problem = 'it does not describe teacher pairs'
+  except (OSError, ValueError) as e:
+    problem = repr(e)
+  raise BadInput(f'{path} cannot be read ({problem}), so the teacher pairs in {directory!r} '
+                   'cannot be trusted: delete that folder to make them again.')
+
+
+def _check_manifest(directory: str, manifest: dict) -> None:
+  if not files.exists(files.join(directory, MANIFEST)):
+    files.write_json(files.join(directory, MANIFEST), manifest)
     return
-  stored = files.read_json(path)
+  stored = _identity(directory)
   differ = sorted(k for k in set(stored) | set(manifest) if stored.get(k) != manifest.get(k))
   if differ:
     details = '; '.join(f'{k}: stored {stored.get(k)!r}, now {manifest.get(k)!r}'
                         for k in differ)
-    raise ValueError(f'The teacher pairs in {directory!r} were made differently ({details}). '
+    raise BadInput(f'The teacher pairs in {directory!r} were made differently ({details}). '
                      'Point config.reflow.pairs_dir to a new folder, or delete that one.')
 
 
@@ -75,15 +91,16 @@ def generate(directory: str, trajectory_fn, *, num: int, chunk: int, shape: tupl
   if jax.process_index() == 0:
     _check_manifest(directory, manifest)
   for index in range(jax.process_index(), -(-num // chunk), jax.process_count()):
-    path = _chunk_path(directory, index)
-    if files.exists(path):
-      continue
-    x0, labels = row_inputs(seed, index * chunk, chunk, shape, num_classes)
-    states = np.asarray(jnp.moveaxis(trajectory_fn(x0, labels), 0, 1), np.float32)
-    arrays = {'states': states}
-    if labels is not None:
-      arrays['label'] = np.asarray(labels, np.int32)
-    files.save_npz(path, **arrays)
+
+    def write(path, start=index * chunk):
+      x0, labels = row_inputs(seed, start, chunk, shape, num_classes)
+      arrays = {'states': np.asarray(jnp.moveaxis(trajectory_fn(x0, labels), 0, 1), np.float32)}
+      if labels is not None:
+        arrays['label'] = np.asarray(labels, np.int32)
+      files.save_npz(path, **arrays)
+
+    cache.load_or_build_file(_chunk_path(directory, index), write, lambda path: None,
+                             describe='chunk of teacher pairs')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'teacher_pairs:{directory}')
   if jax.process_index() != 0:
@@ -91,12 +108,16 @@ def generate(directory: str, trajectory_fn, *, num: int, chunk: int, shape: tupl
 
 
 def load(directory: str, num: int) -> dict[str, np.ndarray]:
-  """The first `num` rows: {'states': [num, T, ...], 'label': [num] if conditional}."""
-  chunk = files.read_json(files.join(directory, MANIFEST))['chunk']
+  """The first `num` rows: {'states': [num, T, ...], 'label': [num] if conditional}; a chunk
+  that is missing or differs from its manifest is refused (`generate` makes it again)."""
+  chunk = _identity(directory)['chunk']
   parts = []
   for index in range(-(-num // chunk)):
     path = _chunk_path(directory, index)
     if not files.exists(path):
-      raise FileNotFoundError(f'{path} is missing: run teacher_pairs.generate for {num} rows.')
+      raise MissingInput(f'{path} is missing: run teacher_pairs.generate for {num} rows.')
+    if reason := cache.check_file(path):
+      raise BadInput(f'{path} is not usable: {reason}; run teacher_pairs.generate (a reflow '
+                       'run does) to make it again, or delete it.')
     parts.append(files.load_npz(path))
   return {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowdistill.errors import BadInput
+
 NAMES = ('8gaussians', 'moons', 'checkerboard', 'spirals', 'gaussian')
 
 _RADIUS = 2.0 * math.sqrt(2.0)
@@ -87,7 +89,7 @@ _SAMPLERS = {
 
 def _check_name(name: str):
   if name not in NAMES:
-    raise ValueError(f'Unknown toy distribution {name!r}; valid names: {", ".join(NAMES)}.')
+    raise BadInput(f'Unknown toy distribution {name!r}; valid names: {", ".join(NAMES)}.')
 
 
 @functools.partial(jax.jit, static_argnames=('name', 'n'))
@@ -112,7 +114,7 @@ def sample(name: str, key: jax.Array, n: int) -> jax.Array:
 def _parse_pair(name: str):
   source, sep, target = name.partition('->')
   if not sep or source not in NAMES or target not in NAMES:
-    raise ValueError(
+    raise BadInput(
         f'Bad toy pair {name!r}: write "<source>-><target>" with both in {", ".join(NAMES)}, '
         'e.g. "moons->8gaussians".')
   return source, target
@@ -151,12 +153,12 @@ def log_density(name: str, x: jax.Array) -> jax.Array:
   """
   _check_name(name)
   if name not in _DENSITY_NAMES:
-    raise ValueError(
+    raise BadInput(
         f'Toy distribution {name!r} has no closed-form density; known for: '
         f'{", ".join(_DENSITY_NAMES)}.')
   x = jnp.asarray(x, jnp.float32)
   if x.ndim < 1 or x.shape[-1] != 2:
-    raise ValueError(f'x must have shape [..., 2]; got {x.shape}.')
+    raise BadInput(f'x must have shape [..., 2]; got {x.shape}.')
   if name == 'gaussian':
     return -0.5 * jnp.sum(x**2, axis=-1) - math.log(2.0 * math.pi)
   if name == '8gaussians':
@@ -186,5 +188,5 @@ def entropy(name: str) -> float:
     return math.log(_CHECKERBOARD_AREA)
   if name == 'gaussian':
     return 1.0 + math.log(2.0 * math.pi)
-  raise ValueError(
+  raise BadInput(
       f'Toy distribution {name!r} has no closed-form entropy; known for: checkerboard, gaussian.')

@@ -30,7 +30,9 @@ class Section:
 def make_sampler(apply_fn, *, solver: str, steps: int | None = None, rtol: float = 1e-5,
                  atol: float = 1e-5, cfg_scale: float | None = None,
                  null_label: int | None = None):
-  """Jitted `(params, x0 [B, ...], cond) -> (x1 [B, ...], nfe)` for one solver setting."""
+  """Jitted `(params, x0 [B, ...], cond) -> (x1 [B, ...], nfe)` for one solver setting (an
+  unknown `solver` is refused here, before any call)."""
+  ode.check_solver(solver)
 
   @jax.jit
   def run(params, x0, cond):

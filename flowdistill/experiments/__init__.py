@@ -10,9 +10,11 @@ import os
 
 import ml_collections
 
+from flowdistill import cache, files
 from flowdistill import config as shared
 from flowdistill.condense import latents
 from flowdistill.data import sources
+from flowdistill.errors import BadInput
 from flowdistill.experiments import (
   dd_eval_run,
   flow_map_run,
@@ -34,7 +36,7 @@ sources.register('latent', latents.load_source)
 def get(name: str) -> Method:
   """The registered method called `name` (the value of `config.method`)."""
   if name not in REGISTRY:
-    raise ValueError(f'config.method={name!r} is not one of {sorted(REGISTRY)}.')
+    raise BadInput(f'config.method={name!r} is not one of {sorted(REGISTRY)}.')
   return REGISTRY[name]
 
 
@@ -51,17 +53,31 @@ def method_config(name: str = 'fm') -> ml_collections.ConfigDict:
 
 
 def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
-  """Raises ValueError naming the first unknown key or inconsistent value: the shared checks
+  """Raises `BadInput` naming the first unknown key or inconsistent value: the shared checks
   (`flowdistill.config.validate`), the data sources the method takes, then its own checks."""
   method = get(config.method)
   shared.validate(config, method_config(config.method), num_devices=num_devices,
                   num_processes=num_processes)
   if config.data.source not in method.sources:
     takers = [m.name for m in REGISTRY.values() if config.data.source in m.sources]
-    raise ValueError(f'config.method={method.name!r} does not take config.data.source='
-                     f'{config.data.source!r} (it takes {list(method.sources)}); methods that '
-                     f'do: {takers}.')
+    raise BadInput(f'config.method={method.name!r} does not take config.data.source='
+                   f'{config.data.source!r} (it takes {list(method.sources)}); methods that '
+                   f'do: {takers}.')
   method.validate(config)
+
+
+def check_paths(config, workdir: str) -> None:
+  """Refuses, before any work, a local data path that does not exist (`MissingInput`), a
+  `workdir` that cannot be written and, for a run on images or latents (its evaluation's feature
+  network, the dataset-distillation methods' VAE, backbones and reference networks live there),
+  a cache root (`$FLOWDISTILL_CACHE`) that cannot; a bucket that does not answer within
+  `files.PROBE_TIMEOUT_S` is refused too (`files.check_writable`).
+  """
+  sources.check_path(config.data)
+  if config.data.source in sources.IMAGE_SOURCES + sources.LATENT_SOURCES:
+    files.check_writable(cache.cache_root(), what='the cache FLOWDISTILL_CACHE',
+                         fix='set FLOWDISTILL_CACHE to a writable folder or gs:// bucket')
+  files.check_writable(workdir, what='--workdir', fix='choose a writable --workdir')
 
 
 def run(config, workdir: str) -> dict:

@@ -15,6 +15,7 @@ import ml_collections
 
 from flowdistill import ode
 from flowdistill.data import sources
+from flowdistill.errors import BadInput
 from flowdistill.eval import report
 from flowdistill.models.factory import build_model
 from flowdistill.train import configured
@@ -31,7 +32,7 @@ class Method:
     run: `run(config, workdir) -> results dict`: trains (resuming), evaluates, writes results.
     defaults: the method's own config section `config.<name>` with every key and its default
       (None: the method has no section); `experiments.method_config()` adds it.
-    validate: `validate(config)` raises ValueError naming a bad key of this method; called
+    validate: `validate(config)` raises `BadInput` naming a bad key of this method; called
       only when the method is selected, after the shared checks.
     sources: the `config.data.source` values the method accepts.
   """
@@ -78,15 +79,15 @@ def matching_teacher(config, dataset) -> Trained:
                          ema=None if config.teacher.ema < 0 else config.teacher.ema)
   classes = configured.num_classes(config, dataset)
   if teacher.data_shape != tuple(dataset.shape) or teacher.num_classes != classes:
-    raise ValueError(
+    raise BadInput(
         f'The teacher in {config.teacher.workdir} was trained on samples of shape '
         f'{teacher.data_shape} with {teacher.num_classes} classes; this config has '
         f'{tuple(dataset.shape)} with {classes}. Use the teacher of this data set.')
   theirs, mine = data_identity(teacher.config.data), data_identity(config.data)
   if theirs != mine:
-    raise ValueError(f'The teacher in {config.teacher.workdir} was trained on {theirs}; this '
-                     f'config distils {mine}. Use a teacher of this data set, or set '
-                     'config.data to the teacher\'s.')
+    raise BadInput(f'The teacher in {config.teacher.workdir} was trained on {theirs}; this '
+                   f'config distils {mine}. Use a teacher of this data set, or set '
+                   'config.data to the teacher\'s.')
   return teacher
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flowdistill import files
 from flowdistill.condense import dm, protocol, reference_net, synset_eval
 from flowdistill.data import sources
+from flowdistill.errors import BadInput, MissingInput
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.sections import section
@@ -39,17 +40,18 @@ DEFAULTS = dict(             # what is scored
 def validate(config) -> None:
   unknown = [b for b in config.dd_eval.baselines if b not in protocol.BASELINES]
   if unknown:
-    raise ValueError(f'config.dd_eval.baselines has {unknown}; choose from '
-                     f'{list(protocol.BASELINES)}.')
+    raise BadInput(f'config.dd_eval.baselines has {unknown}; choose from '
+                   f'{list(protocol.BASELINES)}.')
   for path in config.dd_eval.synsets:
     if not files.exists(path):
-      raise FileNotFoundError(f'config.dd_eval.synsets: {path} does not exist; give .npz files '
-                              'holding x [N, H, W, C] in [-1, 1] and label [N].')
+      raise MissingInput(f'config.dd_eval.synsets: {path} does not exist; give .npz files '
+                         'holding x [N, H, W, C] in [-1, 1] and label [N].')
+    protocol.load_synset(path)  # refuses a malformed set before the workdir is made
   protocol.dm_settings(config.dd_eval.dm, config.dd)
   needs_features = set(config.dd_eval.baselines) & set(protocol.FEATURE_BASELINES)
   if needs_features and not config.dd_eval.whole_data:
-    raise ValueError(f'config.dd_eval.baselines {sorted(needs_features)} select in the features '
-                     'of the whole-data ConvNet; set config.dd_eval.whole_data=True.')
+    raise BadInput(f'config.dd_eval.baselines {sorted(needs_features)} select in the features '
+                   'of the whole-data ConvNet; set config.dd_eval.whole_data=True.')
 
 
 def run(config, workdir: str) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 from flowdistill import ode
 from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources
+from flowdistill.errors import BadInput
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.fewstep import flow_map
@@ -34,8 +35,8 @@ def validate(config) -> None:
   check_choice(flat, 'flow_map.scheme', flow_map.TIME_SCHEMES)
   check_positive(flat, ints=('flow_map.teacher_jumps',))
   if flat['flow_map.loss'] != 'fmm' and not flat['teacher.workdir']:
-    raise ValueError(f'config.flow_map.loss={flat["flow_map.loss"]!r} distils a teacher: set '
-                     'config.teacher.workdir to a trained run (fmm needs none).')
+    raise BadInput(f'config.flow_map.loss={flat["flow_map.loss"]!r} distils a teacher: set '
+                   'config.teacher.workdir to a trained run (fmm needs none).')
 
 
 def load_teacher(config, dataset) -> Trained | None:
@@ -45,11 +46,11 @@ def load_teacher(config, dataset) -> Trained | None:
     return None
   teacher = common.matching_teacher(config, dataset)
   if config.flow_map.loss == 'pfmm' and not teacher.two_time:
-    raise ValueError('config.flow_map.loss="pfmm" needs a flow-map teacher (the workdir of a '
-                     'method="flow_map" run); for a velocity teacher use "lmd" or "emd".')
+    raise BadInput('config.flow_map.loss="pfmm" needs a flow-map teacher (the workdir of a '
+                   'method="flow_map" run); for a velocity teacher use "lmd" or "emd".')
   if config.flow_map.loss in ('lmd', 'emd') and teacher.two_time:
-    raise ValueError(f'config.flow_map.loss={config.flow_map.loss!r} needs a velocity teacher '
-                     '(a method="fm" run); to distil a flow map further use "pfmm".')
+    raise BadInput(f'config.flow_map.loss={config.flow_map.loss!r} needs a velocity teacher '
+                   '(a method="fm" run); to distil a flow map further use "pfmm".')
   return teacher
 
 

@@ -18,15 +18,17 @@ push-forward) where it stopped. Block 0 draws its batches exactly as global flow
 pushed-forward training set (for toys a fixed draw of `config.local_fm.train_size` points).
 """
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdistill import files, ode
+from flowdistill import cache, files, ode
 from flowdistill.config import check_choice, check_positive
 from flowdistill.data import pipeline, sources, toy
+from flowdistill.errors import BadInput
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.fewstep import flow_map, local_fm
@@ -52,15 +54,15 @@ def validate(config) -> None:
                              'local_fm.pushforward_steps', 'local_fm.train_size'),
                         floats=('local_fm.h0', 'local_fm.growth', 'local_fm.pushforward_tol'))
   if flat['local_fm.distill_steps'] < 0:
-    raise ValueError(f'config.local_fm.distill_steps={flat["local_fm.distill_steps"]} must be '
-                     '>= 0 (0: no distillation).')
+    raise BadInput(f'config.local_fm.distill_steps={flat["local_fm.distill_steps"]} must be '
+                   '>= 0 (0: no distillation).')
   if flat['data.conditional']:
-    raise ValueError('config.method="local_fm" trains unconditional chains; set '
-                     'config.data.conditional=False.')
+    raise BadInput('config.method="local_fm" trains unconditional chains; set '
+                   'config.data.conditional=False.')
   if flat['data.source'] == 'toy' and flat['local_fm.train_size'] < flat['data.batch_size']:
-    raise ValueError(f'config.local_fm.train_size={flat["local_fm.train_size"]} is below '
-                     f'config.data.batch_size={flat["data.batch_size"]}; the later blocks draw '
-                     'their batches from that many pushed points: raise it.')
+    raise BadInput(f'config.local_fm.train_size={flat["local_fm.train_size"]} is below '
+                   f'config.data.batch_size={flat["data.batch_size"]}; the later blocks draw '
+                   'their batches from that many pushed points: raise it.')
 
 # The settings that decide what a chain's blocks are; a workdir keeps one chain.
 _CHAIN_KEYS = ('data', 'model', 'path', 'local_fm.num_blocks', 'local_fm.h0', 'local_fm.growth',
@@ -85,9 +87,9 @@ def check_workdir(config, workdir: str) -> None:
     changed = [k for k in spec if json.dumps(old.get(k), sort_keys=True) != json.dumps(
         spec[k], sort_keys=True)]
     if changed:
-      raise ValueError(f'{workdir} holds a chain trained with other settings '
-                       f'(config.{", config.".join(changed)} differ): use a new --workdir, or '
-                       'the settings of that chain to resume it.')
+      raise BadInput(f'{workdir} holds a chain trained with other settings '
+                     f'(config.{", config.".join(changed)} differ): use a new --workdir, or '
+                     'the settings of that chain to resume it.')
     return
   if jax.process_index() == 0:
     files.write_json(file, spec)
@@ -104,34 +106,42 @@ def training_set(config, dataset) -> np.ndarray:
 def cached_push_forward(directory: str, push_fn, x: np.ndarray, chunk: int) -> np.ndarray:
   """`push_fn(rows) -> (pushed rows, nfe)` over x [N, ...] in chunks, cached on disk.
 
-  Each chunk goes to its own `.npz`, written atomically, so an interrupted push-forward
-  restarts at the first missing chunk; the last chunk is padded to the chunk size (one compiled
-  shape). The result is `directory/pushforward.npy`, with `pushforward.json` holding the
-  velocity evaluations spent (`evaluations`: sum over points of the NFE). Returns [N, ...].
+  Each chunk goes to its own `.npz`, written atomically with its manifest (`flowdistill.cache`),
+  so an interrupted push-forward restarts at the first missing or damaged chunk; the last chunk
+  is padded to the chunk size (one compiled shape). The result is `directory/pushforward.npy`
+  (a one-file cache entry: a changed or truncated file is pushed again, with one warning), with
+  `pushforward.json` holding the velocity evaluations spent (`evaluations`: sum over points of
+  the NFE). Returns [N, ...].
   """
-  final = files.join(directory, 'pushforward.npy')
-  if not files.exists(final):
-    parts = files.join(directory, f'pushforward_parts_c{chunk}')
+  parts = files.join(directory, f'pushforward_parts_c{chunk}')
+
+  def push_chunk(i: int, part: str) -> dict:
+    rows = x[i * chunk:(i + 1) * chunk]
+    padded = np.concatenate([rows, x[:chunk - len(rows)]]) if len(rows) < chunk else rows
+    out, nfe = push_fn(padded)
+    pushed = {'x': np.asarray(out)[:len(rows)], 'nfe': np.asarray(nfe)}
+    files.save_npz(part, **pushed)
+    return pushed
+
+  def build(final: str) -> np.ndarray:
     files.makedirs(parts)
-    starts = range(0, len(x), chunk)
-    for i, start in enumerate(starts):
-      part = files.join(parts, f'{i:06d}.npz')
-      if files.exists(part):
-        continue
-      rows = x[start:start + chunk]
-      padded = np.concatenate([rows, x[:chunk - len(rows)]]) if len(rows) < chunk else rows
-      out, nfe = push_fn(padded)
-      files.save_npz(part, x=np.asarray(out)[:len(rows)], nfe=np.asarray(nfe))
-    loaded = [files.load_npz(files.join(parts, f'{i:06d}.npz')) for i in range(len(starts))]
+    loaded = [cache.load_or_build_file(files.join(parts, f'{i:06d}.npz'),
+                                       functools.partial(push_chunk, i), files.load_npz,
+                                       describe='push-forward chunk')
+              for i in range(-(-len(x) // chunk))]
     files.write_json(files.join(directory, 'pushforward.json'),
                      {'evaluations': int(sum(int(p['nfe']) * len(p['x']) for p in loaded)),
                       'chunk': chunk})
-    files.save_npy(final, np.concatenate([p['x'] for p in loaded]))
-    files.rmtree(parts)
-  pushed = files.load_npy(final)
+    pushed = np.concatenate([p['x'] for p in loaded])
+    files.save_npy(final, pushed)
+    return pushed
+
+  final = files.join(directory, 'pushforward.npy')
+  pushed = cache.load_or_build_file(final, build, files.load_npy, describe='push-forward')
+  files.rmtree(parts)
   if pushed.shape != x.shape:
-    raise ValueError(f'{final} holds {pushed.shape[0]} points of shape {pushed.shape[1:]}, but '
-                     f'the training set has {x.shape}; delete it (or use a new --workdir).')
+    raise BadInput(f'{final} holds {pushed.shape[0]} points of shape {pushed.shape[1:]}, but '
+                   f'the training set has {x.shape}; delete it (or use a new --workdir).')
   return pushed
 
 

@@ -35,10 +35,11 @@ from flowdistill.condense.pgfm_workdir import (
 )
 from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources
+from flowdistill.errors import BadInput
 from flowdistill.eval import feature_net, report
 from flowdistill.experiments import common
 from flowdistill.sections import section
-from flowdistill.train import configured, identity
+from flowdistill.train import configured, identity, stop
 
 SETS = ('pgfm', 'unguided', 'prototypes', 'random', 'dm')  # dm: config.dd_eval.dm
 DEFAULTS = dict(
@@ -55,11 +56,11 @@ DEFAULTS = dict(
 
 def validate(config) -> None:
   if not config.data.conditional:
-    raise ValueError('config.method="pgfm" needs a class-conditional latent flow: set '
-                     'config.data.conditional=True.')
+    raise BadInput('config.method="pgfm" needs a class-conditional latent flow: set '
+                   'config.data.conditional=True.')
   unknown = [s for s in config.pgfm.sets if s not in SETS]
   if unknown:
-    raise ValueError(f'config.pgfm.sets has {unknown}; choose from {list(SETS)}.')
+    raise BadInput(f'config.pgfm.sets has {unknown}; choose from {list(SETS)}.')
   flat = identity.flatten(config)
   check_choice(flat, 'pgfm.latent', latents.MODES)
   check_choice(flat, 'pgfm.solver', ode.FIXED_SOLVERS)
@@ -113,6 +114,7 @@ def run(config, workdir: str) -> dict:
   files.makedirs(files.join(workdir, 'latent_fm'))
   # what configs/pgfm_student.py builds a student from
   files.write_bytes(files.join(workdir, 'latent_fm', 'config.json'), fm_config.to_json().encode())
+  stop.check(where='before the latent flow matching')  # its loop handles signals on its own
   _, apply_fn, state = configured.train_fm(fm_config, files.join(workdir, 'latent_fm'))
   if jax.process_index() != 0:
     return {}

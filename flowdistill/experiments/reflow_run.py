@@ -12,6 +12,7 @@ from flowdistill import files, ode
 from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources, teacher_pairs
 from flowdistill.data.pipeline import BatchIterator
+from flowdistill.errors import BadInput
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.fewstep import reflow
@@ -37,26 +38,26 @@ DEFAULTS = dict(            # reflow, piecewise reflow, marginal alignment (METH
 def validate(config) -> None:
   flat = identity.flatten(config)
   if not flat['teacher.workdir']:
-    raise ValueError('config.method="reflow" distils a teacher: set config.teacher.workdir to '
-                     'a trained run (method "fm" or "reflow").')
+    raise BadInput('config.method="reflow" distils a teacher: set config.teacher.workdir to '
+                   'a trained run (method "fm" or "reflow").')
   check_choice(flat, 'reflow.pair_solver', ode.SOLVERS)
   check_choice(flat, 'reflow.align_logdet', reflow.LOGDETS)
   check_positive(flat, ints=('reflow.windows', 'reflow.pair_chunk', 'reflow.align_steps',
                              'reflow.align_probes', 'reflow.kl_samples'))
   if flat['reflow.num_pairs'] < flat['data.batch_size']:
-    raise ValueError(f'config.reflow.num_pairs={flat["reflow.num_pairs"]} is below '
-                     f'config.data.batch_size={flat["data.batch_size"]}; raise it.')
+    raise BadInput(f'config.reflow.num_pairs={flat["reflow.num_pairs"]} is below '
+                   f'config.data.batch_size={flat["data.batch_size"]}; raise it.')
   if flat['reflow.align_weight'] < 0 or flat['reflow.align_warmup'] < 0:
-    raise ValueError('config.reflow.align_weight and config.reflow.align_warmup must be >= 0.')
+    raise BadInput('config.reflow.align_weight and config.reflow.align_warmup must be >= 0.')
   if not 0.0 <= flat['reflow.score_eps'] < 0.5:
-    raise ValueError(f'config.reflow.score_eps={flat["reflow.score_eps"]} must be in [0, 0.5).')
+    raise BadInput(f'config.reflow.score_eps={flat["reflow.score_eps"]} must be in [0, 0.5).')
   if flat['reflow.align_logdet'] != 'hutchinson' and flat['data.source'] in sources.IMAGE_SOURCES:
-    raise ValueError(f'config.reflow.align_logdet={flat["reflow.align_logdet"]!r} needs a '
-                     'full Jacobian per image; use "hutchinson" for image data.')
+    raise BadInput(f'config.reflow.align_logdet={flat["reflow.align_logdet"]!r} needs a '
+                   'full Jacobian per image; use "hutchinson" for image data.')
   if not any(n % flat['reflow.windows'] == 0 for n in flat['eval.euler_steps']):
-    raise ValueError(f'No entry of config.eval.euler_steps={flat["eval.euler_steps"]} is a '
-                     f'multiple of config.reflow.windows={flat["reflow.windows"]}: the student '
-                     'takes whole steps inside each window.')
+    raise BadInput(f'No entry of config.eval.euler_steps={flat["eval.euler_steps"]} is a '
+                   f'multiple of config.reflow.windows={flat["reflow.windows"]}: the student '
+                   'takes whole steps inside each window.')
 
 
 def make_pairs(config, teacher, teacher_apply, dataset, times, workdir: str) -> dict:
@@ -163,8 +164,8 @@ def run(config, workdir: str) -> dict:
   dataset = sources.load(config.data)
   teacher = common.matching_teacher(config, dataset)
   if teacher.two_time:
-    raise ValueError('config.method="reflow" needs a velocity teacher (a method "fm" or '
-                     '"reflow" run); to distil a flow map use method "flow_map".')
+    raise BadInput('config.method="reflow" needs a velocity teacher (a method "fm" or '
+                   '"reflow" run); to distil a flow map use method "flow_map".')
   teacher_apply = common.teacher_velocity(config, teacher, dataset)
   rc = config.reflow
   times = reflow.window_times(rc.windows)

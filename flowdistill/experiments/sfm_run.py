@@ -6,8 +6,8 @@ Stages, each cached so a rerun resumes where the last one stopped:
 
     backbones   `$FLOWDISTILL_CACHE/ssl/<fingerprint>` φ_d (distillation) and φ_e (cross-backbone
                 probes: another seed and width), SimCLR on the train split
-    statistics  `<φ_d folder>/statistics.npz` μ, ν, F and the golden head W* (with φ_d's
-                fingerprint)
+    statistics  `<φ_d folder>/statistics_golden<epochs>.npz` μ, ν, F and the golden head W*
+                (with φ_d's fingerprint; verified against its manifest on load)
     WORKDIR/cells/<method>_ipc<n>.json   accuracies per probe mode and the cost of the step
                 (reused while the distillation and probe settings are the same)
     WORKDIR/sets/<method>_ipc<n>.npz|png the set scored
@@ -32,11 +32,12 @@ from flowdistill import files
 from flowdistill.condense import image_param, linear_probe, protocol, sfm, sfm_setup, ssl, subsets
 from flowdistill.config import check_choice, check_positive
 from flowdistill.data import sources
+from flowdistill.errors import BadInput
 from flowdistill.eval import report
 from flowdistill.experiments import common
 from flowdistill.models.encoder import ConvEncoder
 from flowdistill.sections import section
-from flowdistill.train import identity
+from flowdistill.train import identity, stop
 
 SETS = ('random', 'kmeans_nearest', 'lgm', 'sfm', 'sfm_decouple')
 DISTILLED = ('lgm', 'sfm', 'sfm_decouple')
@@ -69,15 +70,15 @@ def validate(config) -> None:
   for key, options in (('sfm.sets', SETS), ('sfm.probes', tuple(PROBES))):
     unknown = [m for m in flat[key] if m not in options]
     if unknown:
-      raise ValueError(f'config.{key} has {unknown}; choose from {list(options)}.')
+      raise BadInput(f'config.{key} has {unknown}; choose from {list(options)}.')
   check_choice(flat, 'sfm.param', image_param.MODES)
   check_choice(flat, 'sfm.init', image_param.INITS)
   check_choice(flat, 'sfm.nontarget_denominator', sfm.DENOMINATORS)
   check_positive(flat, ints=('sfm.steps', 'sfm.grow_every', 'sfm.snapshot_every', 'sfm.copies',
                              'sfm.lgm_copies', 'sfm.golden_epochs'), floats=('sfm.lr',))
   if not 0 <= flat['sfm.decouple_alpha'] <= 1:
-    raise ValueError(f'config.sfm.decouple_alpha={flat["sfm.decouple_alpha"]} must lie in '
-                     '[0, 1].')
+    raise BadInput(f'config.sfm.decouple_alpha={flat["sfm.decouple_alpha"]} must lie in '
+                   '[0, 1].')
   sfm_setup.ssl_settings(config)
   sfm_setup.probe_protocol(config)
 
@@ -182,6 +183,7 @@ def run(config, workdir: str) -> dict:
     probes = p.probes if name in DISTILLED else ('normal',)
     cell.update(method=name, ipc=ipc, probes={})
     for probe in probes:
+      stop.check(where=f'before the {probe} probe of {name} IPC {ipc}')
       mode, role = PROBES[probe]
       t0 = time.perf_counter()
       result = linear_probe.evaluate_probe(

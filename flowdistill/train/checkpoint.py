@@ -13,19 +13,20 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from flowdistill import files
+from flowdistill.errors import BadInput, UserError
 
 _log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """The workdir holds a checkpoint of a different model or state layout."""
 
 
-class UnreadableCheckpointsError(OSError):
+class UnreadableCheckpointsError(UserError, OSError):
   """The workdir holds checkpoints, and every one of them fails to read."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
   """A checkpoint could not be written (disk full, quota, permissions, filesystem gone)."""
 
 
@@ -54,8 +55,8 @@ def param_shapes(tree) -> dict[str, list[int]]:
 def check_workdir(path) -> None:
   """Refuses URLs other than gs:// (Cloud Storage, the one object store that is tested)."""
   if files.is_url(path) and not str(path).startswith('gs://'):
-    raise ValueError(f'{str(path)!r}: flowdistill writes to local paths and to gs:// buckets; '
-                     'mount this store (e.g. s3fs) and pass its local path as --workdir.')
+    raise BadInput(f'{str(path)!r}: flowdistill writes to local paths and to gs:// buckets; '
+                   'mount this store (e.g. s3fs) and pass its local path as --workdir.')
 
 
 def _free_bytes(directory: str) -> int | None:
@@ -81,8 +82,8 @@ class Checkpointer:
       files.write_bytes(probe, b'ok')
       files.remove(probe)
     except OSError as e:
-      raise PermissionError(f'Cannot write checkpoints to {directory!r} ({e.strerror or e}); '
-                            'choose a writable --workdir.') from e
+      raise files.NotWritable(f'Cannot write checkpoints to {directory!r} ({e.strerror or e}); '
+                              'choose a writable --workdir.') from e
     self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(

@@ -11,6 +11,8 @@ import json
 
 import ml_collections
 
+from flowdistill.errors import UserError
+
 IDENTITY_SECTIONS = ('data', 'model', 'path', 'fm', 'teacher', 'optim', 'train')
 HARMLESS_KEYS = frozenset({
     'data.path', 'data.path_env',  # where the same data lives
@@ -20,7 +22,7 @@ HARMLESS_KEYS = frozenset({
 })
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(UserError, ValueError):
   """A resumed run's config differs from its checkpoint's in an identity key."""
 
 

@@ -8,6 +8,7 @@ import jax
 import ml_collections
 
 from flowdistill import files
+from flowdistill.errors import MissingInput, UserError
 from flowdistill.models.factory import build_model
 from flowdistill.train.checkpoint import (
   Checkpointer,
@@ -30,7 +31,7 @@ class Trained:
   two_time: bool
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
   """A checkpoint's metadata lacks what rebuilding its model needs."""
 
 
@@ -60,13 +61,13 @@ def load_trained(workdir: str, *, ema: float | None = None) -> Trained:
   """
   directory = files.join(workdir, 'checkpoints')
   if not files.isdir(directory):
-    raise FileNotFoundError(f'No checkpoints in {directory!r}: set config.teacher.workdir to '
-                            'the --workdir of a finished training run.')
+    raise MissingInput(f'No checkpoints in {directory!r}: set config.teacher.workdir to the '
+                       '--workdir of a finished training run.')
   ckpt = Checkpointer(directory, async_save=False)
   try:
     steps = ckpt.all_steps()
     if not steps:
-      raise FileNotFoundError(f'{directory!r} holds no checkpoint yet; train the teacher first.')
+      raise MissingInput(f'{directory!r} holds no checkpoint yet; train the teacher first.')
     for step in reversed(steps):  # as resume does, without touching the teacher's files
       try:
         config, meta, apply_fn, state = _read_step(ckpt, step, directory)
