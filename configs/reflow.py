@@ -4,7 +4,9 @@ Arg: 'variant,data' (`config.parse_arg` fields, both optional) with variant in r
 piecewise | reflow-ma | piecewise-ma (default reflow) and data a toy set (default
 checkerboard) or 'mnist' (a class-conditional U-Net student of a configs/mnist.py teacher,
 which it distils with that teacher's guidance). 'piecewise' uses 2 windows; '-ma' adds the
-marginal-alignment regulariser.
+marginal-alignment regulariser, time-consistent by default; `--config.reflow.align_time=clipped`
+gives the earlier form (the last window's map runs to t = 1 while the teacher's score is taken
+at 1 - score_eps) for comparison.
 Teacher pairs are cached in WORKDIR/pairs, or in --config.reflow.pairs_dir to share them:
 
 python -m flowdistill.main --config=configs/quickstart.py --workdir=runs/teacher
@@ -29,7 +31,7 @@ def get_config(arg: str = ''):
   config.data.name = arg.data
   config.reflow.update(windows=2 if variant.startswith('piecewise') else 1, num_pairs=50_000,
                        align_weight=0.001 if variant.endswith('-ma') else 0.0, score_eps=0.05,
-                       align_warmup=500)
+                       align_warmup=500, align_time='consistent')
   config.optim.update(lr=1e-3, schedule='cosine', warmup_steps=200)
   config.train.update(steps=3000, ckpt_every=1000, log_every=200)
   config.eval.update(num_samples=2000, nll_samples=1000, euler_steps=(1, 2, 4, 8))

@@ -155,9 +155,10 @@ def _gaussian_kl(mean_q, cov_q, mean_p, cov_p):
                 + jnp.linalg.slogdet(cov_p)[1] - jnp.linalg.slogdet(cov_q)[1])
 
 
-def _analytic_kl(params, t0, t1):
-  """KL(q || p_{t1}) for the affine student's one-step map of the teacher marginal at t0."""
-  (m0, s0), (m1, s1) = _marginal(t0), _marginal(t1)
+def _analytic_kl(params, t0, t1, t_teacher=None):
+  """KL(q || p_{t_teacher}) for the affine student's one-step map from t0 to t1 of the teacher
+  marginal at t0 (t_teacher defaults to t1)."""
+  (m0, s0), (m1, s1) = _marginal(t0), _marginal(t1 if t_teacher is None else t_teacher)
   m = jnp.eye(2) + (t1 - t0) * params['A']
   return _gaussian_kl(m @ m0 + (t1 - t0) * params['b'], m @ jnp.diag(s0**2) @ m.T, m1,
                       jnp.diag(s1**2))
@@ -181,6 +182,77 @@ def test_alignment_gradient_matches_the_analytic_kl_gradient():
   for name in ('A', 'b'):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4)
   assert float(jnp.abs(want['A']).max()) > 0.1  # a real gradient, not a vanishing one
+
+
+def _data_end_alignment(align_time, n=4096, eps=0.05):
+  """`make_loss`'s alignment term (λ = 1) on one window [0, 1], the data end, with noise
+  samples whose first two moments are exact: a function of the affine student's params."""
+  x = _whitened(jax.random.key(0), n, jnp.zeros(2), jnp.ones(2))
+  batch = {'states': jnp.stack([x, MEAN + STD * x], 1)}
+  loss_fn = reflow.make_loss(affine_apply, reflow.window_times(1), teacher_apply_fn=TEACHER_APPLY,
+                             teacher_path=PATH, align_weight=1.0, score_eps=eps,
+                             align_time=align_time)
+  return lambda p: loss_fn(p, batch, jax.random.key(1), TEACHER)[1]['align_surrogate']
+
+
+def _relative_error(got, want):
+  return max(float(jnp.linalg.norm(got[k] - want[k]) / jnp.linalg.norm(want[k])) for k in want)
+
+
+def test_consistent_alignment_is_the_exact_kl_gradient_at_the_data_end():
+  # The student's map stops at the score time 1 - eps: the gradient of KL(q_0.95 || p_0.95).
+  got = jax.grad(_data_end_alignment('consistent'))(AFFINE)
+  want = jax.grad(_analytic_kl)(AFFINE, 0.0, 0.95)
+  assert _relative_error(got, want) < 1e-4, (got, want)
+  assert float(jnp.abs(want['A']).max()) > 0.1
+
+
+def test_clipped_alignment_mixes_times_at_the_data_end():
+  # A t = 1 sample scored at 0.95: the gradient of KL(q_1 || p_0.95), not of a KL at one time.
+  got = jax.grad(_data_end_alignment('clipped'))(AFFINE)
+  assert _relative_error(got, jax.grad(_analytic_kl)(AFFINE, 0.0, 1.0, 0.95)) < 1e-4
+  for t in (0.95, 1.0):
+    assert _relative_error(got, jax.grad(_analytic_kl)(AFFINE, 0.0, t)) > 0.05
+  # At a student whose t = 1 marginal is the teacher's, the clipped form still pulls the mean
+  # toward 0.95 * MEAN; the consistent one does not.
+  exact = {'A': jnp.diag(STD) - jnp.eye(2), 'b': MEAN}
+  assert float(jnp.abs(jax.grad(_data_end_alignment('clipped'))(exact)['b']).max()) > 0.4
+  assert float(jnp.abs(jax.grad(_data_end_alignment('consistent'))(exact)['b']).max()) < 1e-5
+  with pytest.raises(ValueError, match='align_time'):
+    _data_end_alignment('both')
+  with pytest.raises(ValueError, match='score_eps'):
+    reflow.make_loss(affine_apply, reflow.window_times(4), teacher_apply_fn=TEACHER_APPLY,
+                     teacher_path=PATH, align_weight=1.0, score_eps=0.3)
+
+
+def test_config_validation_names_the_alignment_time_choices():
+  config = load_config_file('configs/reflow.py', 'piecewise-ma,moons')
+  config.teacher.workdir = 'teacher'
+  config.reflow.align_time = 'both'
+  with pytest.raises(ValueError, match="'consistent', 'clipped'"):
+    validate(config)
+  config.reflow.update(align_time='consistent', windows=4, score_eps=0.3)
+  config.eval.euler_steps = (4,)
+  with pytest.raises(ValueError, match='align_time="clipped"'):
+    validate(config)
+  config.reflow.align_time = 'clipped'
+  validate(config)
+
+
+def test_alignment_descent_moves_a_mis_scaled_student_toward_the_teacher_marginal():
+  surrogate = _data_end_alignment('consistent')
+  grad = jax.jit(jax.grad(surrogate))
+  target = _marginal(0.95)[1]**2
+
+  def variance_error(params):  # of the pushed-forward N(0, I) at 0.95 (the map is affine)
+    m = jnp.eye(2) + 0.95 * params['A']
+    return float(jnp.max(jnp.abs(jnp.diag(m @ m.T) / target - 1)))
+
+  params = {'A': jnp.zeros((2, 2)), 'b': MEAN}  # the identity map: variance 1, not the target
+  before = variance_error(params)
+  for _ in range(20):
+    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grad(params))
+  assert variance_error(params) < 0.1 * before, (before, variance_error(params))
 
 
 def test_window_kl_estimates_match_the_closed_form():

@@ -30,6 +30,8 @@ DEFAULTS = dict(            # reflow, piecewise reflow, marginal alignment (METH
     align_logdet='exact',              # 'exact' | 'trace' (low dimension) | 'hutchinson'
     align_probes=1,                    # Hutchinson probes
     score_eps=0.01,                    # teacher-score time clipped to [eps, 1 - eps]
+    align_time='consistent',           # 'consistent': last window's map stops at 1 - eps too;
+                                       # 'clipped': maps to 1, scores at 1 - eps (earlier form)
     kl_samples=1000,                   # teacher states for the per-window KL report
     warm_start=True,                   # start the student from the teacher's parameters
 )
@@ -42,6 +44,7 @@ def validate(config) -> None:
                    'a trained run (method "fm" or "reflow").')
   check_choice(flat, 'reflow.pair_solver', ode.SOLVERS)
   check_choice(flat, 'reflow.align_logdet', reflow.LOGDETS)
+  check_choice(flat, 'reflow.align_time', reflow.ALIGN_TIMES)
   check_positive(flat, ints=('reflow.windows', 'reflow.pair_chunk', 'reflow.align_steps',
                              'reflow.align_probes', 'reflow.kl_samples'))
   if flat['reflow.num_pairs'] < flat['data.batch_size']:
@@ -51,6 +54,12 @@ def validate(config) -> None:
     raise BadInput('config.reflow.align_weight and config.reflow.align_warmup must be >= 0.')
   if not 0.0 <= flat['reflow.score_eps'] < 0.5:
     raise BadInput(f'config.reflow.score_eps={flat["reflow.score_eps"]} must be in [0, 0.5).')
+  if (flat['reflow.align_weight'] > 0 and flat['reflow.align_time'] == 'consistent'
+      and flat['reflow.score_eps'] * flat['reflow.windows'] >= 1):
+    raise BadInput(f'config.reflow.score_eps={flat["reflow.score_eps"]} is not below the '
+                   f'window length 1/{flat["reflow.windows"]}: align_time="consistent" stops '
+                   'the alignment map of the last window at 1 - score_eps. Lower score_eps or '
+                   'the number of windows, or set config.reflow.align_time="clipped".')
   if flat['reflow.align_logdet'] != 'hutchinson' and flat['data.source'] in sources.IMAGE_SOURCES:
     raise BadInput(f'config.reflow.align_logdet={flat["reflow.align_logdet"]!r} needs a '
                    'full Jacobian per image; use "hutchinson" for image data.')
@@ -180,7 +189,7 @@ def run(config, workdir: str) -> dict:
       apply_fn, times, teacher_apply_fn=teacher_apply,
       teacher_path=configured.build_path(teacher.config.path), align_weight=rc.align_weight,
       align_warmup=rc.align_warmup, align_steps=rc.align_steps, logdet=rc.align_logdet,
-      num_probes=rc.align_probes, score_eps=rc.score_eps or None)
+      num_probes=rc.align_probes, score_eps=rc.score_eps or None, align_time=rc.align_time)
 
   def batches(start):
     return BatchIterator(pairs, config.data.batch_size, seed=config.seed, start_step=start,

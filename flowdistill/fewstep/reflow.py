@@ -13,10 +13,21 @@ the teacher marginal `p_{t_{k+1}}` has the reparameterised gradient of the surro
 
     L_MA = E_x[ -log|det dPhi/dx| - stopgrad(s_T(Phi x, t_{k+1})) . Phi x ],
 
-which needs only the frozen teacher's score (from its velocity). The log-determinant is exact
-(Jacobian) in low dimension; in high dimension it is the student ODE's continuous form
-`sum_j dt * div v(x_j, t_j)` with a Hutchinson divergence. The per-window KLs bound the final
-error: `TV(student, teacher) <= sum_k sqrt(KL_k / 2)`.
+which needs only the frozen teacher's score (from its velocity): `log p_{t_k}(x)` does not
+depend on the student, so the KL's gradient is `E[-d log|det dPhi/dx| - s_T(Phi x) . dPhi x]`,
+the surrogate's, provided the score is taken at the time where `Phi` ends. The score is clipped
+to `t <= 1 - eps` (the linear path's conversion is singular at the data end), so by default
+(`align_time='consistent'`) the last window's map stops at `1 - eps` in this term (sampling
+still maps to 1) and the KL compares student and teacher at `1 - eps`. The earlier form
+(`'clipped'`) maps to 1 and scores at `1 - eps`: the gradient of `KL(q_1 || p_{1 - eps})`,
+which pulls data-end samples toward data shrunk by `1 - eps` and blurred by eps noise.
+Inside a window a reflow student's marginal is that of straight lines, not the teacher's, so
+even at the reflow optimum the consistent term still pulls at `1 - eps` (for Gaussian data:
+on the spread, by O(eps), not on the mean).
+
+The log-determinant is exact (Jacobian) in low dimension; in high dimension it is the student
+ODE's continuous form `sum_j dt * div v(x_j, t_j)` with a Hutchinson divergence. The per-window
+KLs bound the final error: `TV(student, teacher) <= sum_k sqrt(KL_k / 2)`.
 """
 
 import math
@@ -30,6 +41,7 @@ from flowdistill import ode
 from flowdistill.paths import AffinePath, expand_time
 
 LOGDETS = ('exact', 'trace', 'hutchinson')
+ALIGN_TIMES = ('consistent', 'clipped')
 
 
 def window_times(num_windows: int) -> np.ndarray:
@@ -160,6 +172,19 @@ def alignment_surrogate(apply_fn, params, score_fn: Callable, x, t0, t1, *, step
   return -ld - jnp.sum((score * y).reshape(y.shape[0], -1), -1), ld
 
 
+def alignment_end(t1, eps: float | None, align_time: str = 'consistent'):
+  """Where the student's window map stops in the alignment term: [B] from window ends t1 [B].
+
+  'consistent': at the teacher-score time `clip(t1, eps, 1 - eps)`, so the KL compares both
+  marginals at one time; 'clipped': at t1 (the score is still taken at the clipped time).
+  """
+  if align_time not in ALIGN_TIMES:
+    raise ValueError(f'Unknown align_time {align_time!r}; choose one of {list(ALIGN_TIMES)}.')
+  if align_time == 'clipped' or eps is None:
+    return t1
+  return jnp.clip(t1, eps, 1.0 - eps)
+
+
 def align_weight_at(step, weight: float, warmup: int):
   """λ at `step`: linear warm-up from 0 over `warmup` steps, then `weight` (constant if 0)."""
   if warmup <= 0 or step is None:
@@ -169,7 +194,8 @@ def align_weight_at(step, weight: float, warmup: int):
 
 def make_loss(apply_fn, times, *, teacher_apply_fn=None, teacher_path: AffinePath | None = None,
               align_weight: float = 0.0, align_warmup: int = 0, align_steps: int = 1,
-              logdet: str = 'exact', num_probes: int = 1, score_eps: float | None = 1e-2):
+              logdet: str = 'exact', num_probes: int = 1, score_eps: float | None = 1e-2,
+              align_time: str = 'consistent'):
   """Builds `loss_fn(params, batch, key, teacher_params=None, step=None)` for (piecewise)
   reflow with optional marginal alignment.
 
@@ -188,6 +214,10 @@ def make_loss(apply_fn, times, *, teacher_apply_fn=None, teacher_path: AffinePat
     logdet, num_probes: 'exact', 'trace' or 'hutchinson' (with that many Rademacher probes);
       see `euler_map_logdet`.
     score_eps: clip of the teacher-score time (None: no clip).
+    align_time: 'consistent' — the student's map in the regulariser stops at the (clipped)
+      score time, so its gradient is that of the KL at one time; 'clipped' — the map runs to
+      the window end while the score is taken at the clipped time (the earlier form, kept for
+      comparison). See `alignment_end`.
 
   The batch holds `'states'` [B, K + 1, ...] (teacher states at `times`, see
   `teacher_trajectory`) and optionally `'label'` [B] for a class-conditional student.
@@ -202,6 +232,12 @@ def make_loss(apply_fn, times, *, teacher_apply_fn=None, teacher_path: AffinePat
   if align and (teacher_apply_fn is None or teacher_path is None):
     raise ValueError('Marginal alignment (align_weight > 0) needs `teacher_apply_fn` and '
                      '`teacher_path` for the teacher score.')
+  ends = np.asarray(alignment_end(times[1:], score_eps, align_time))
+  if align and np.any(ends <= np.asarray(times[:-1])):
+    raise ValueError(f'align_time={align_time!r} ends each window map at its score time, '
+                     f'but score_eps={score_eps} puts that at or before the start of a window '
+                     f"(boundaries {times.tolist()}); use a score_eps below every window's "
+                     'length.')
 
   def loss_fn(params, batch, key, teacher_params=None, step=None):
     states = batch['states']
@@ -228,7 +264,8 @@ def make_loss(apply_fn, times, *, teacher_apply_fn=None, teacher_path: AffinePat
                                             t, cond=cond, eps=score_eps)
       probes = (ode.divergence_probes(k_probe, num_probes, x_lo) if logdet == 'hutchinson'
                 else None)
-      surrogate, ld = alignment_surrogate(apply_fn, params, score_fn, x_lo, t_lo, t_hi,
+      t_end = alignment_end(t_hi, score_eps, align_time)
+      surrogate, ld = alignment_surrogate(apply_fn, params, score_fn, x_lo, t_lo, t_end,
                                           steps=align_steps, cond=cond, logdet=logdet,
                                           probes=probes)
       weight = align_weight_at(step, align_weight, align_warmup)
