@@ -65,7 +65,8 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, BENCH_DIR)
 
-from dd_eval_vs_torch import torch_convnet  # noqa: E402  pylint: disable=wrong-import-position
+import machine  # noqa: E402  pylint: disable=wrong-import-position
+from dd_eval_vs_torch import torch_convnet  # noqa: E402
 from fm_step import cpu_seconds, cycling_runner, time_loop  # noqa: E402
 
 from flowdistill.condense import synset_eval  # noqa: E402
@@ -582,8 +583,7 @@ def environment() -> dict:
   return {'python': platform.python_version(), 'jax': jax.__version__,
           'jaxlib': jax.lib.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
           'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
-          'cpu': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
-          'jax_devices': [str(d) for d in jax.devices()],
+          'machine': machine.describe(torch=torch),
           'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')}
 
 
@@ -613,6 +613,7 @@ def main():
   with open(args.out, 'w') as f:
     json.dump({'environment': env, 'settings': vars(args), 'models': checks,
                'results': results}, f, indent=2)
+  print(machine.headline(env['machine']))
   print(markdown(checks, results, args.repeats))
 
 

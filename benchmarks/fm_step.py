@@ -50,6 +50,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
 
+import machine  # pylint: disable=wrong-import-position
+
 from flowdistill.couplings import pair_on_host  # pylint: disable=wrong-import-position
 from flowdistill.data import toy
 from flowdistill.fm import make_loss
@@ -424,8 +426,7 @@ def environment(torch) -> dict:
           'jaxlib': jax.lib.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
           'ott-jax': ott.__version__, 'torch': None if torch is None else torch.__version__,
           'torch_threads': None if torch is None else torch.get_num_threads(),
-          'cpu': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
-          'jax_devices': [str(d) for d in jax.devices()],
+          'machine': machine.describe(torch=torch),
           'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')}
 
 
@@ -456,6 +457,7 @@ def main():
   with open(args.out, 'w') as f:
     json.dump({'environment': env, 'settings': vars(args) | {'batch': BATCH},
                'results': results, 'derived': extra}, f, indent=2)
+  print(machine.headline(env['machine']))
   print(markdown(results, extra, args.repeats))
 
 

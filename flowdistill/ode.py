@@ -6,6 +6,7 @@ Fixed-step solvers (Euler, midpoint, Heun) are a `lax.scan` over a time grid; ad
 evaluation counts once: its conditional and unconditional halves run as one batch).
 """
 
+import math
 from collections.abc import Callable
 
 import diffrax
@@ -40,15 +41,18 @@ def velocity_fn(apply_fn, params, *, cond=None, cfg_scale: float | None = None,
   if cfg_scale is not None and (cond is None or null_label is None):
     raise ValueError('Classifier-free guidance needs `cond` labels and the model `null_label`.')
 
+  scalar_time = getattr(apply_fn, 'scalar_time', False)
+
   def v(x, t):
     checks.check_data(x)
     if cond is not None and cond.shape[0] != x.shape[0]:
       raise ValueError(f'`cond` has batch {cond.shape[0]} but x has {x.shape[0]}.')
-    tb = jnp.full((x.shape[0],), t, x.dtype)
+    # one time for the batch: a model that declares `scalar_time` embeds it once
+    tb = jnp.asarray(t, x.dtype) if scalar_time else jnp.full((x.shape[0],), t, x.dtype)
     if cfg_scale is None:
       return checks.apply_model(apply_fn, params, x, tb, cond=cond)
     both = checks.apply_model(apply_fn, params, jnp.concatenate([x, x]),
-                              jnp.concatenate([tb, tb]),
+                              tb if scalar_time else jnp.concatenate([tb, tb]),
                               cond=jnp.concatenate([cond, jnp.full_like(cond, null_label)]))
     v_c, v_u = jnp.split(both, 2)
     return v_u + cfg_scale * (v_c - v_u)
@@ -204,14 +208,38 @@ def standard_normal_logpdf(x):
   return -0.5 * (jnp.sum(flat**2, -1) + flat.shape[1] * jnp.log(2 * jnp.pi))
 
 
+def _probe_products(v: VelocityFn, x, t, probes):
+  """`v(x, t)` and `eps_k . (J eps_k)` per probe, from one `jvp` per probe whose primal (the
+  velocity) is computed once: probes are `vmap`ped, `x` is not.
+
+  Returns:
+    (v(x, t) [B, ...], products [K, B]).
+  """
+
+  def one(eps):
+    vel, jvp = jax.jvp(lambda y: v(y, t), (x,), (eps,))
+    return vel, jnp.sum((eps * jvp).reshape(x.shape[0], -1), -1)
+
+  vel, products = jax.vmap(one, out_axes=(None, 0))(probes)
+  return vel, products
+
+
+def velocity_and_divergence(v: VelocityFn, x, t):
+  """`v(x, t)` and `div_x v(x, t)` by the exact Jacobian trace, `sum_i e_i . (J e_i)` over the
+  D coordinate directions (D tangent passes beside one primal; low dimension).
+
+  Returns:
+    (v(x, t) [B, ...], divergence [B]).
+  """
+  dim = math.prod(x.shape[1:])
+  basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
+  vel, products = _probe_products(v, x, t, jnp.broadcast_to(basis, (dim,) + x.shape))
+  return vel, jnp.sum(products, 0)
+
+
 def exact_divergence(v: VelocityFn, x, t):
-  """`div_x v(x, t)` per sample by the full Jacobian trace (D evaluations): [B] ."""
-
-  def single(xi):
-    flat_fn = lambda y: v(y.reshape((1,) + xi.shape), t).reshape(-1)
-    return jnp.trace(jax.jacfwd(flat_fn)(xi.reshape(-1)))
-
-  return jax.vmap(single)(x)
+  """`div_x v(x, t)` per sample by the full Jacobian trace (D tangent passes): [B]."""
+  return velocity_and_divergence(v, x, t)[1]
 
 
 def hutchinson_divergence(v: VelocityFn, x, t, probes):
@@ -223,13 +251,8 @@ def hutchinson_divergence(v: VelocityFn, x, t, probes):
   Returns:
     (v(x, t) [B, ...], div estimate [B]); the velocity is the primal of the same `jvp`.
   """
-
-  def one(eps):
-    vel, jvp = jax.jvp(lambda y: v(y, t), (x,), (eps,))
-    return vel, jnp.sum((eps * jvp).reshape(x.shape[0], -1), -1)
-
-  vel, div = jax.vmap(one)(probes)
-  return vel[0], jnp.mean(div, 0)
+  vel, products = _probe_products(v, x, t, probes)
+  return vel, jnp.mean(products, 0)
 
 
 def divergence_probes(key, num: int, x, kind: str = 'rademacher'):
@@ -267,7 +290,7 @@ def integrate_with_divergence(v: VelocityFn, x, key=None, *, t0: float = 1.0, t1
   check_solver(solver)
   check_times(jnp.array([t0, t1]), 't0/t1')
   if divergence == 'exact':
-    field = lambda t, state, args: (v(state[0], t), exact_divergence(v, state[0], t))
+    field = lambda t, state, args: velocity_and_divergence(v, state[0], t)
   elif divergence == 'hutchinson':
     if key is None:
       raise ValueError('The Hutchinson divergence needs a `key`.')

@@ -16,6 +16,10 @@ def to_apply_fn(module: nnx.Module) -> tuple[ApplyFn, Any]:
   rebuilt from `params`; it is jittable and differentiable in `params`, `x`, `t` and `s`.
   Downstream code (losses, samplers, trainers) sees only this pair, so any model with the same
   signature (Linen, Equinox, a hand-written function) plugs in the same way.
+
+  `t` is [B]. A module whose class sets `scalar_time = True` also takes a scalar `t` (embedded
+  once for the batch); `apply_fn.scalar_time` says so, and ODE solvers then pass the scalar
+  time of each stage instead of a [B] copy of it (`ode.velocity_fn`).
   """
   graphdef, state = nnx.split(module)
   params = nnx.to_pure_dict(state)
@@ -23,4 +27,5 @@ def to_apply_fn(module: nnx.Module) -> tuple[ApplyFn, Any]:
   def apply_fn(params, x, t, *, s=None, cond=None, train=False):
     return nnx.merge(graphdef, params)(x, t, s=s, cond=cond, train=train)
 
+  apply_fn.scalar_time = getattr(module, 'scalar_time', False)
   return apply_fn, params

@@ -110,6 +110,8 @@ class DiT(nnx.Module):
                                      rngs=rngs)
     self.out = nnx.Linear(hidden, patch_dim, dtype=dtype, kernel_init=zeros, rngs=rngs)
 
+  scalar_time = True  # a scalar t is embedded once per batch (see `to_apply_fn`)
+
   def __call__(self, x, t, *, s=None, cond=None, train=False):
     """x: [B, H, W, C]; t, s: [B] or scalar; cond: int [B] -> [B, H, W, C] float32."""
     del train

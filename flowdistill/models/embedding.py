@@ -72,22 +72,28 @@ class LabelEmbedding(nnx.Module):
 
 
 def embed_conditions(time: TimeEmbedding, label: LabelEmbedding | None, batch: int, t, s=None,
-                     cond=None):
+                     cond=None, *, broadcast: bool = True):
   """The conditioning vector of a network: time (and jump) embedding plus label embedding.
+
+  A scalar `t` (and `s`), as ODE solvers pass it, is embedded once for the whole batch.
 
   Args:
     time, label: the network's embeddings (`label` None for an unconditional model).
-    batch: batch size B; `t` and `s` ([B] or scalars) are broadcast to [B].
+    batch: batch size B; `t` and `s` are [B] or scalars.
     cond: int labels [B], required iff `label` is given.
+    broadcast: False returns the [1, dim] embedding of a scalar time as it is (no label), so
+      that a network can apply its first layer to it once.
 
   Returns:
-    [B, dim].
+    [B, dim] (or [1, dim], see `broadcast`).
   """
-  t = jnp.broadcast_to(t, (batch,))
-  s = None if s is None else jnp.broadcast_to(s, (batch,))
+  once = jnp.ndim(t) == 0 and (s is None or jnp.ndim(s) == 0)
+  rows = 1 if once else batch
+  t = jnp.broadcast_to(t, (rows,))
+  s = None if s is None else jnp.broadcast_to(s, (rows,))
   emb = time(t, s)
   if label is not None:
     if cond is None:
       raise ValueError('This model is class-conditional: pass `cond` (labels).')
     emb = emb + label(cond)
-  return emb
+  return jnp.broadcast_to(emb, (batch, emb.shape[-1])) if broadcast else emb

@@ -33,11 +33,20 @@ class MLP(nnx.Module):
     self.out = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=nnx.initializers.zeros,
                           rngs=rngs)
 
+  scalar_time = True  # a scalar t is embedded once per batch (see `to_apply_fn`)
+
   def __call__(self, x, t, *, s=None, cond=None, train=False):
     """x: [B, D]; t, s: [B] or scalar; cond: int [B] -> [B, D] float32."""
     del train
-    emb = embed_conditions(self.time, self.label, x.shape[0], t, s, cond)
-    h = jnp.concatenate([x, emb], axis=-1).astype(self.dtype)
-    for layer in self.hidden:
+    emb = embed_conditions(self.time, self.label, x.shape[0], t, s, cond, broadcast=False)
+    first, *rest = self.hidden
+    if emb.shape[0] == x.shape[0]:
+      h = first(jnp.concatenate([x, emb], axis=-1).astype(self.dtype))
+    else:  # one time for the batch: the embedding's share of the first layer, once
+      kernel = first.kernel[...].astype(self.dtype)
+      shared = emb.astype(self.dtype) @ kernel[self.dim:] + first.bias[...].astype(self.dtype)
+      h = x.astype(self.dtype) @ kernel[:self.dim] + shared
+    h = nnx.silu(h)
+    for layer in rest:
       h = nnx.silu(layer(h))
     return self.out(h).astype(jnp.float32)

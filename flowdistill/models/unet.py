@@ -148,6 +148,8 @@ class UNet(nnx.Module):
     self.conv_out = nnx.Conv(ch, in_ch, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros,
                              rngs=rngs)
 
+  scalar_time = True  # a scalar t is embedded once per batch (see `to_apply_fn`)
+
   def __call__(self, x, t, *, s=None, cond=None, train=False):
     """x: [B, H, W, C]; t, s: [B] or scalar; cond: int [B] -> [B, H, W, C] float32."""
     del train
