@@ -316,7 +316,7 @@ def test_pgfm_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   assert cells['pgfm']['nfe'] == 2 and cells['prototypes']['landing_rate'] == 1.0
   assert all(0 < c['mc_feature'] <= 1 and len(c['accs']) == len(c['val_accs']) == 2
              for c in cells.values())
-  assert 0 <= result['unguided_label_accuracy'] <= 1
+  assert 0 <= result['flow_label_accuracy'] <= 1
   saved = np.load(tmp_path / 'run' / 'sets' / 'pgfm_ipc2.npz')
   assert saved['x'].shape == (20, 8, 8, 1) and np.abs(saved['x']).max() <= 1
   assert '| pgfm | 2 |' in (tmp_path / 'run' / 'results.md').read_text()

@@ -13,8 +13,10 @@ Stages, each cached or checkpointed so a rerun resumes where the last one stoppe
     WORKDIR/cells/<set>_ipc<n>.json WORKDIR/sets/   scored sets, as `dd_eval` writes them (a
                          cell is reused while its set's bytes and the protocol are the same)
 
-Sets per IPC: `pgfm` (guided), `unguided` (the same sampler with w = 0), `prototypes` (the
-decoded k-means centres) and `random` (real images, one subset per run).
+Sets per IPC: `pgfm` (guided), `unguided` (the same sampler with w = 0, still warm-started
+from the prototypes), `flow` (the conditional flow alone: from noise at t = 0, no pull, no
+prototype), `prototypes` (the decoded k-means centres), `random` (real images, one subset per
+run) and `dm`.
 """
 
 import copy
@@ -41,7 +43,7 @@ from flowdistill.experiments import common
 from flowdistill.sections import section
 from flowdistill.train import configured, identity, stop
 
-SETS = ('pgfm', 'unguided', 'prototypes', 'random', 'dm')  # dm: config.dd_eval.dm
+SETS = ('pgfm', 'unguided', 'flow', 'prototypes', 'random', 'dm')  # dm: config.dd_eval.dm
 DEFAULTS = dict(
     vae=section(frozen_vae.VAEConfig, exclude=('seed',)),  # the frozen VAE (seeded by config.seed)
     latent='mean',             # latents of the train split: posterior 'mean' or a 'sample'
@@ -49,8 +51,8 @@ DEFAULTS = dict(
     solver='euler', steps=8,   # the guided sampler
     cfg_scale=1.0,             # classifier-free guidance weight (1: the conditional model)
     prototype_n_init=3,        # k-means restarts per class
-    sets=SETS[:4],
-    check_samples=1000,        # unguided samples whose labels the feature net checks
+    sets=('pgfm', 'unguided', 'flow', 'prototypes', 'random'),
+    check_samples=1000,        # `flow` samples whose labels the feature net checks
 )
 
 
@@ -79,14 +81,17 @@ def latent_fm_config(config, latent_path: str):
 
 
 def _sampler(apply_fn, config, num_classes: int):
-  """Jitted `(params, key, labels, prototypes, guided) -> (latents, nfe)` of config.pgfm."""
+  """Jitted `(params, key, labels, prototypes, name) -> (latents, nfe)` of config.pgfm, for the
+  sampled sets `name`: 'pgfm', 'unguided' (w = 0) or 'flow' (w = 0 from noise at t = 0)."""
   p = config.pgfm
   cfg_scale = None if p.cfg_scale == 1.0 else p.cfg_scale
   pull = prototype_guidance(config)
+  pulls = {'pgfm': pull, 'unguided': dataclasses.replace(pull, w0=0.0),
+           'flow': dataclasses.replace(pull, w0=0.0, warm_start=0.0)}
 
-  @functools.partial(jax.jit, static_argnames=('guided',))
-  def sample(params, key, labels, prototypes, guided: bool):
-    g = pull if guided else dataclasses.replace(pull, w0=0.0)
+  @functools.partial(jax.jit, static_argnames=('name',))
+  def sample(params, key, labels, prototypes, name: str):
+    g = pulls[name]
     z, info = pgfm.sample(apply_fn, params, key, labels, prototypes, g, solver=p.solver,
                           steps=p.steps, cfg_scale=cfg_scale,
                           null_label=num_classes if cfg_scale else None)
@@ -125,11 +130,11 @@ def run(config, workdir: str) -> dict:
   key = jax.random.key(config.seed)
   num_classes = dataset.num_classes
 
-  # Unguided samples: does the latent flow make the right digits?
+  # Samples of the flow alone (from noise): does the latent flow make the right digits?
   n = p.check_samples
   check_labels = jnp.arange(n, dtype=jnp.int32) % num_classes
   check = frozen.decode_scaled(sample(params, jax.random.fold_in(key, 0), check_labels,
-                                      jnp.zeros((n, *lat['train']['x'].shape[1:])), False)[0])
+                                      jnp.zeros((n, *lat['train']['x'].shape[1:])), 'flow')[0])
   label_accuracy = float(np.mean(judge.predict(check) == np.asarray(check_labels)))
   recon = frozen.decode(frozen.encode(dataset.test['x'])[0])
   recon_accuracy = float(np.mean(judge.predict(recon) == dataset.test['label']))
@@ -152,7 +157,7 @@ def run(config, workdir: str) -> dict:
     else:
       t0 = time.perf_counter()
       z, nfe = sample(params, jax.random.fold_in(set_key, 1), jnp.asarray(labels),
-                      jnp.asarray(flat_protos), name == 'pgfm')
+                      jnp.asarray(flat_protos), name)
       z = np.asarray(z)
       seconds = time.perf_counter() - t0
       extra['nfe'] = int(nfe)
@@ -198,7 +203,7 @@ def run(config, workdir: str) -> dict:
   results = protocol.run_cells(files.join(workdir, 'cells'), cells())
   result = {'cells': results, 'vae': {**frozen.info, 'fingerprint': frozen.fingerprint,
                                       'recon_label_accuracy': recon_accuracy},
-            'unguided_label_accuracy': label_accuracy, 'preset': config.dd.preset,
+            'flow_label_accuracy': label_accuracy, 'preset': config.dd.preset,
             'prototype_guidance': dataclasses.asdict(prototype_guidance(config)),
             'reductions': protocol.reductions(config.dd),
             'wall_seconds': time.perf_counter() - start}
@@ -229,8 +234,8 @@ def _markdown(result: dict, config) -> str:
            '',
            f'VAE: scale {result["vae"]["scale"]:.4f}, the feature net labels '
            f'{100 * result["vae"]["recon_label_accuracy"]:.2f} % of test reconstructions '
-           'correctly. Unguided latent-FM samples: label accuracy '
-           f'{100 * result["unguided_label_accuracy"]:.2f} %.', '']
+           'correctly. Samples of the latent flow alone (from noise, no prototype): label '
+           f'accuracy {100 * result["flow_label_accuracy"]:.2f} %.', '']
   lines += protocol.reductions_markdown(result['reductions'])
   lines.append(f'Wall-clock time of this command: {result["wall_seconds"]:.0f} s.')
   return '\n'.join(lines)
