@@ -93,11 +93,17 @@ def test_exact_likelihood_matches_closed_form(path, solver):
   assert info['nfe'] > 0
 
 
+def _perturbed(params, seed: int, scale: float):
+  """`params` plus N(0, scale^2) noise: a random network (the library's output layers start at
+  zero, which would make every velocity and Jacobian trivially zero)."""
+  return jax.tree.map(lambda p: p + scale * jax.random.normal(jax.random.key(seed), p.shape),
+                      params)
+
+
 def test_hutchinson_agrees_with_exact_divergence_within_its_error():
   """A random MLP has a dense Jacobian, so Rademacher probes have real variance."""
   apply_fn, params = to_apply_fn(MLP(4, hidden=32, depth=2, rngs=nnx.Rngs(1)))
-  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(5), p.shape),
-                        params)
+  params = _perturbed(params, 5, 0.2)
   v = ode.velocity_fn(apply_fn, params)
   x = jax.random.normal(jax.random.key(6), (8, 4))
   exact = ode.exact_divergence(v, x, 0.4)
@@ -116,8 +122,7 @@ def test_hutchinson_agrees_with_exact_divergence_within_its_error():
 
 def test_velocity_and_exact_divergence_share_one_jvp_and_equal_the_jacobian_trace():
   apply_fn, params = to_apply_fn(MLP(3, hidden=32, depth=2, rngs=nnx.Rngs(2)))
-  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(3), p.shape),
-                        params)
+  params = _perturbed(params, 3, 0.2)
   v = ode.velocity_fn(apply_fn, params)
   x = jax.random.normal(jax.random.key(4), (5, 3))
   vel, div = ode.velocity_and_divergence(v, x, 0.3)
@@ -134,7 +139,7 @@ def test_velocity_and_exact_divergence_share_one_jvp_and_equal_the_jacobian_trac
 
 @pytest.mark.parametrize('name', ['mlp', 'unet', 'dit'])
 def test_a_scalar_time_gives_the_per_sample_output_and_solvers_pass_it(name):
-  shape, num_classes = ((3,), 4) if name == 'mlp' else ((8, 8, 1), 4)
+  shape, num_classes = ((3,) if name == 'mlp' else (8, 8, 1)), 4
   if name == 'mlp':
     module = MLP(3, hidden=16, depth=2, num_classes=num_classes, rngs=nnx.Rngs(0))
   elif name == 'unet':
@@ -144,8 +149,7 @@ def test_a_scalar_time_gives_the_per_sample_output_and_solvers_pass_it(name):
     module = DiT((8, 8, 1), hidden=16, depth=1, heads=2, num_classes=num_classes,
                  rngs=nnx.Rngs(0))
   apply_fn, params = to_apply_fn(module)
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape),
-                        params)  # zero-initialised output layers would hide a difference
+  params = _perturbed(params, 1, 0.1)
   x = jax.random.normal(jax.random.key(2), (4, *shape))
   cond = jnp.arange(4) % num_classes
   per_sample = apply_fn(params, x, jnp.full((4,), 0.3), cond=cond)
