@@ -1,10 +1,11 @@
 """PGFM ablation over the prototype guidance (form, schedule, w0, t_stop, trust region, warm
-start) at one IPC, chosen on the validation split among the settings that keep the flow's
-diversity and land in their prototype's mode (`--min-diversity`, `--min-landing`; all settings
-if none does). Per setting: ConvNet-3 accuracy on the validation split (what the choice reads)
-and on the test split (printed beside it, never read), mode coverage (feature-net space),
-landing rate, within-class diversity relative to real latents and per-class Fréchet distance,
-with the decoded prototypes and unguided sampling as reference rows.
+start) and the flow's classifier-free guidance weight (`cfg_scale`) at one IPC, chosen on the
+validation split among the settings that keep the flow's diversity and land in their
+prototype's mode (`--min-diversity`, `--min-landing`; all settings if none does). Per
+setting: ConvNet-3 accuracy on the validation split (what the choice reads) and on the test
+split (printed beside it, never read), mode coverage (feature-net space), landing rate,
+within-class diversity relative to real latents and per-class Fréchet distance, with the
+decoded prototypes and unguided sampling as reference rows.
 
 Reads a finished `method='pgfm'` workdir (nothing is retrained); every other sampler setting
 (δ, solver, steps) is the run's.
@@ -37,8 +38,12 @@ def main():
   parser.add_argument('--t-stops', type=float, nargs='+', default=[0.4, 0.6, 1.0])
   parser.add_argument('--trusts', type=float, nargs='+', default=[0.0])
   parser.add_argument('--warm-starts', type=float, nargs='+', default=[0.0])
+  parser.add_argument('--cfg-scales', type=float, nargs='+', default=[1.0],
+                      help='classifier-free guidance weights of the flow (1: the conditional '
+                           'model)')
   parser.add_argument('--settings', nargs='+', default=None,
-                      help='explicit settings instead of the product, e.g. "t_stop=0.6,trust=1"')
+                      help='explicit settings instead of the product, e.g. '
+                           '"t_stop=0.6,cfg_scale=2"')
   parser.add_argument('--min-diversity', type=float, default=0.8,
                       help='eligible settings keep this share of the real within-class diversity')
   parser.add_argument('--min-landing', type=float, default=0.9,
@@ -58,10 +63,13 @@ def main():
   train_latents = done.latents['train']
   real_features = judge.features(done.dataset.train['x'])
 
-  @functools.partial(jax.jit, static_argnames='pull')
-  def sample(params, pull):
+  @functools.partial(jax.jit, static_argnames=('pull', 'cfg_scale'))
+  def sample(params, pull, cfg_scale=1.0):
+    guided = cfg_scale != 1.0
     return pgfm.sample(done.flow.apply_fn, params, key, jnp.asarray(labels), targets, pull,
-                       solver=config.pgfm.solver, steps=config.pgfm.steps)[0]
+                       solver=config.pgfm.solver, steps=config.pgfm.steps,
+                       cfg_scale=cfg_scale if guided else None,
+                       null_label=done.dataset.num_classes if guided else None)[0]
 
   def score(name: str, z) -> dict:
     images = frozen.decode_scaled(z)
@@ -82,18 +90,20 @@ def main():
                 score('unguided', np.asarray(sample(done.flow.params,
                                                     dataclasses.replace(base, w0=0.0))))]
   if args.settings:
-    pulls = [dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in (
-        item.split('=') for item in setting.split(','))}) for setting in args.settings]
+    settings = [dict(item.split('=') for item in setting.split(',')) for setting in args.settings]
+    pulls = [(dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in s.items()
+                                           if k != 'cfg_scale'}),
+              float(s.get('cfg_scale', 1.0))) for s in settings]
   else:
-    pulls = [dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop,
-                                 trust=trust, warm_start=warm)
-             for form, schedule, w0, t_stop, trust, warm in itertools.product(
+    pulls = [(dataclasses.replace(base, form=form, schedule=schedule, w0=w0, t_stop=t_stop,
+                                  trust=trust, warm_start=warm), cfg)
+             for form, schedule, w0, t_stop, trust, warm, cfg in itertools.product(
                  args.forms, args.schedules, args.w0s, args.t_stops, args.trusts,
-                 args.warm_starts) if not (form == 'straight' and w0 > 1)]
+                 args.warm_starts, args.cfg_scales) if not (form == 'straight' and w0 > 1)]
   rows = []
-  for pull in pulls:
-    row = score('pgfm', np.asarray(sample(done.flow.params, pull)))
-    rows.append(dict(row, **{k: getattr(pull, k) for k in (
+  for pull, cfg_scale in pulls:
+    row = score('pgfm', np.asarray(sample(done.flow.params, pull, cfg_scale)))
+    rows.append(dict(row, cfg_scale=cfg_scale, **{k: getattr(pull, k) for k in (
         'form', 'schedule', 'w0', 't_stop', 'trust', 'warm_start')}))
   eligible = [i for i, r in enumerate(rows) if r['diversity'] >= args.min_diversity
               and r['landing_rate'] >= args.min_landing]
@@ -106,15 +116,16 @@ def main():
   pct = lambda r, k: f'{100 * r[k]:.1f} ± {100 * r[k + "_std"]:.1f}'
   tail = lambda r: (f'{r["mc"]:.2f} | {r["landing_rate"]:.2f} | {r["diversity"]:.2f} | '
                     f'{r["fd_per_class"] or float("nan"):.1f}')
-  print('| set | form | schedule | w0 | t_stop | trust | warm start | val % | test % | MC | '
+  print('| set | form | schedule | w0 | t_stop | trust | warm start | cfg | val % | test % | MC | '
         'landing | diversity | FD per class |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in references:
-    print(f'| {r["set"]} | | | | | | | {pct(r, "val")} | {pct(r, "test")} | {tail(r)} |')
+    print(f'| {r["set"]} | | | | | | | | {pct(r, "val")} | {pct(r, "test")} | {tail(r)} |')
   for i, r in enumerate(rows):
     mark = ' (chosen on val)' if i == chosen else (' (eligible)' if i in eligible else '')
     print(f'| pgfm{mark} | {r["form"]} | {r["schedule"]} | {r["w0"]} | {r["t_stop"]} | '
-          f'{r["trust"]} | {r["warm_start"]} | {pct(r, "val")} | {pct(r, "test")} | {tail(r)} |')
+          f'{r["trust"]} | {r["warm_start"]} | {r["cfg_scale"]} | {pct(r, "val")} | '
+          f'{pct(r, "test")} | {tail(r)} |')
 
 
 if __name__ == '__main__':

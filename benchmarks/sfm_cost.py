@@ -5,8 +5,12 @@ accuracy — the first snapshot within 0.5 points of the last one, by linear pro
 snapshots the run kept every `sfm.snapshot_every` steps, scored on the validation split (the
 step is a choice; the test split is never read here).
 
+`--memory-only` measures the memory without a run: φ_d is then an untrained encoder of the
+config's architecture (a compiled step's memory depends on shapes, never on weights).
+
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/sfm_cost.py \
     --workdir runs/sfm-mnist-cpu --config mnist,cpu --probe-runs 2
+FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/sfm_cost.py --memory-only
 """
 
 import argparse
@@ -16,10 +20,12 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 
-from flowdistill.condense import linear_probe, protocol, sfm_setup, ssl
+from flowdistill.condense import linear_probe, protocol, sfm, sfm_setup, ssl
 from flowdistill.data import sources
 from flowdistill.experiments import load_config_file
+from flowdistill.models.encoder import ConvEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,9 +45,22 @@ def curve(snapshots, phi, validation, num_classes, probe) -> list[dict]:
   return out
 
 
+def untrained(dataset, config) -> tuple[ssl.FrozenBackbone, dict]:
+  """(φ_d of the config's architecture at its initial weights, real statistics of its
+  features on the first 1000 train images): the shapes of the distillation step, for memory."""
+  settings = sfm_setup.ssl_settings(config)['distill']
+  encoder = ConvEncoder(dataset.shape[-1], widths=settings.widths, rngs=nnx.Rngs(0))
+  phi = ssl.FrozenBackbone(encoder, 'untrained', {})
+  head = slice(0, 1000)
+  return phi, sfm.real_statistics(phi.features(dataset.train['x'][head]),
+                                  dataset.train['label'][head], dataset.num_classes)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='a finished method="sfm" run')
+  parser.add_argument('--workdir', help='a finished method="sfm" run')
+  parser.add_argument('--memory-only', action='store_true',
+                      help='only the step memory, with an untrained φ_d (no run needed)')
   parser.add_argument('--config', default='mnist,cpu', help='the arg of configs/sfm.py')
   parser.add_argument('--methods', nargs='+', default=['sfm', 'lgm'])
   parser.add_argument('--probe-runs', type=int, default=2)
@@ -49,12 +68,16 @@ def main():
   parser.add_argument('--memory-ipcs', type=int, nargs='+', default=[1, 10, 50])
   parser.add_argument('--out', default='benchmarks/out/sfm_cost.json')
   args = parser.parse_args()
+  if not (args.workdir or args.memory_only):
+    parser.error('give --workdir (a finished method="sfm" run) or --memory-only')
 
   config = load_config_file(os.path.join(ROOT, 'configs', 'sfm.py'), args.config)
   dataset, validation = protocol.with_validation(sources.load(config.data), config.dd)
-  phi = sfm_setup.backbones(dataset, config, train=False)['distill']
-  probe = dataclasses.replace(sfm_setup.probe_protocol(config), runs=args.probe_runs)
-  real = sfm_setup.statistics(phi, dataset, config)
+  if args.memory_only:
+    phi, real = untrained(dataset, config)
+  else:
+    phi = sfm_setup.backbones(dataset, config, train=False)['distill']
+    real = sfm_setup.statistics(phi, dataset, config)
   memory = []
   for ipc in args.memory_ipcs:
     for name in args.methods:
@@ -63,7 +86,8 @@ def main():
       memory.append({'method': name, 'ipc': ipc, **sfm_setup.step_cost(
           loss_fn, images, jax.random.key(0), *loss_args)})
       print(json.dumps(memory[-1]), flush=True)
-  ipcs = args.ipcs or config.dd.ipcs
+  probe = dataclasses.replace(sfm_setup.probe_protocol(config), runs=args.probe_runs)
+  ipcs = [] if args.memory_only else args.ipcs or config.dd.ipcs
   rows = []
   for ipc in ipcs:
     for name in args.methods:
