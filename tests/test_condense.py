@@ -2,6 +2,7 @@
 closed forms and exact properties."""
 
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flowdistill.condense.kmeans import kmeans
 from flowdistill.data import images
 from flowdistill.experiments import load_config_file, validate
 from flowdistill.models.convnet import ConvNet, InstanceNorm
+from flowdistill.train import stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOMETRIC = ('crop', 'scale', 'rotate', 'flip', 'cutout')
@@ -323,6 +325,38 @@ def test_distribution_matching_lowers_its_loss_on_digits():
   assert out['x'].shape == (20, 8, 8, 1) and out['x'].min() >= -1 and out['x'].max() <= 1
   np.testing.assert_array_equal(out['label'], np.repeat(np.arange(10), 2))
   assert out['loss'][-10:].mean() < out['loss'][:10].mean()
+
+
+def test_a_stopped_dm_resumes_to_the_images_of_a_run_that_never_stopped(tmp_path):
+  """A stop signal at iteration 20 of 30 keeps DM's images, momentum, losses and batch generator
+  in its state file; the rerun continues to the same bits, and the finished state (kept until
+  `run_cells` stores the cell) returns them at once."""
+  split, _, _ = _digits(ipc=1)
+  settings, proto = dm.DMConfig(iterations=30, batch_real=16), _tiny(width=8)
+  run = lambda **kw: dm.distribution_matching(split['train'], 1, jax.random.key(3), settings,
+                                              proto, **kw)
+  state = str(tmp_path / 'dm_ipc1.state.npz')
+
+  def signal_at_20(done):
+    if done == 20:
+      signal.raise_signal(signal.SIGTERM)
+
+  with stop.watch(), pytest.raises(stop.Stopped):
+    run(state_path=state, on_progress=signal_at_20)
+  assert int(np.load(state)['step']) == 20
+  resumed, fresh = run(state_path=state), run()
+  np.testing.assert_array_equal(resumed['x'], fresh['x'])
+  np.testing.assert_array_equal(resumed['loss'], fresh['loss'])
+  assert int(np.load(state)['step']) == 30
+  np.testing.assert_array_equal(run(state_path=state)['x'], fresh['x'])
+  # the runner removes the file of a cell once the cell is stored
+  identity = {'set': 'dm', 'seed': 0}
+  cell_state = protocol.state_path(str(tmp_path / 'cells'), 'dm', 1, identity)
+  os.makedirs(tmp_path / 'cells')
+  os.replace(state, cell_state)
+  protocol.run_cells(str(tmp_path / 'cells'), [protocol.Cell('dm', 1, identity,
+                                                             lambda: {'mean': 0.5})])
+  assert not os.path.exists(cell_state)
 
 
 # the dd_eval experiment

@@ -7,10 +7,13 @@ key per class shared by both batches:
     loss = sum_c || mean φ(A(real_c)) − mean φ(A(syn_c)) ||².
 
 The synthetic images start from real ones and follow SGD with momentum. Like the evaluator, DM
-works on images standardised by the train split's channel statistics.
+works on images standardised by the train split's channel statistics. With a `state_path`, a
+stopped synthesis keeps its images, momentum, losses and batch generator there and a rerun
+continues to the images of a run that never stopped.
 """
 
 import dataclasses
+import json
 from collections.abc import Callable
 
 import jax
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowdistill import files
 from flowdistill.condense.augment import DIGITS, augment, parse_strategy
 from flowdistill.condense.subsets import check_ipc, random_subset
 from flowdistill.condense.synset_eval import Protocol, make_net
@@ -65,9 +69,13 @@ def dm_loss(syn: jax.Array, real: jax.Array, key: jax.Array, embed: Callable, *,
   return jnp.sum(jnp.square(real_mean.mean(1) - syn_mean.mean(1)))
 
 
+SAVE_EVERY = 100  # iterations between saves of the resume state
+
+
 def distribution_matching(train: dict, ipc: int, key: jax.Array, settings: DMConfig,
                           protocol: Protocol | None = None, *,
-                          on_progress: Callable[[int], None] | None = None) -> dict:
+                          on_progress: Callable[[int], None] | None = None,
+                          state_path: str | None = None) -> dict:
   """Learns IPC synthetic images per class by DM.
 
   Args:
@@ -77,6 +85,10 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, settings: DMCon
     settings: DM settings. protocol: the ConvNet (width, depth, norm) whose embedding is matched
       (default `Protocol()`, ConvNet-3).
     on_progress: called with the number of iterations done, every 10.
+    state_path: an `.npz` written every `SAVE_EVERY` iterations, when a stop signal comes
+      (`train.stop`) and at the end; a call that finds it continues from it (the caller keys
+      the path by everything above, e.g. the cell's recipe, and removes it once the set is
+      used: `protocol.run_cells`). None: a stopped synthesis starts again.
 
   Returns:
     {'x': images [C * IPC, H, W, C] in [-1, 1] (clipped), 'label': int [C * IPC] by class,
@@ -108,14 +120,34 @@ def distribution_matching(train: dict, ipc: int, key: jax.Array, settings: DMCon
     return syn - settings.lr * momentum, momentum, loss
 
   momentum = jnp.zeros_like(syn)
-  losses = []
-  for i in range(settings.iterations):
-    stop.check(syn, where=f'DM iteration {i} (DM starts again on a rerun)')
+  losses, start = [], 0
+  if state_path and files.exists(state_path):
+    saved = files.load_npz(state_path)
+    if saved['syn'].shape != syn.shape:
+      raise ValueError(f'{state_path} holds DM images {saved["syn"].shape}, not {syn.shape}: '
+                       'it belongs to another synthesis; delete it to start this one.')
+    start, syn, momentum = int(saved['step']), jnp.asarray(saved['syn']), jnp.asarray(
+        saved['momentum'])
+    losses = list(saved['loss'])
+    rng.bit_generator.state = json.loads(str(saved['rng']))
+
+  def save(i):
+    files.save_npz(state_path, step=i, syn=np.asarray(syn), momentum=np.asarray(momentum),
+                   loss=np.asarray(jnp.stack(losses)) if losses else np.zeros(0, np.float32),
+                   rng=json.dumps(rng.bit_generator.state))
+
+  for i in range(start, settings.iterations):
+    if state_path and ((i > start and i % SAVE_EVERY == 0) or stop.requested() is not None):
+      save(i)
+    stop.check(syn, where=f'DM iteration {i}' + ('' if state_path else
+                                                 ' (DM starts again on a rerun)'))
     real = np.stack([x[rng.choice(r, batch_real, replace=False)] for r in rows])
     syn, momentum, loss = step(syn, momentum, real, jnp.int32(i))
     losses.append(loss)
     if on_progress is not None and (i + 1) % 10 == 0:
       on_progress(i + 1)
+  if state_path and start < settings.iterations:
+    save(settings.iterations)
   images = np.asarray(syn).reshape(-1, *x.shape[1:]) * std + mean
   return {'x': np.clip(images, -1, 1), 'label': np.repeat(np.arange(num_classes), ipc),
           'loss': np.asarray(jnp.stack(losses))}

@@ -255,7 +255,8 @@ def score(name: str, ipc: int, synsets: list[dict], split: synset_eval.TestSplit
 
 
 def baseline_sets(name: str, ipc: int, train: dict, features, dd, key,
-                  dm_settings: dm.DMConfig | None = None) -> list[dict]:
+                  dm_settings: dm.DMConfig | None = None,
+                  dm_state: str | None = None) -> list[dict]:
   """The sets a baseline is scored on: one per run for `random` (the published figure averages
   subsets, and at IPC 1 the subset drawn dominates the result), one otherwise.
 
@@ -263,6 +264,8 @@ def baseline_sets(name: str, ipc: int, train: dict, features, dd, key,
     train: {'x': [N, H, W, C] in [-1, 1], 'label': int [N]}.
     features: [N, F] of the whole-data ConvNet (the feature baselines), or None.
     dd: the config section `dd`. dm_settings: DM's (for `dm`; default `DMConfig()`).
+    dm_state: DM's resume file (`dm.distribution_matching(state_path=...)`), keyed by the
+      caller by everything that makes the set; None: a stopped DM starts again.
   """
   labels = train['label']
   if name == 'dm':
@@ -270,7 +273,7 @@ def baseline_sets(name: str, ipc: int, train: dict, features, dd, key,
     settings = dm_settings or dm.DMConfig()
     bar = progress_bar(f'DM IPC {ipc}', settings.iterations, unit='it')
     start = time.perf_counter()
-    out = dm.distribution_matching(train, ipc, key, settings, net,
+    out = dm.distribution_matching(train, ipc, key, settings, net, state_path=dm_state,
                                    on_progress=lambda done: bar.update(done - bar.n))
     bar.close()
     return [{'x': out['x'], 'label': out['label'],
@@ -303,12 +306,20 @@ def _read_cell(path: str) -> dict | None:
   return stored if isinstance(stored, dict) else None
 
 
+def state_path(folder: str, name: str, ipc: int, identity: dict) -> str:
+  """`folder/<name>_ipc<n>.<16 hex>.state.npz`: the resume file of a cell's set while it is
+  being made (DM), named by the cell's identity, so a file another recipe left is never read."""
+  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+  return files.join(folder, f'{name}_ipc{ipc}.{digest}.state.npz')
+
+
 def run_cells(folder: str, cells: Iterable[Cell]) -> list[dict]:
   """The results of `cells` in order: each read from `folder/<name>_ipc<n>.json` where one with
   the same identity is stored, else made and stored (with its identity) before the next.
 
   A stop signal (`stop.check`) ends it before the next cell is made, or inside one (its runs
-  and epochs check too); the stored cells are kept, and a rerun makes the rest."""
+  and epochs check too); the stored cells are kept, and a rerun makes the rest. A cell's
+  resume file (`state_path`, DM's) is removed once the cell is stored."""
   files.makedirs(folder)
   results = []
   for cell in cells:
@@ -328,6 +339,7 @@ def run_cells(folder: str, cells: Iterable[Cell]) -> list[dict]:
     except stop.Stopped as e:
       raise stop.Stopped(e.signum, f'{e.where} in {cell.name} IPC {cell.ipc}') from None
     files.write_json(path, result)
+    files.remove(state_path(folder, cell.name, cell.ipc, identity))
     results.append(result)
   return results
 

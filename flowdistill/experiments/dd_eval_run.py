@@ -92,17 +92,20 @@ def run(config, workdir: str) -> dict:
       for name in config.dd_eval.baselines:
         recipe = {'baseline': name, 'seed': dd.seed, 'runs': dd.runs,
                   **({'dm': dataclasses.asdict(settings)} if name == 'dm' else {})}
+        identity = {'set': recipe, 'protocol': dataclasses.asdict(proto),
+                    'validation': dd.validation}
 
-        def make(name=name, ipc=ipc, proto=proto):
+        def make(name=name, ipc=ipc, proto=proto, identity=identity):
           set_key = jax.random.fold_in(key, ipc)
-          synsets = protocol.baseline_sets(name, ipc, dataset.train, features, dd, set_key,
-                                           settings)
+          synsets = protocol.baseline_sets(
+              name, ipc, dataset.train, features, dd, set_key, settings,
+              dm_state=protocol.state_path(cells_folder, name, ipc, identity))
           return protocol.score(name, ipc, synsets, split, proto, set_key, workdir)
 
-        yield protocol.Cell(name, ipc, {'set': recipe, 'protocol': dataclasses.asdict(proto),
-                                        'validation': dd.validation}, make)
+        yield protocol.Cell(name, ipc, identity, make)
 
-  results = protocol.run_cells(files.join(workdir, 'cells'), cells())
+  cells_folder = files.join(workdir, 'cells')
+  results = protocol.run_cells(cells_folder, cells())
   dataset_name = config.data.source
   preset = {'name': dd.preset, 'reductions': protocol.reductions(dd, config.dd_eval.dm),
             'protocol': dataclasses.asdict(protocol.scoring(dd, dd.ipcs[0], channels=channels))}

@@ -143,14 +143,15 @@ def run(config, workdir: str) -> dict:
   dm_settings = protocol.dm_settings(config.dd_eval.dm, config.dd, dataset.shape[-1])
   real_features = judge.features(dataset.train['x'])
 
-  def make_set(name, ipc, protos, set_key):
-    """(synsets as `protocol.score` takes them, latents of the first) of one set."""
+  def make_set(name, ipc, protos, set_key, dm_state=None):
+    """(synsets as `protocol.score` takes them, latents of the first) of one set; `dm_state`:
+    DM's resume file."""
     flat_protos = protos.reshape(-1, *protos.shape[2:])
     labels = np.repeat(np.arange(num_classes), ipc).astype(np.int32)
     extra = {}
     if name in ('random', 'dm'):
       synsets = protocol.baseline_sets(name, ipc, dataset.train, None, config.dd, set_key,
-                                       dm_settings)
+                                       dm_settings, dm_state=dm_state)
       return synsets, frozen.latents(synsets[0]['x']), extra
     if name == 'prototypes':
       z, seconds = flat_protos, 0.0
@@ -178,10 +179,16 @@ def run(config, workdir: str) -> dict:
       for name in p.sets:
         # sets made in seconds are keyed by their bytes; DM (minutes) by its recipe
         made = None if name == 'dm' else make_set(name, ipc, protos, set_key)
+        content = ({'dm': dataclasses.asdict(dm_settings)} if made is None else
+                   protocol.content_hash(*[a for s in made[0] for a in (s['x'], s['label'])]))
+        identity = {'set': content, 'protocol': dataclasses.asdict(proto),
+                    'seed': config.dd.seed, 'validation': config.dd.validation}
 
         def make(name=name, ipc=ipc, made=made, protos=protos, feature_modes=feature_modes,
-                 latent_modes=latent_modes, proto=proto, set_key=set_key):
-          synsets, z, extra = made or make_set(name, ipc, protos, set_key)
+                 latent_modes=latent_modes, proto=proto, set_key=set_key, identity=identity):
+          synsets, z, extra = made or make_set(
+              name, ipc, protos, set_key,
+              dm_state=protocol.state_path(cells_folder, name, ipc, identity))
           first = synsets[0]
           features = judge.features(first['x'])
           extra['mc_feature'] = coverage.mode_coverage(features, first['label'],
@@ -194,13 +201,10 @@ def run(config, workdir: str) -> dict:
           return protocol.score(name, ipc, [dict(first, extra=extra)] + synsets[1:], split,
                                 proto, set_key, workdir)
 
-        content = ({'dm': dataclasses.asdict(dm_settings)} if made is None else
-                   protocol.content_hash(*[a for s in made[0] for a in (s['x'], s['label'])]))
-        yield protocol.Cell(name, ipc, {'set': content, 'protocol': dataclasses.asdict(proto),
-                                        'seed': config.dd.seed,
-                                        'validation': config.dd.validation}, make)
+        yield protocol.Cell(name, ipc, identity, make)
 
-  results = protocol.run_cells(files.join(workdir, 'cells'), cells())
+  cells_folder = files.join(workdir, 'cells')
+  results = protocol.run_cells(cells_folder, cells())
   result = {'cells': results, 'vae': {**frozen.info, 'fingerprint': frozen.fingerprint,
                                       'recon_label_accuracy': recon_accuracy},
             'flow_label_accuracy': label_accuracy, 'preset': config.dd.preset,
