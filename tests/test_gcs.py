@@ -25,8 +25,10 @@ from flowdistill.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 'flowdistill-test'
-RUN = ['--config=configs/quickstart.py:moons', '--config.train.steps=60',
-       '--config.train.steps_per_call=1', '--config.train.ckpt_every=10',
+# Long enough (seconds) that the poll below sees the first checkpoint well before the run ends.
+STEPS, CKPT_EVERY = 2000, 100
+RUN = ['--config=configs/quickstart.py:moons', f'--config.train.steps={STEPS}',
+       '--config.train.steps_per_call=1', f'--config.train.ckpt_every={CKPT_EVERY}',
        '--config.train.log_every=10', '--config.data.batch_size=64',
        '--config.model.hidden=32', '--config.eval.num_samples=200',
        '--config.eval.nll_samples=20', '--config.eval.euler_steps=(1,2)']
@@ -111,21 +113,22 @@ def test_gs_workdir_trains_survives_sigkill_resumes_bit_exact_and_reports(gcs_en
   checkpoints = epath.Path(killed) / 'checkpoints'
   deadline = time.time() + 300
   while time.time() < deadline and run.poll() is None:
-    if (checkpoints / '20' / '_CHECKPOINT_METADATA').exists():
+    # On gs:// Orbax finalizes a step by writing commit_success.txt into it (no atomic rename).
+    if (checkpoints / str(CKPT_EVERY) / 'commit_success.txt').exists():
       break
-    time.sleep(2)
+    time.sleep(0.1)
   assert run.poll() is None, (tmp_path / 'first.log').read_text()[-3000:]
   run.send_signal(signal.SIGKILL)
   run.wait()
   steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < 60, steps
+  assert steps and steps[-1] < STEPS, steps
 
   assert 'Resumed from step' in _finish(_cli(killed, gcs_env, tmp_path / 'resumed.log'),
                                         tmp_path / 'resumed.log')
   _finish(_cli(straight, gcs_env, tmp_path / 'straight.log'), tmp_path / 'straight.log')
   for name in ('results.json', 'results.md', 'metrics.jsonl', 'samples.png', 'tensorboard'):
     assert (epath.Path(killed) / name).exists(), name
-  a, b = _state(killed, 60), _state(straight, 60)
+  a, b = _state(killed, STEPS), _state(straight, STEPS)
   same = jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)
   assert all(jax.tree.leaves(same))
 
