@@ -10,7 +10,7 @@ and scores at 1 − ε.
 
 python benchmarks/reflow_kl_along_t.py \
     --sweep benchmarks/out/reflow_ma_sweep/sweep_checkerboard_500.json \
-    [--taus 0.25,0.5,0.75,0.9,0.95,1] [--points 500]
+    [--also consistent:0.001,0.05] [--taus 0.25,0.5,0.75,0.9,0.95,1] [--points 500]
 """
 
 import argparse
@@ -26,22 +26,30 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOISE_SEED = 3_000_017
 
 
-def run_dirs(sweep: dict, name: str) -> dict:
-  """{variant label: [workdir per seed]} of the sweep's plain and chosen MA runs of set `name`."""
+def ma_tag(form: str, weight: str, eps: str) -> str:
+  """The sweep's run directory name (less the seed) of an MA form at λ = weight, ε = eps."""
+  variant = 'reflow-ma' + ('-clipped' if form == 'clipped' else '')
+  return f'{variant}-{weight}-eps{eps}-exact-{form}'
+
+
+def run_dirs(sweep: dict, name: str, also=()) -> dict:
+  """{variant label: [workdir per seed]} of the sweep's plain and chosen MA runs of set `name`,
+  and of each further (form, λ, ε) in `also` that the sweep trained."""
   args = sweep['args']
   seeds = args['seeds'].split(',')
-  out = {}
+  tags = {}
   for row in sweep['results'][name]['table']:
     if row['variant'] == 'reflow':
-      tag = 'reflow'
+      tags['reflow'] = 'reflow'
     else:
       form = row['variant'].split('(')[1].rstrip(')')
       weight, eps = (s.strip() for s in row['setting'].split(','))
-      variant = 'reflow-ma' + ('-clipped' if form == 'clipped' else '')
-      tag = f'{variant}-{weight}-eps{eps}-exact-{form}'
-    label = f'{row["variant"]} λ, ε = {row["setting"]}' if row['setting'] != '-' else 'reflow'
-    out[label] = [os.path.join(args['out'], name, f'{tag}-s{s}') for s in seeds]
-  return out
+      tags[f'MA {form} λ {weight}, ε {eps} (chosen)'] = ma_tag(form, weight, eps)
+  for form, weight, eps in also:
+    if os.path.isdir(os.path.join(args['out'], name, f'{ma_tag(form, weight, eps)}-s{seeds[0]}')):
+      tags.setdefault(f'MA {form} λ {weight}, ε {eps}', ma_tag(form, weight, eps))
+  return {label: [os.path.join(args['out'], name, f'{tag}-s{s}') for s in seeds]
+          for label, tag in tags.items()}
 
 
 def kl_along_t(workdir: str, teacher, taus, points: int) -> list[float]:
@@ -66,6 +74,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sweep', action='append', required=True,
                       help='a sweep_*.json of benchmarks/reflow_ma_sweep.py (repeatable)')
+  parser.add_argument('--also', action='append', default=[],
+                      help="a further trained setting to probe, 'form:λ,ε' (e.g. "
+                           "'consistent:0.001,0.05'; repeatable)")
   parser.add_argument('--taus', default='0.25,0.5,0.75,0.9,0.95,1')
   parser.add_argument('--points', type=int, default=500)
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'reflow_kl_along_t'))
@@ -74,6 +85,7 @@ def main():
   from flowdistill.train.teacher import load_trained
 
   taus = [float(t) for t in args.taus.split(',')]
+  also = [(a.split(':')[0], *a.split(':')[1].split(',')) for a in args.also]
   results, tables = {}, []
   for path in args.sweep:
     with open(path) as f:
@@ -81,7 +93,7 @@ def main():
     for name in sweep['results']:
       teacher = load_trained(str(ROOT / 'benchmarks' / 'out' / 'teacher' / name))
       results[name] = {label: [kl_along_t(w, teacher, taus, args.points) for w in dirs]
-                       for label, dirs in run_dirs(sweep, name).items()}
+                       for label, dirs in run_dirs(sweep, name, also).items()}
       lines = [f'### {name}', '', '| variant | ' + ' | '.join(f'KL at τ = {t:g}' for t in taus)
                + ' |', '|---|' + '---|' * len(taus)]
       for label, per_seed in results[name].items():
