@@ -21,35 +21,42 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import reflow_quality as rq
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOISE_SEED = 3_000_017
 
 
-def ma_tag(form: str, weight: str, eps: str) -> str:
-  """The sweep's run directory name (less the seed) of an MA form at λ = weight, ε = eps."""
-  variant = 'reflow-ma' + ('-clipped' if form == 'clipped' else '')
-  return f'{variant}-{weight}-eps{eps}-exact-{form}'
-
-
 def run_dirs(sweep: dict, name: str, also=()) -> dict:
   """{variant label: [workdir per seed]} of the sweep's plain and chosen MA runs of set `name`,
-  and of each further (form, λ, ε) in `also` that the sweep trained."""
+  and of each further (form, λ, ε) in `also` that the sweep trained. The directories are named
+  as the sweep names them (`reflow_quality.run_tag`)."""
   args = sweep['args']
-  seeds = args['seeds'].split(',')
-  tags = {}
+  seeds = [int(s) for s in args['seeds'].split(',')]
+  teacher_dir = rq.ensure_teacher(name)
+
+  def dirs(variant, **align):
+    return [os.path.join(args['out'], name, rq.run_tag(rq.student_config(
+        name, variant, teacher_dir, args['out'], steps=args['steps'], seed=s, **align), variant))
+            for s in seeds]
+
+  def ma_dirs(form, weight, eps):
+    return dirs('reflow-ma' + (rq.CLIPPED if form == 'clipped' else ''),
+                align_weight=float(weight), score_eps=float(eps), align_time=form)
+
+  out = {}
   for row in sweep['results'][name]['table']:
     if row['variant'] == 'reflow':
-      tags['reflow'] = 'reflow'
+      out['reflow'] = dirs('reflow')
     else:
       form = row['variant'].split('(')[1].rstrip(')')
       weight, eps = (s.strip() for s in row['setting'].split(','))
-      tags[f'MA {form} λ {weight}, ε {eps} (chosen)'] = ma_tag(form, weight, eps)
+      out[f'MA {form} λ {weight}, ε {eps} (chosen)'] = ma_dirs(form, weight, eps)
   for form, weight, eps in also:
-    if os.path.isdir(os.path.join(args['out'], name, f'{ma_tag(form, weight, eps)}-s{seeds[0]}')):
-      tags.setdefault(f'MA {form} λ {weight}, ε {eps}', ma_tag(form, weight, eps))
-  return {label: [os.path.join(args['out'], name, f'{tag}-s{s}') for s in seeds]
-          for label, tag in tags.items()}
+    runs = ma_dirs(form, weight, eps)
+    if os.path.isdir(runs[0]) and runs not in out.values():
+      out[f'MA {form} λ {weight}, ε {eps}'] = runs
+  return out
 
 
 def kl_along_t(workdir: str, teacher, taus, points: int) -> list[float]:
@@ -91,7 +98,7 @@ def main():
     with open(path) as f:
       sweep = json.load(f)
     for name in sweep['results']:
-      teacher = load_trained(str(ROOT / 'benchmarks' / 'out' / 'teacher' / name))
+      teacher = load_trained(rq.ensure_teacher(name))
       results[name] = {label: [kl_along_t(w, teacher, taus, args.points) for w in dirs]
                        for label, dirs in run_dirs(sweep, name, also).items()}
       lines = [f'### {name}', '', '| variant | ' + ' | '.join(f'KL at τ = {t:g}' for t in taus)
