@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,6 +147,33 @@ def test_hutchinson_logdet_is_the_continuous_form_within_its_error():
   # The exact Jacobian log-det of many small Euler steps tends to the same continuous form.
   _, fine = reflow.euler_map_logdet(affine_apply, AFFINE, x, t0, t1, 64)
   np.testing.assert_allclose(fine, exact, atol=5e-3)
+
+
+def _primitives(jaxpr) -> set:
+  """Names of every primitive in `jaxpr`, inner jaxprs (pjit, custom rules) included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+@pytest.mark.parametrize('method', ['exact', 'hutchinson'])
+def test_alignment_map_gradient_has_no_loop(method):
+  # XLA:CPU runs weight-gradient convolutions differentiated through a loop (even of one trip)
+  # ~10x slower: the student's window map must stay unrolled.
+  x = jax.random.normal(jax.random.key(0), (4, 2))
+  t0, t1 = jnp.full(4, 0.2), jnp.full(4, 0.7)
+  probes = ode.divergence_probes(jax.random.key(1), 1, x)
+
+  def loss(params):
+    y, ld = reflow.euler_map_logdet(affine_apply, params, x, t0, t1, 3, method=method,
+                                    probes=probes)
+    return jnp.sum(y) + jnp.sum(ld)
+
+  names = _primitives(jax.make_jaxpr(jax.grad(loss))(AFFINE).jaxpr)
+  assert not names & {'scan', 'while'}, names
 
 
 def _gaussian_kl(mean_q, cov_q, mean_p, cov_p):
