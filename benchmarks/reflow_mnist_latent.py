@@ -98,6 +98,13 @@ def score_samplers(run, samplers: dict, split: str, num: int) -> dict:
   return out
 
 
+def as_latent_fns(samplers) -> dict:
+  """{label: fn(x0, labels) -> latents} from `[(label, sampler, params)]` (jitted samplers
+  `sampler(params, x0, cond) -> (x1, nfe)`, as `eval.report` and `reflow_run` build them)."""
+  return {label: (lambda x0, c, s=sampler, p=params: s(p, x0, c)[0])
+          for label, sampler, params in samplers}
+
+
 def student_samplers(workdir: str) -> dict:
   """{nfe: fn(x0, labels)}: the student in `workdir`, whole Euler steps in each window."""
   from flowdistill.experiments.reflow_run import student_samplers as make
@@ -106,24 +113,20 @@ def student_samplers(workdir: str) -> dict:
 
   student = load_trained(workdir)
   times = reflow.window_times(student.config.reflow.windows)
-  return {int(label.rsplit('-', 1)[1]): (lambda x0, c, s=sampler, p=params: s(p, x0, c)[0])
-          for label, sampler, params in make(student.apply_fn, student.params, times, NFES)}
+  fns = as_latent_fns(make(student.apply_fn, student.params, times, NFES))
+  return {int(label.rsplit('-', 1)[1]): fn for label, fn in fns.items()}
 
 
 def teacher_samplers(run) -> dict:
   """{'teacher euler-n' | 'teacher dopri5': fn(x0, labels)} of the latent flow."""
-  from flowdistill import ode
+  import ml_collections
 
-  flow = run.flow
+  from flowdistill.eval import report
 
-  def make(**kw):
-    solve = jax.jit(lambda x0, c: ode.solve(ode.velocity_fn(flow.apply_fn, flow.params, cond=c),
-                                            x0, **kw)[0])
-    return solve
-
-  out = {f'teacher euler-{n}': make(solver='euler', steps=n) for n in NFES}
-  out['teacher dopri5'] = make(solver='dopri5', rtol=1e-4, atol=1e-4)
-  return out
+  solvers = ml_collections.ConfigDict(dict(euler_steps=NFES, adaptive_solver='dopri5',
+                                           rtol=1e-4, atol=1e-4))
+  return as_latent_fns(report.velocity_samplers(run.flow.apply_fn, run.flow.params, solvers,
+                                                prefix='teacher '))
 
 
 def runs_scores(run, workdirs, split: str, num: int) -> dict:
