@@ -55,18 +55,18 @@ def objective(val: dict) -> float:
   return float(np.mean([np.mean(v) for v in val.values()]))
 
 
-def mean_std(values) -> str:
-  return f'{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}'
+def mean_std(values, digits: int = 4) -> str:
+  return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
 
 
-def beats(ma: dict, plain: dict) -> str:
-  """'yes' per NFE where MA's mean test W2 is below plain reflow's by more than the larger
-  seed std."""
+def beats(ma: dict, plain: dict, digits: int = 4) -> str:
+  """'yes' per NFE (the keys of `plain`, {nfe: [per seed]}) where MA's mean test score (lower
+  is better) is below plain reflow's by more than the larger seed std."""
   out = []
-  for n in NFES:
+  for n in plain:
     gap = np.mean(plain[n]) - np.mean(ma[n])
     std = max(np.std(plain[n], ddof=1), np.std(ma[n], ddof=1))
-    out.append(f'{n}: {"yes" if gap > std else "no"} ({gap:+.4f} vs {std:.4f})')
+    out.append(f'{n}: {"yes" if gap > std else "no"} ({gap:+.{digits}f} vs {std:.{digits}f})')
   return '; '.join(out)
 
 

@@ -26,6 +26,7 @@ import os
 
 import jax
 import numpy as np
+import reflow_ma_sweep as sweep
 import reflow_quality as rq
 
 NFES = (1, 2, 4)
@@ -141,18 +142,9 @@ def objective(val: dict) -> float:
   return float(np.mean([np.mean(val[n]['fd']) for n in SELECT_NFES if n in val]))
 
 
-def mean_std(values, digits: int = 2) -> str:
-  return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
-
-
-def beats(ma: dict, plain: dict) -> str:
-  """Per NFE: whether MA's mean test FD is below plain reflow's by more than the larger std."""
-  out = []
-  for n in plain:
-    gap = np.mean(plain[n]['fd']) - np.mean(ma[n]['fd'])
-    std = max(np.std(plain[n]['fd'], ddof=1), np.std(ma[n]['fd'], ddof=1))
-    out.append(f'{n}: {"yes" if gap > std else "no"} ({gap:+.2f} vs {std:.2f})')
-  return '; '.join(out)
+def fds(scores: dict) -> dict:
+  """{nfe: [FD per run]} of `runs_scores` output."""
+  return {n: v['fd'] for n, v in scores.items()}
 
 
 def table(rows: list, teacher: dict) -> str:
@@ -163,10 +155,10 @@ def table(rows: list, teacher: dict) -> str:
           + [f'test acc @{n}' for n in nfes] + ['beats plain (test FD)'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for label, setting, val, test in rows:
-    cells = ([label, setting] + [mean_std(val[n]['fd']) for n in nfes]
-             + [mean_std(test[n]['fd']) for n in nfes]
-             + [mean_std(100 * np.asarray(test[n]['accuracy']), 1) for n in nfes]
-             + ['' if label == rows[0][0] else beats(test, plain)])
+    cells = ([label, setting] + [sweep.mean_std(val[n]['fd'], 2) for n in nfes]
+             + [sweep.mean_std(test[n]['fd'], 2) for n in nfes]
+             + [sweep.mean_std(100 * np.asarray(test[n]['accuracy']), 1) for n in nfes]
+             + ['' if label == rows[0][0] else sweep.beats(fds(test), fds(plain), 2)])
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += ['', '| teacher (the latent flow) | val FD | test FD | test acc |', '|---|---|---|---|']
   for label in teacher['val']:
