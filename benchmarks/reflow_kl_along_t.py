@@ -10,7 +10,7 @@ and scores at 1 − ε.
 
 python benchmarks/reflow_kl_along_t.py \
     --sweep benchmarks/out/reflow_ma_sweep/sweep_checkerboard_500.json \
-    [--also consistent:0.001,0.05] [--taus 0.25,0.5,0.75,0.9,0.95,1] [--points 500]
+    [--also consistent:0.001,0.05,250,exact] [--taus 0.25,0.5,0.75,0.9,0.95,1] [--points 500]
 """
 
 import argparse
@@ -27,10 +27,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOISE_SEED = 3_000_017
 
 
+def label(weight, eps, warmup, logdet) -> str:
+  return f'λ {weight}, ε {eps}, warm-up {warmup}, {logdet}'
+
+
 def run_dirs(sweep: dict, name: str, also=()) -> dict:
   """{variant label: [workdir per seed]} of the sweep's plain and chosen MA runs of set `name`,
-  and of each further (form, λ, ε) in `also` that the sweep trained. The directories are named
-  as the sweep names them (`reflow_quality.run_tag`)."""
+  and of each further (form, λ, ε, warm-up, log-det) in `also` that the sweep trained. The
+  directories are named as the sweep names them (`reflow_quality.run_tag`)."""
   args = sweep['args']
   seeds = [int(s) for s in args['seeds'].split(',')]
   teacher_dir = rq.ensure_teacher(name)
@@ -40,9 +44,10 @@ def run_dirs(sweep: dict, name: str, also=()) -> dict:
         name, variant, teacher_dir, args['out'], steps=args['steps'], seed=s, **align), variant))
             for s in seeds]
 
-  def ma_dirs(form, weight, eps):
+  def ma_dirs(form, weight, eps, warmup, logdet):
     return dirs('reflow-ma' + (rq.CLIPPED if form == 'clipped' else ''),
-                align_weight=float(weight), score_eps=float(eps), align_time=form)
+                align_weight=float(weight), score_eps=float(eps), warmup=int(warmup),
+                logdet=logdet, align_time=form)
 
   out = {}
   for row in sweep['results'][name]['table']:
@@ -50,12 +55,12 @@ def run_dirs(sweep: dict, name: str, also=()) -> dict:
       out['reflow'] = dirs('reflow')
     else:
       form = row['variant'].split('(')[1].rstrip(')')
-      weight, eps = (s.strip() for s in row['setting'].split(','))
-      out[f'MA {form} λ {weight}, ε {eps} (chosen)'] = ma_dirs(form, weight, eps)
-  for form, weight, eps in also:
-    runs = ma_dirs(form, weight, eps)
+      setting = [s.strip() for s in row['setting'].split(',')]
+      out[f'MA {form} {label(*setting)} (chosen)'] = ma_dirs(form, *setting)
+  for form, *setting in also:
+    runs = ma_dirs(form, *setting)
     if os.path.isdir(runs[0]) and runs not in out.values():
-      out[f'MA {form} λ {weight}, ε {eps}'] = runs
+      out[f'MA {form} {label(*setting)}'] = runs
   return out
 
 
@@ -82,8 +87,8 @@ def main():
   parser.add_argument('--sweep', action='append', required=True,
                       help='a sweep_*.json of benchmarks/reflow_ma_sweep.py (repeatable)')
   parser.add_argument('--also', action='append', default=[],
-                      help="a further trained setting to probe, 'form:λ,ε' (e.g. "
-                           "'consistent:0.001,0.05'; repeatable)")
+                      help="a further trained setting to probe, 'form:λ,ε,warm-up,log-det' "
+                           "(e.g. 'consistent:0.001,0.05,250,exact'; repeatable)")
   parser.add_argument('--taus', default='0.25,0.5,0.75,0.9,0.95,1')
   parser.add_argument('--points', type=int, default=500)
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'reflow_kl_along_t'))

@@ -1,20 +1,22 @@
-"""Reflow with marginal alignment (MA): λ and ε chosen on validation W2, test W2 reported once.
+"""Reflow with marginal alignment (MA): λ, ε, warm-up and log-det chosen on validation W2,
+test W2 reported once.
 
 For each 2-D set: plain reflow, and reflow + MA in each form ('consistent' and 'clipped'
-`align_time`) over the grid align_weight × score_eps, each over the same seeds, at one step
-budget (`benchmarks/reflow_quality.py` trains and scores them). Per form the setting with the
-least validation W2 (mean over seeds and over 1 and 2 NFE) is chosen; only the chosen runs and
-plain reflow are then scored on the test draw. The table per set gives W2 at 1 and 2 NFE,
-mean ± std (ddof 1) over seeds, validation and test, and whether MA beats plain reflow on test
-by more than the larger of the two seed stds.
+`align_time`) over the grid align_weight × score_eps × align_warmup × align_logdet, each over
+the same seeds, at one step budget (`benchmarks/reflow_quality.py` trains and scores them).
+Per form the setting with the least validation W2 (mean over seeds and over 1 and 2 NFE) is
+chosen; only the chosen runs and plain reflow are then scored on the test draw. The table per
+set gives W2 at 1 and 2 NFE, mean ± std (ddof 1) over seeds, validation and test, and whether
+MA beats plain reflow on test by more than the larger of the two seed stds.
 
 Short runs: the evaluated EMA is `--ema` (0.999 keeps a third of the warm start after 1000
-steps), λ warms up over `--warmup` steps, the run's own report uses 100 NLL and KL points and
-1 and 2 NFE, no plots.
+steps), λ warms up linearly over each of `--warmups` steps (0: constant), the log-det is each of
+`--logdets` ('exact', 'hutchinson'), the run's own report uses 100 NLL and KL points and 1 and
+2 NFE, no plots.
 
 python benchmarks/reflow_ma_sweep.py [--sets checkerboard,8gaussians] [--steps 1000]
     [--seeds 0,1,2] [--weights 0.001,0.01,0.1] [--eps 0.01,0.05] [--forms consistent,clipped]
-    [--ema 0.995] [--warmup 500]
+    [--ema 0.995] [--warmups 500] [--logdets exact]
 """
 
 import argparse
@@ -37,7 +39,7 @@ def train(name: str, variant: str, teacher_dir: str, args, seed: int, **align) -
                              **align)
   config.train.update(ema_rates=(args.ema,), eval_ema=args.ema)
   config.eval.update(plot=False, nll_samples=100, euler_steps=NFES)
-  config.reflow.update(kl_samples=100, align_warmup=args.warmup)
+  config.reflow.update(kl_samples=100)
   workdir = os.path.join(args.out, name, rq.run_tag(config, variant))
   if rq.finished_step(workdir) != args.steps:
     experiments.run(config, workdir)
@@ -72,7 +74,8 @@ def beats(ma: dict, plain: dict, digits: int = 4) -> str:
 
 def table(name: str, rows: list) -> str:
   """Markdown table of (label, setting, val, test) rows."""
-  head = ['variant', 'λ, ε'] + [f'{s} W2 @{n}' for s in ('val', 'test') for n in NFES]
+  head = ['variant', 'λ, ε, warm-up, log-det'] + [f'{s} W2 @{n}' for s in ('val', 'test')
+                                                  for n in NFES]
   lines = [f'### {name}', '', '| ' + ' | '.join(head) + ' | ' + 'beats plain (test) |',
            '|' + '---|' * (len(head) + 1)]
   plain_test = rows[0][3]
@@ -84,6 +87,11 @@ def table(name: str, rows: list) -> str:
   return '\n'.join(lines)
 
 
+def setting_label(weight: float, eps: float, warmup: int, logdet: str) -> str:
+  """'λ, ε, warm-up, log-det' as the table prints it and `reflow_kl_along_t` reads it."""
+  return f'{weight:g}, {eps:g}, {warmup}, {logdet}'
+
+
 def sweep_set(name: str, args) -> tuple[dict, str]:
   """Runs one set's sweep; (its results, its table)."""
   teacher_dir = rq.ensure_teacher(name)
@@ -93,16 +101,18 @@ def sweep_set(name: str, args) -> tuple[dict, str]:
   grid = {}
   for form in args.forms.split(','):
     variant = 'reflow-ma' + (rq.CLIPPED if form == 'clipped' else '')
-    for weight, eps in itertools.product(map(float, args.weights.split(',')),
-                                         map(float, args.eps.split(','))):
+    for setting in itertools.product(map(float, args.weights.split(',')),
+                                     map(float, args.eps.split(',')),
+                                     map(int, args.warmups.split(',')), args.logdets.split(',')):
+      weight, eps, warmup, logdet = setting
       runs = [train(name, variant, teacher_dir, args, s, align_weight=weight, score_eps=eps,
-                    align_time=form) for s in seeds]
-      grid[(form, weight, eps)] = (runs, scores(runs, 'val'))
+                    warmup=warmup, logdet=logdet, align_time=form) for s in seeds]
+      grid[(form, *setting)] = (runs, scores(runs, 'val'))
     best = min((k for k in grid if k[0] == form), key=lambda k: objective(grid[k][1]))
     runs, val = grid[best]
-    rows.append((f'reflow-ma ({form})', f'{best[1]:g}, {best[2]:g}', val, scores(runs, 'test')))
+    rows.append((f'reflow-ma ({form})', setting_label(*best[1:]), val, scores(runs, 'test')))
   results = {
-      'grid_val': {f'{f} λ={w:g} ε={e:g}': v[1] for (f, w, e), v in grid.items()},
+      'grid_val': {f'{k[0]} {setting_label(*k[1:])}': v[1] for k, v in grid.items()},
       'table': [{'variant': r[0], 'setting': r[1], 'val': r[2], 'test': r[3]} for r in rows]}
   return results, table(name, rows)
 
@@ -116,7 +126,8 @@ def main():
   parser.add_argument('--eps', default='0.01,0.05')
   parser.add_argument('--forms', default='consistent,clipped')
   parser.add_argument('--ema', type=float, default=0.995, help='the evaluated EMA rate')
-  parser.add_argument('--warmup', type=int, default=500, help='steps of λ\'s warm-up')
+  parser.add_argument('--warmups', default='500', help='steps of λ\'s linear warm-up')
+  parser.add_argument('--logdets', default='exact', help='log-det estimators (exact, hutchinson)')
   parser.add_argument('--out', default=str(rq.ROOT / 'benchmarks' / 'out' / 'reflow_ma_sweep'))
   args = parser.parse_args()
 
@@ -126,7 +137,8 @@ def main():
     tables.append(text)
     print(text, flush=True)
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f'sweep_{"_".join(args.sets.split(","))}_{args.steps}')
+  stem = os.path.join(args.out, '_'.join(['sweep', *args.sets.split(','), str(args.steps),
+                                          *args.forms.split(',')]))
   with open(stem + '.json', 'w') as f:
     json.dump(dict(args=vars(args), results=results), f, indent=2, ensure_ascii=False)
   with open(stem + '.md', 'w') as f:

@@ -69,7 +69,7 @@ def ensure_teacher(name: str) -> str:
 
 def student_config(name: str, variant: str, teacher_dir: str, out: str, *, steps: int,
                    seed: int = 0, align_weight=None, score_eps=None, logdet=None,
-                   align_time=None):
+                   align_time=None, warmup=None):
   """`configs/reflow.py` for `variant` (a config variant, or an -ma one with '-clipped') on
   set `name`; the alignment options (None: the config's) apply to -ma variants only."""
   from flowdistill.experiments import load_config_file
@@ -81,6 +81,7 @@ def student_config(name: str, variant: str, teacher_dir: str, out: str, *, steps
   config.seed = seed
   if base.endswith('-ma'):
     options = {'align_weight': align_weight, 'score_eps': score_eps, 'align_logdet': logdet,
+               'align_warmup': warmup,
                'align_time': 'clipped' if variant.endswith(CLIPPED) else align_time}
     config.reflow.update({k: v for k, v in options.items() if v is not None})
   config.reflow.pairs_dir = os.path.join(out, name, f'pairs_k{config.reflow.windows}_s{seed}')
@@ -92,7 +93,8 @@ def run_tag(config, variant: str) -> str:
   tag = variant
   if config.reflow.align_weight > 0:
     rc = config.reflow
-    tag += f'-{rc.align_weight:g}-eps{rc.score_eps:g}-{rc.align_logdet}-{rc.align_time}'
+    tag += (f'-{rc.align_weight:g}-eps{rc.score_eps:g}-{rc.align_logdet}-{rc.align_time}'
+            f'-w{rc.align_warmup}')
   return f'{tag}-s{config.seed}'
 
 
