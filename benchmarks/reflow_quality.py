@@ -13,7 +13,8 @@ The -ma variants use `--align-time` (default: the config's, 'consistent'); a '-c
 ('reflow-ma-clipped', 'piecewise-ma-clipped') runs the earlier form beside it.
 
 python benchmarks/reflow_quality.py [--sets checkerboard,8gaussians,moons] [--steps 3000]
-    [--align-weight 0.01] [--score-eps 0.01] [--logdet exact] [--align-time consistent]
+    [--align-weight 0.01] [--score-eps 0.01] [--logdet exact] [--warmup 500]
+    [--align-time consistent]
     [--seeds 0] [--variants reflow,reflow-ma,piecewise,piecewise-ma,reflow-ma-clipped]
 """
 
@@ -131,6 +132,8 @@ def main():
   parser.add_argument('--score-eps', type=float, default=None,
                       help='teacher-score time clip for the -ma variants (default: the config\'s)')
   parser.add_argument('--logdet', default=None, help='log-det method for the -ma variants')
+  parser.add_argument('--warmup', type=int, default=None,
+                      help='steps of λ\'s warm-up for the -ma variants')
   parser.add_argument('--align-time', default=None, choices=('consistent', 'clipped'),
                       help='form of the -ma variants without the -clipped suffix')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'reflow'))
@@ -147,7 +150,7 @@ def main():
         config = student_config(name, variant, teacher_dir, args.out, steps=args.steps,
                                 seed=seed, align_weight=args.align_weight,
                                 score_eps=args.score_eps, logdet=args.logdet,
-                                align_time=args.align_time)
+                                warmup=args.warmup, align_time=args.align_time)
         workdir = os.path.join(args.out, name, run_tag(config, variant))
         result = experiments.run(config, workdir)
         summary[name][run_tag(config, variant)] = dict(
