@@ -9,7 +9,7 @@ validation, every seed. MA's consistent form aligns at τ = 1 − ε; the clippe
 and scores at 1 − ε.
 
 python benchmarks/reflow_kl_along_t.py \
-    --sweep benchmarks/out/reflow_ma_sweep/sweep_checkerboard_500.json \
+    --sweep benchmarks/out/reflow_ma_sweep/sweep_checkerboard_500_consistent_clipped.json \
     [--also consistent:0.001,0.05,250,exact] [--taus 0.25,0.5,0.75,0.9,0.95,1] [--points 500]
 """
 
