@@ -3,7 +3,7 @@
 Per data set (2-D checkerboard, 16-D tabular mixture): global flow matching (a one-block
 chain, which the tests show is exactly global FM; 3x256 MLP) trained for each of `--global`
 steps (one run, extended by resuming: the schedule is constant after warm-up, so an extended
-run equals an uninterrupted one), and 4-block chains of 3x104 MLPs (95-98 % of its
+run equals an uninterrupted one), and 4-block chains of 3x120 MLPs (93-98 % of its
 parameters) trained for each of `--block` steps per block. Compute = steps x parameters summed
 over blocks (the push-forward's forward passes are reported beside it). The chain at the
 largest budget is also distilled block by block into one-jump flow maps (LMD), sampled at
@@ -63,9 +63,9 @@ def run_set(name: str, args, out: str) -> list:
   for steps in args.block_steps:
     distill = args.distill if steps == max(args.block_steps) else 0
     start = time.perf_counter()
-    config = make_config(name, blocks=4, hidden=104, steps=steps, distill=distill)
+    config = make_config(name, blocks=4, hidden=120, steps=steps, distill=distill)
     result = experiments.run(config, os.path.join(out, name, f'chain_{steps}'))
-    entries.append(summarize(result, '4-block chain 3x104', steps, time.perf_counter() - start))
+    entries.append(summarize(result, '4-block chain 3x120', steps, time.perf_counter() - start))
   return entries
 
 

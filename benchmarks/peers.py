@@ -13,7 +13,8 @@ All sides: batch 1024 of TorchCFM's own data generator (`torchcfm.utils.sample_m
 scikit-learn moons, noise 0.2, times 3 minus 1; here drawn by the same code from one seeded
 generator, so all train on identical batches), x0 ~ N(0, I), Adam lr 1e-3.
 - flowdistill: `fd.flow_matching_loss` on `MLP(2, hidden=256, depth=3)` (sinusoidal time
-  embedding), optax Adam, one `jax.jit` step with donated parameters.
+  embedding of its default width 16; also at 64, the default before issue 33), optax Adam,
+  one `jax.jit` step with donated parameters.
 - TorchCFM: `ConditionalFlowMatcher(sigma=0)` / `ExactOptimalTransportConditionalFlowMatcher`
   on its `MLP(2, w=256, time_varying=True)` (3 hidden layers of 256, SELU), torch.optim.Adam,
   eager, `torch.set_num_threads(cpu_count)`.
@@ -152,9 +153,10 @@ class PeerNet(nnx.Module):
 class Ours:
   """flowdistill model (its MLP, or `PeerNet` with `peer_net`), loss, optax step, samplers."""
 
-  def __init__(self, coupling='independent', peer_net: bool = False, **coupling_kwargs):
+  def __init__(self, coupling='independent', peer_net: bool = False, time_dim: int = 16,
+               **coupling_kwargs):
     module = (PeerNet(rngs=nnx.Rngs(0)) if peer_net
-              else MLP(2, hidden=256, depth=3, rngs=nnx.Rngs(0)))
+              else MLP(2, hidden=256, depth=3, time_dim=time_dim, rngs=nnx.Rngs(0)))
     self.apply_fn, self.params = fd.to_apply_fn(module)
     loss_fn = fd.flow_matching_loss(self.apply_fn, fd.linear_path(), coupling=coupling,
                                     coupling_kwargs=coupling_kwargs)
@@ -393,6 +395,8 @@ def table(result: dict, out: str) -> str:
       ('I-CFM steps/s', lambda lib: f"{steps[f'{lib} I-CFM']:.1f}"),
       ("I-CFM steps/s on TorchCFM's network (3×256 SELU, t as an input)",
        lambda lib: f'{steps[same_net[lib]]:.1f}'),
+      ('I-CFM steps/s, our MLP at time_dim 64 (the default before issue 33)',
+       lambda lib: f"{steps[f'{lib} I-CFM, time_dim 64']:.1f}"),
       ('exact OT-CFM steps/s, full batch of 1024 (TorchCFM: POT `emd`; ours: auction)',
        lambda lib: f'{steps[exact_ot[lib]]:.2f}'),
       ('exact OT-CFM steps/s, blocks of 64',
@@ -464,6 +468,7 @@ def main(argv=None):
 
   makers = {'ours I-CFM': lambda: (Ours(), to_jax),
             "ours I-CFM, TorchCFM's network": lambda: (Ours(peer_net=True), to_jax),
+            'ours I-CFM, time_dim 64': lambda: (Ours(time_dim=64), to_jax),
             'ours exact OT (auction, full batch)': lambda: (Ours('exact'), to_jax),
             'ours exact OT (auction, blocks of 64)': lambda: (Ours('exact', block_size=64),
                                                                to_jax),

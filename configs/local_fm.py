@@ -10,9 +10,10 @@ python -m flowdistill.main --config=configs/local_fm.py:tabular,distill --workdi
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist \
   python -m flowdistill.main --config=configs/local_fm.py:mnist --workdir=runs/lfm-mnist
 
-Each of the 4 blocks is a quarter-size model (MLP width 104 vs the quickstart's 256: 95 % of
-the quickstart's parameters in total), trained `train.steps` steps; OU steps 0.1, 0.15, 0.225
-and a free last block. `--config.local_fm.num_blocks=1` is global flow matching.
+Each of the 4 blocks is a quarter-size model (MLP width 120 vs the quickstart's 256: 93 % of
+the quickstart's parameters in total on 2-D data, 98 % on the 16-D tabular set), trained
+`train.steps` steps; OU steps 0.1, 0.15, 0.225 and a free last block.
+`--config.local_fm.num_blocks=1` is global flow matching.
 """
 
 from flowdistill.config import MNIST_EVAL, MNIST_UNET, parse_arg
@@ -25,7 +26,7 @@ def get_config(arg: str = ''):
   config = method_config('local_fm')
   config.local_fm.update(num_blocks=4, h0=0.1, growth=1.5, warm_start=True, train_size=50_000,
                          distill_steps=2000 if arg.distill else 0)
-  config.model.update(hidden=104, depth=3)
+  config.model.update(hidden=120, depth=3)
   config.optim.update(lr=2e-3, schedule='cosine', warmup_steps=200)
   config.train.update(steps=2000, ckpt_every=1000, log_every=200)
   config.eval.update(num_samples=2000, nll_samples=1000, euler_steps=(1, 2, 4, 8, 25),

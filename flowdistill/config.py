@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
       encode=dict(vae='', source='', path=''),
   )
   c.model = dict(
-      name='mlp', hidden=256, depth=3, time_dim=64,            # MLP
+      name='mlp', hidden=256, depth=3,                          # MLP
+      time_dim=0,  # time-embedding width (MLP, U-Net); 0: the network's own default
       channels=(32, 64, 64), num_res_blocks=1, attention=True,  # U-Net
       dit='S', patch_size=2,                                    # DiT: models.dit.PRESETS
       dtype='float32',
@@ -216,6 +217,9 @@ def validate(config, defaults, num_devices: int | None = None, num_processes: in
                    f'(config.data.source={flat["data.source"]!r}).')
   check_choice(flat, 'model.dit', tuple(dit.PRESETS))
   check_positive(flat, ints=('model.patch_size',))
+  if flat['model.time_dim'] < 0 or flat['model.time_dim'] % 2:
+    raise BadInput(f'config.model.time_dim={flat["model.time_dim"]} must be 0 (the network\'s '
+                   'default) or a positive even number (sines and cosines in pairs).')
   if flat['data.encode.vae'] and flat['data.source'] != 'latent':
     raise BadInput(f'config.data.encode.vae encodes images into a latent cache, so it needs '
                    f"config.data.source='latent'; got {flat['data.source']!r}.")

@@ -7,6 +7,7 @@ import pytest
 
 from flowdistill.config import parse_arg
 from flowdistill.experiments import load_config_file, method_config, pgfm_run, validate
+from flowdistill.models.factory import build_model
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -47,6 +48,7 @@ def test_shipped_configs_validate(path, tmp_path):
      r'config.eval.euler_steps=\(1, 0, 4\): every step count must be >= 1'),
     (lambda c: c.eval.__setattr__('nll_samples', 0), r'config.eval.nll_samples=0 must be >= 1'),
     (lambda c: c.fm.__setattr__('ot_on_host', True), r'ot_on_host=True .*fm.coupling="exact"'),
+    (lambda c: c.model.__setattr__('time_dim', 15), r'config.model.time_dim=15 must be 0 .*even'),
 ])
 def test_bad_values_are_named(mutate, message):
   config = method_config()
@@ -92,3 +94,13 @@ def test_config_args_reach_their_fields():
   assert load_config_file(configs / 'reflow.py', 'piecewise-ma').reflow.windows == 2
   with pytest.raises(ValueError, match='choose one of'):
     load_config_file(configs / 'reflow.py', 'sideways')
+
+
+@pytest.mark.parametrize('name,time_dim,shape,width', [
+    ('mlp', 0, (2,), 16), ('mlp', 32, (2,), 32), ('unet', 0, (8, 8, 1), 128),
+    ('unet', 16, (8, 8, 1), 16)])
+def test_time_dim_zero_takes_the_networks_default(name, time_dim, shape, width):
+  model = method_config().model
+  model.update(name=name, time_dim=time_dim, channels=(8, 8), attention=False)
+  _, params = build_model(model, shape)
+  assert params['time']['t_mlp']['layers'][0]['kernel'].shape == (width, width)

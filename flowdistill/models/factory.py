@@ -19,12 +19,12 @@ def build_model(model_config, data_shape: tuple[int, ...], *, num_classes: int =
   """
   rngs = nnx.Rngs(seed)
   dtype = jnp.dtype(dtype or model_config.dtype)
+  time = {'time_dim': model_config.time_dim} if model_config.time_dim else {}
   if model_config.name == 'mlp':
     if len(data_shape) != 1:
       raise ValueError(f'config.model.name="mlp" needs flat data; got samples of {data_shape}.')
     module = MLP(data_shape[0], hidden=model_config.hidden, depth=model_config.depth,
-                 time_dim=model_config.time_dim, two_time=two_time, num_classes=num_classes,
-                 dtype=dtype, rngs=rngs)
+                 two_time=two_time, num_classes=num_classes, dtype=dtype, rngs=rngs, **time)
   elif len(data_shape) != 3:
     raise ValueError(f'config.model.name="{model_config.name}" needs [H, W, C] images; got '
                      f'{data_shape}.')
@@ -36,6 +36,5 @@ def build_model(model_config, data_shape: tuple[int, ...], *, num_classes: int =
     module = UNet(data_shape, channels=tuple(model_config.channels),
                   num_res_blocks=model_config.num_res_blocks,
                   attention_levels=(-1,) if model_config.attention else (),
-                  time_dim=model_config.time_dim, two_time=two_time, num_classes=num_classes,
-                  dtype=dtype, rngs=rngs)
+                  two_time=two_time, num_classes=num_classes, dtype=dtype, rngs=rngs, **time)
   return to_apply_fn(module)
