@@ -15,8 +15,8 @@ class MLP(nnx.Module):
     depth: number of hidden layers.
     time_dim: width of the time embedding (and of the label embedding). 16 by default: at
       64 the time MLP and the first layer's time inputs cost 12 % of a 2-D training step's
-      FLOPs, for W2 and NLL within the seed noise on two of three toy sets (3-5 % better W2
-      at 4-16 Euler steps on the third; benchmarks/RESULTS.md, issue 33).
+      FLOPs, for W2 and NLL within the seed noise on two of three toy sets (on 8gaussians,
+      width 64 is 3-5 % better in W2 at 4-16 Euler steps; benchmarks/RESULTS.md, issue 33).
     two_time: take `(s, t)` (flow maps) instead of `t`.
     num_classes: if > 0, condition on labels in [0, num_classes] (num_classes = null label).
     dtype: compute dtype of the hidden layers (e.g. jnp.bfloat16); parameters, the time
