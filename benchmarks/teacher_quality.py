@@ -36,7 +36,9 @@ def main():
   from flowdistill import experiments  # noqa: PLC0415
   from flowdistill.experiments import load_config_file, validate  # noqa: PLC0415
 
-  summary = {}
+  plain = seeds == [0] and not args.time_dim  # the issue-2 table's names
+  width = args.time_dim or 'config'
+  summary, by_set = {}, {}
   for name in args.sets.split(','):
     for seed in seeds:
       config = load_config_file(ROOT / 'configs' / 'quickstart.py', name)
@@ -44,16 +46,15 @@ def main():
       if args.time_dim:
         config.model.time_dim = args.time_dim
       validate(config, num_devices=jax.device_count())
-      run = name if (seeds == [0] and not args.time_dim) else (
-          f'{name}-td{config.model.time_dim}-s{seed}')
+      run = name if plain else f'{name}-td{width}-s{seed}'
       workdir = os.path.join(args.out, run)
       shutil.rmtree(workdir, ignore_errors=True)
       start = time.perf_counter()
       result = experiments.run(config, workdir)
       result['wall_s'] = time.perf_counter() - start
       summary[run] = result
-  stem = 'summary' if (seeds == [0] and not args.time_dim) else (
-      f'summary-td{args.time_dim or "config"}-s{args.seeds.replace(",", "_")}')
+      by_set.setdefault(name, []).append(result)
+  stem = 'summary' if plain else f'summary-td{width}-s{args.seeds.replace(",", "_")}'
   with open(os.path.join(args.out, f'{stem}.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   lines = ['| set | ' + ' | '.join(r['sampler'] for r in next(iter(summary.values()))['rows'])
@@ -65,8 +66,7 @@ def main():
     lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {result["nll"]:.3f} | '
                  + (f'{target:.3f}' if target else 'n/a') + f' | {result["wall_s"]:.0f} |')
   if len(seeds) > 1:
-    for name in args.sets.split(','):
-      runs = [r for run, r in summary.items() if run.startswith(f'{name}-')]
+    for name, runs in by_set.items():
       columns = list(zip(*[[row['w2'] for row in r['rows']] + [r['nll']] for r in runs]))
       cells = [f'{statistics.mean(c):.3f} ± {statistics.stdev(c):.3f}' for c in columns]
       lines.append(f'| {name}, mean ± std over seeds {args.seeds} | ' + ' | '.join(cells)
