@@ -51,7 +51,8 @@ DEFAULTS = dict(
     ssl=section(ssl.SSLConfig, exclude=('seed',)),  # φ_d's SimCLR (seeded by config.seed)
     cross_widths=(32, 64, 128, 192),  # φ_e of cross-backbone probes (φ_d's settings, seed + 1)
     sets=SETS,
-    param='pixels', init='noise', steps=5000, lr=2e-3, grow_every=200,
+    param='pixels', steps=5000, lr=2e-3, grow_every=200,
+    init='real',                      # and the denominator: chosen on validation (RESULTS.md)
     snapshot_every=250,               # distilled images kept for benchmarks/sfm_cost.py curves
     copies=1,                         # A for sfm / sfm_decouple
     lgm_copies=10,                    # A for lgm
