@@ -9,7 +9,8 @@ compared at the step count its accuracy needs, chosen on the validation split: t
 steps whose validation accuracy reaches its best within one standard deviation (the test
 split is printed, never read). `--student` adds a flow-map student of the latent flow
 (`configs/pgfm_student.py:WORKDIR`), guided once per jump, at `--student-steps`. Every time is
-the mean ± std of `--repeats` timed calls after compilation; accuracies are mean ± std over
+the mean ± std of `--repeats` timed calls after compilation, all samplers back to back before
+any set is scored (only that phase needs an idle machine); accuracies are mean ± std over
 `--runs` ConvNet-3.
 
 FLOWDISTILL_MNIST_DIR=../shared/data/mnist python benchmarks/pgfm_efficiency.py \
@@ -97,26 +98,29 @@ def main():
       return z, info['nfe']
 
     families.append(('flow_map', student_sample, student.params, args.student_steps))
-  rows = []
+  timed = []  # every sampler timed back to back before any scoring, so no ConvNet runs between
   for family, fn, params, grid in families:
     for steps in grid:
       (z, nfe), sampling = _times(lambda fn=fn, steps=steps, params=params: fn(params, steps=steps),
                                   args.repeats)
-      z = np.asarray(z)
       images, decoding = _times(lambda z=z: frozen.decode_scaled(z), args.repeats)
-      result = synset_eval.evaluate_synset(images, np.asarray(labels), split,
-                                           jax.random.fold_in(key, steps), protocol)
-      synthesis = prototype_seconds + sampling + decoding
-      row = {'family': family, 'steps': steps, 'nfe': int(nfe),
-             'val': result['val_mean'], 'val_std': result['val_std'],
-             'test': result['mean'], 'test_std': result['std'],
-             'mc': coverage.mode_coverage(judge.features(images), np.asarray(labels),
-                                          modes)['mc'],
-             'ms_per_image': 1e3 * sampling.mean() / len(images),
-             'ms_per_image_std': 1e3 * sampling.std() / len(images),
-             'synthesis_s': synthesis.mean(), 'synthesis_s_std': synthesis.std()}
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+      timed.append((family, steps, int(nfe), np.asarray(images), sampling,
+                    prototype_seconds + sampling + decoding))
+  print('every sampler timed; scoring the sets', flush=True)
+  rows = []
+  for family, steps, nfe, images, sampling, synthesis in timed:
+    result = synset_eval.evaluate_synset(images, np.asarray(labels), split,
+                                         jax.random.fold_in(key, steps), protocol)
+    row = {'family': family, 'steps': steps, 'nfe': nfe,
+           'val': result['val_mean'], 'val_std': result['val_std'],
+           'test': result['mean'], 'test_std': result['std'],
+           'mc': coverage.mode_coverage(judge.features(images), np.asarray(labels),
+                                        modes)['mc'],
+           'ms_per_image': 1e3 * sampling.mean() / len(images),
+           'ms_per_image_std': 1e3 * sampling.std() / len(images),
+           'synthesis_s': synthesis.mean(), 'synthesis_s_std': synthesis.std()}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
 
   chosen = {}
   for family, *_ in families:
