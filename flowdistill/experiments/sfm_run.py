@@ -222,29 +222,34 @@ def run(config, workdir: str) -> dict:
 
 
 def _markdown(result: dict, config) -> str:
+  pm = lambda r, split: f'{100 * r[split + "mean"]:.1f} ± {100 * r[split + "std"]:.1f}'
   rows = []
   for c in result['cells']:
     row = {'method': c['method'], 'IPC': c['ipc']}
     for mode, r in c['probes'].items():
-      row[f'{mode} %'] = f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}'
+      if 'val_mean' in r:
+        row[f'{mode} val %'] = pm(r, 'val_')
+      row[f'{mode} test %'] = pm(r, '')
     row['s/step'] = c.get('seconds_per_step', '')
     row['step peak MiB'] = (f'{c["xla_peak_bytes"] / 2**20:.1f}' if 'xla_peak_bytes' in c
                             else '')
     row['total min'] = f'{c["distill_seconds"] / 60:.1f}' if 'distill_seconds' in c else ''
     rows.append(row)
-  columns = ['method', 'IPC'] + [f'{m} %' for m in PROBES] + [
-      's/step', 'step peak MiB', 'total min']
+  probed = [f'{m} {split} %' for m in PROBES for split in ('val', 'test')
+            if any(f'{m} {split} %' in row for row in rows)]
+  columns = ['method', 'IPC'] + probed + ['s/step', 'step peak MiB', 'total min']
   for row in rows:
     for col in columns:
       row.setdefault(col, '')
   backbone = result['backbones']['distill']
+  splits = ('the validation split held out of train (what settings are chosen on) and on the '
+            'test split' if config.dd.validation else 'the test split')
   return '\n'.join([
       f'# SFM on {config.data.source}', '',
       f'Linear-probe accuracy (mean ± std over {config.sfm.probe.runs} runs, '
-      f'{config.sfm.probe.epochs} epochs; test split, the validation split in results.json). '
-      'On φ_d: `normal` a fresh head. On φ_e (another seed and width): '
-      '`normal_cross` a fresh head, `ci` W* through a projector φ_e → φ_d, `kd` a fresh head '
-      'distilled from W*.',
+      f'{config.sfm.probe.epochs} epochs) on {splits}. On φ_d: `normal` a fresh head. On φ_e '
+      '(another seed and width): `normal_cross` a fresh head, `ci` W* through a projector '
+      'φ_e → φ_d, `kd` a fresh head distilled from W*.',
       '', report.markdown_table(rows, columns), '',
       f'All real images (the golden head W* on φ_d): {100 * result["golden_accuracy"]:.2f} %; '
       f'the same encoder at random init: {100 * result["random_encoder_accuracy"]:.2f} %. '
